@@ -1,0 +1,66 @@
+"""Exceptions raised by karcher_lab.
+
+Every check on user input raises one of these *before* any work is done, with a message that names
+the offending tensor, model index or parameter. All derive from :class:`KarcherLabError`; input and
+parameter errors also derive from :class:`ValueError` so generic handlers keep working.
+"""
+from __future__ import annotations
+
+
+class KarcherLabError(Exception):
+    """Base class of every error karcher_lab raises on purpose."""
+
+
+class InputError(KarcherLabError, ValueError):
+    """The tensors handed to a merge are unusable."""
+
+
+class EmptyInputError(InputError):
+    """No tensors (or an empty list of models) were given."""
+
+
+class ModelCountError(InputError):
+    """The method needs a different number of models (e.g. slerp takes exactly two)."""
+
+
+class ShapeMismatchError(InputError):
+    """Inputs (or the base) do not share one shape."""
+
+
+class NonFiniteError(InputError):
+    """An input contains NaN or Inf."""
+
+
+class MissingBaseError(InputError):
+    """The method needs a base model and none was given."""
+
+
+class ZeroNormError(InputError):
+    """A block has zero norm where the method needs a direction."""
+
+
+class AntipodalError(InputError):
+    """Points are (nearly) antipodal on the sphere, so the Log map / Karcher mean is not unique."""
+
+
+class WeightError(KarcherLabError, ValueError):
+    """Weights have the wrong length, are all zero, non-finite, or negative where that is not allowed."""
+
+
+class ParameterError(KarcherLabError, ValueError):
+    """A method parameter is unknown, missing, of the wrong type or out of range."""
+
+
+class StepSizeError(ParameterError):
+    """The Karcher step size η is outside (0, 1]."""
+
+
+class UnknownMethodError(KarcherLabError, LookupError):
+    """No merge method is registered under that name."""
+
+    def __str__(self) -> str:  # LookupError would quote the message like a dict key
+        return str(self.args[0]) if self.args else ""
+
+
+class NotSupportedError(KarcherLabError, NotImplementedError):
+    """A valid request that karcher_lab does not support yet."""
