@@ -1,42 +1,39 @@
-"""`karcher-lab` command line."""
+"""`karcher-lab` command line.
+
+Each subcommand lives in its own module under :mod:`karcher_lab.commands` and exposes
+``add_parser(subparsers)``, which registers the subcommand and sets ``func`` (args -> exit code).
+Modules are discovered, so adding a subcommand needs no edit here. Errors from karcher_lab (bad input,
+bad recipes) print as one paragraph and exit with code 2; ``--debug`` shows the traceback instead.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
+import pkgutil
 import sys
 
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from karcher_lab.demo import format_rows, run_demo
-
-    print(format_rows(run_demo(n_experts=args.experts, seed=args.seed), args.experts))
-    return 0
-
-
-def _cmd_methods(args: argparse.Namespace) -> int:
-    from karcher_lab.merge import get_method, list_methods
-
-    for name in list_methods():
-        m = get_method(name)
-        params = ", ".join(f"{p.name}={p.default!r}" for p in m.params) or "-"
-        print(f"{name:<18} base={m.base:<9} {m.summary}\n{'':<18} params: {params}")
-    return 0
+import karcher_lab.commands
+from karcher_lab.errors import KarcherLabError
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="karcher-lab", description="Geometry-aware merging of fine-tuned LLMs.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="merge generated checkpoints with karcher and two baselines")
-    demo.add_argument("--experts", type=int, default=5, help="number of generated experts (default 5)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo)
-    methods = sub.add_parser("methods", help="list the registered merge methods and their parameters")
-    methods.set_defaults(func=_cmd_methods)
+    for info in sorted(pkgutil.iter_modules(karcher_lab.commands.__path__), key=lambda i: i.name):
+        importlib.import_module(f"karcher_lab.commands.{info.name}").add_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return int(args.func(args) or 0)
+    except KarcherLabError as exc:
+        if args.debug:
+            raise
+        print(f"karcher-lab {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
