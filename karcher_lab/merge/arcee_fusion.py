@@ -21,7 +21,7 @@ def fusion_importance(model: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
     The KL is one number per vector along the last axis (per row of a 2-D weight), broadcast over the
     row. A 1-D tensor (bias, norm scale) is one distribution, so its KL is a single factor common to all
-    entries and the selection depends on |θ1 − θ0| alone (unless KL = 0, see :func:`arcee_fusion`).
+    entries and the selection depends on |θ1 − θ0| alone.
     """
     p = torch.softmax(model, dim=-1) + SOFTMAX_EPS
     q = torch.softmax(base, dim=-1) + SOFTMAX_EPS
@@ -63,10 +63,10 @@ def arcee_fusion(
 ) -> torch.Tensor:
     """θ* = θ1 where I ≥ τ, θ0 elsewhere; I from :func:`fusion_importance`, τ = Q2 + 1.5 (Q3 − Q1).
 
-    The quartiles Q1, Q2, Q3 of I are :func:`lower_quantiles`. mergekit semantics otherwise: the entry
-    is selected by ≥, so when I has no spread above zero (more than three quarters of it zero, or
-    KL = 0 because θ1 − θ0 is constant along each row, to which softmax is blind) τ = 0 and every entry
-    of θ1 is taken.
+    The quartiles Q1, Q2, Q3 of I are :func:`lower_quantiles`. mergekit semantics otherwise: entries
+    are selected by ≥, so when more than three quarters of I is zero (a sparse change) τ = 0 and θ1 is
+    taken whole. A change that is constant along a row is invisible to softmax (KL ≈ 0 up to
+    rounding), so such rows get near-zero importance.
 
     Deviation: for tensors above 1e6 entries mergekit estimates the quartiles from an unseeded sample, so
     its output is not reproducible; ours draws the same-size sample from the seeded generator (same

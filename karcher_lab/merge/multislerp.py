@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from karcher_lab.errors import AntipodalError
+from karcher_lab.errors import AntipodalError, ParameterError
 from karcher_lab.merge.api import _where
 from karcher_lab.merge.linear import weighted_sum
 from karcher_lab.merge.registry import Param, register
@@ -21,7 +21,7 @@ from karcher_lab.merge.registry import Param, register
     summary="Normalized weighted mean of unit directions × weighted mean norm (mergekit's one-step multislerp).",
     params=(
         Param("normalize_weights", bool, True, doc="divide the weights by their sum"),
-        Param("eps", float, 1e-8, doc="padding of norms and the degeneracy threshold", low=0.0),
+        Param("eps", float, 1e-8, doc="padding of norms and the degeneracy threshold (> 0)"),
     ),
     base="optional",
     weights="nonnegative",
@@ -55,6 +55,8 @@ def multislerp(
     changed, so all task vectors are zero), we return Σ wi xi (+ θ0), i.e. the base for zero task
     vectors; mergekit raises "the weighted sum of the input tensors is zero" there for N ≥ 3.
     """
+    if not eps > 0:
+        raise ParameterError(f"{_where(name)}multislerp: parameter 'eps' must be > 0, got {eps}")
     if len(tensors) == 1:
         return tensors[0]
     w = weights / weights.sum() if normalize_weights else weights
