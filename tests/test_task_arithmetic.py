@@ -16,7 +16,9 @@ from karcher_lab.merge.sparsify import (
     masked_delta,
 )
 
-FAMILY = ["task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties"]
+FAMILY = [
+    "task_arithmetic", "ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties",
+]
 RANDOMIZED = ["dare_linear", "dare_ties", "della", "della_linear"]
 
 
@@ -73,7 +75,8 @@ def test_task_arithmetic_closed_form_with_negative_weights():
     expected = base + 1.7 * sum(wi * d for wi, d in zip(w, deltas))
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
     normalized = merge_tensors("task_arithmetic", models, base=base, weights=w, normalize=True)
-    torch.testing.assert_close(normalized, base + sum(wi * d for wi, d in zip(w, deltas)) / sum(w), rtol=1e-12, atol=1e-12)
+    expected_mean = base + sum(wi * d for wi, d in zip(w, deltas)) / sum(w)
+    torch.testing.assert_close(normalized, expected_mean, rtol=1e-12, atol=1e-12)
 
 
 def test_task_arithmetic_normalize_skips_a_vanishing_weight_sum():
@@ -232,7 +235,7 @@ def test_della_keeps_large_magnitudes_more_often():
     rank = d.abs().argsort(dim=1).argsort(dim=1)
     top, bottom = kept[rank >= 90].double().mean().item(), kept[rank < 10].double().mean().item()
     assert abs(kept.double().mean().item() - 0.5) < 0.02
-    # expected keep rate over ranks 90..99 is ρ − ε + 2ε·mean(r/99) = 0.2 + 0.6·94.5/99 ≈ 0.773; ranks 0..9: ≈ 0.227
+    # keep rate over ranks 90..99: ρ − ε + 2ε·mean(r/99) = 0.2 + 0.6·94.5/99 ≈ 0.773; ranks 0..9: ≈ 0.227
     assert abs(top - (0.2 + 0.6 * 94.5 / 99)) < 0.04
     assert abs(bottom - (0.2 + 0.6 * 4.5 / 99)) < 0.04
 

@@ -106,27 +106,28 @@ def combine_task_vectors(
     return base + mixed * scale
 
 
-Trim = Callable[[torch.Tensor, dict[str, Any], bool, torch.Generator | None], torch.Tensor]
+_Rng = torch.Generator | None
+Trim = Callable[[torch.Tensor, dict[str, Any], bool, _Rng], torch.Tensor]
 """trim(δ, this model's per-model parameters, rescale, generator) -> δ̃."""
 
 
-def _keep_all(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _keep_all(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: _Rng) -> torch.Tensor:
     return delta
 
 
-def _trim_magnitude(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _trim_magnitude(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: _Rng) -> torch.Tensor:
     return magnitude_prune(delta, p["density"], rescale=rescale)
 
 
-def _trim_random(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _trim_random(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: _Rng) -> torch.Tensor:
     return dare_drop(delta, p["density"], rescale=rescale, generator=generator)
 
 
-def _trim_della(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _trim_della(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: _Rng) -> torch.Tensor:
     return della_magprune(delta, p["density"], p["epsilon"], rescale=rescale, generator=generator)
 
 
-def _trim_breadcrumbs(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: torch.Generator | None) -> torch.Tensor:
+def _trim_breadcrumbs(delta: torch.Tensor, p: dict[str, Any], rescale: bool, generator: _Rng) -> torch.Tensor:
     return breadcrumbs_prune(delta, p["density"], p["gamma"], rescale=rescale)
 
 
