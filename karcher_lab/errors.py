@@ -64,3 +64,28 @@ class UnknownMethodError(KarcherLabError, LookupError):
 
 class NotSupportedError(KarcherLabError, NotImplementedError):
     """A valid request that karcher_lab does not support yet."""
+
+
+class CheckpointError(InputError):
+    """A model cannot be found or read: no such directory, not in the local Hugging Face cache,
+    no config.json, no weights, or a weights format that cannot be loaded safely."""
+
+
+class ArchitectureMismatchError(InputError):
+    """The models do not share tensor names and shapes (the message holds a table of differences)."""
+
+
+class VocabularyMismatchError(ArchitectureMismatchError):
+    """The models have different vocabulary sizes and the recipe does not say how to reconcile them."""
+
+
+class RecipeError(KarcherLabError, ValueError):
+    """A merge recipe (mergekit YAML schema) is malformed: the message names the offending key."""
+
+
+class OutputError(KarcherLabError, OSError):
+    """The output cannot be written: it exists (and overwrite is off), is a source, or the disk is full."""
+
+
+class DeviceError(KarcherLabError, RuntimeError):
+    """The requested compute device is not available (e.g. --device cuda without a CUDA GPU)."""

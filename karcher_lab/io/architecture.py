@@ -1,0 +1,128 @@
+"""Checking, before any work, that the models to merge share one architecture.
+
+Every model must hold the same tensor names with the same shapes (dtypes may differ: merging computes
+in float32). Differences are reported as a table, one row per differing tensor, one column per model.
+
+Tied embeddings: a model whose config says ``tie_word_embeddings`` (transformers' default when the key
+is absent) may store no ``lm_head.weight``. When no model stores one, the output has none either (and
+stays tied); when some do, the tied models contribute their input embedding as their head, and the
+output stores a head of its own (its config then says ``tie_word_embeddings: false``).
+
+A different number of rows in the embedding (or head) is a vocabulary mismatch, reported as such:
+merging rows of different tokens is meaningless without aligning the vocabularies first.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence
+
+import torch
+
+from karcher_lab.errors import ArchitectureMismatchError, VocabularyMismatchError
+from karcher_lab.io.checkpoint import TensorInfo
+
+HEAD = "lm_head.weight"
+EMBEDDINGS = (
+    "model.embed_tokens.weight", "transformer.wte.weight", "gpt_neox.embed_in.weight",
+    "transformer.word_embeddings.weight", "model.decoder.embed_tokens.weight",
+)
+MAX_TABLE_ROWS = 20
+
+
+class Source(Protocol):
+    """What the merge reads from a model (see :class:`karcher_lab.io.checkpoint.Checkpoint`)."""
+
+    label: str
+    config: dict[str, Any]
+    tensors: dict[str, TensorInfo]
+
+    def load(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass
+class Layout:
+    """The shared architecture: output tensor ``names`` in natural order with their ``shapes``, and per
+    source the stored name to read for each output name (``lm_head.weight`` → the embedding for a tied
+    model). ``untied_head`` is True when the output stores a head although some model was tied."""
+
+    names: list[str]
+    shapes: dict[str, tuple[int, ...]]
+    stored_names: list[dict[str, str]]
+    untied_head: bool
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def _embedding_name(source: Source) -> str | None:
+    return next((n for n in EMBEDDINGS if n in source.tensors), None)
+
+
+def _is_tied(source: Source) -> bool:
+    return bool(source.config.get("tie_word_embeddings", True))
+
+
+def _table(rows: list[tuple[str, list[str]]], labels: list[str]) -> str:
+    header = ["tensor"] + [f"model {i} ({label})" for i, label in enumerate(labels)]
+    body = [[name] + cells for name, cells in rows[:MAX_TABLE_ROWS]]
+    widths = [max(len(r[c]) for r in [header] + body) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header] + body]
+    if len(rows) > MAX_TABLE_ROWS:
+        lines.append(f"... and {len(rows) - MAX_TABLE_ROWS} more differing tensors")
+    return "\n".join(lines)
+
+
+def check_layout(sources: Sequence[Source]) -> Layout:
+    """The layout the models share, or ArchitectureMismatchError / VocabularyMismatchError with a table."""
+    stored: list[dict[str, str]] = [{n: n for n in s.tensors} for s in sources]
+    has_head = [HEAD in s.tensors for s in sources]
+    untied_head = False
+    if any(has_head) and not all(has_head):
+        for s, names, head in zip(sources, stored, has_head):
+            embedding = _embedding_name(s)
+            if not head and _is_tied(s) and embedding is not None:
+                names[HEAD] = embedding
+                untied_head = True
+    all_names = sorted(set().union(*stored), key=natural_key)
+
+    def shape(i: int, name: str) -> tuple[int, ...] | None:
+        stored_name = stored[i].get(name)
+        return None if stored_name is None else sources[i].tensors[stored_name].shape
+
+    rows = []
+    vocab_rows = False
+    for name in all_names:
+        shapes = [shape(i, name) for i in range(len(sources))]
+        if all(s == shapes[0] for s in shapes):
+            continue
+        present = [s for s in shapes if s is not None]
+        if (name == HEAD or name in EMBEDDINGS) and len(present) == len(shapes) and all(
+            s[1:] == present[0][1:] for s in present
+        ):
+            vocab_rows = True
+        rows.append((name, ["missing" if s is None else str(list(s)) for s in shapes]))
+    labels = [s.label for s in sources]
+    if vocab_rows:
+        sizes = ", ".join(
+            f"model {i} ({s.label}) {s.tensors[_embedding_name(s) or HEAD].shape[0]}"
+            for i, s in enumerate(sources) if (_embedding_name(s) or HEAD) in s.tensors
+        )
+        raise VocabularyMismatchError(
+            f"the models have different vocabulary sizes (embedding rows: {sizes}); rows of different "
+            "tokens cannot be merged, and karcher-lab does not align vocabularies yet: merge models that "
+            f"share one tokenizer (resize the embeddings first).\n{_table(rows, labels)}"
+        )
+    if rows:
+        raise ArchitectureMismatchError(
+            f"the models do not share one architecture: {len(rows)} tensor(s) differ in name or shape "
+            f"(dtypes may differ, shapes may not).\n{_table(rows, labels)}"
+        )
+    return Layout(
+        names=all_names,
+        shapes={n: shape(0, n) for n in all_names},
+        stored_names=stored,
+        untied_head=untied_head,
+    )
