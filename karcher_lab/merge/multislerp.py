@@ -16,6 +16,12 @@ from karcher_lab.merge.linear import weighted_sum
 from karcher_lab.merge.registry import Param, register
 
 
+def cancellation_tolerance(weights: torch.Tensor, dtype: torch.dtype) -> float:
+    """Rounding noise in s = Σ wi ui: each entry carries up to about N ulps of Σ wi |ui|, so a ‖s‖ below
+    4 N u Σ wi (u the dtype's machine epsilon) is a cancellation whose direction is rounding noise."""
+    return 4 * len(weights) * torch.finfo(dtype).eps * float(weights.sum())
+
+
 @register(
     "multislerp",
     summary="Normalized weighted mean of unit directions × weighted mean norm (mergekit's one-step multislerp).",
@@ -48,12 +54,17 @@ def multislerp(
     is parallel to Σ wi ui, τ = Σ wi ui − ⟨Σ wi ui, m⟩ m = 0 identically, so the step reduces exactly to
     the formula above (checked against mergekit 0.1.5 in float64: relative difference ≤ 1e-15 for
     N = 2, 3, 5 with and without a base). It is not one Karcher (Log-map) step and equals SLERP only
-    at t ∈ {0, ½, 1} for two equal-norm inputs. Where ‖s‖ < ε: two models fall back to Σ wi xi (+ θ0)
-    as in mergekit; more raise AntipodalError (their directions cancel).
+    at t ∈ {0, ½, 1} for two equal-norm inputs. Where the directions cancel (‖s‖ small, below): two
+    models fall back to Σ wi xi (+ θ0) as in mergekit; more raise AntipodalError.
 
-    Deviation: if every model with positive weight has ‖xi‖ ≤ ε (e.g. a parameter no fine-tune
-    changed, so all task vectors are zero), we return Σ wi xi (+ θ0), i.e. the base for zero task
-    vectors; mergekit raises "the weighted sum of the input tensors is zero" there for N ≥ 3.
+    Deviations: (1) cancellation is ‖s‖ < max(ε, 4 N u Σ wi), u the compute dtype's machine epsilon
+    (about 1e-6 for two float32 models), not only ‖s‖ < ε: in float32 an exactly cancelling pair such
+    as (a, −2a) leaves ‖s‖ ≈ 3e-8 > ε of rounding noise, and mergekit then normalizes that noise into
+    the output direction (checked on mergekit 0.1.5: cos(out, a) = −0.83 for that pair, instead of
+    its documented linear fallback −a/2). (2) If every model with positive weight has ‖xi‖ ≤ ε (e.g.
+    a parameter no fine-tune changed, so all task vectors are zero), we return Σ wi xi (+ θ0), i.e.
+    the base for zero task vectors; mergekit raises "the weighted sum of the input tensors is zero"
+    there for N ≥ 3.
     """
     if not eps > 0:
         raise ParameterError(f"{_where(name)}multislerp: parameter 'eps' must be > 0, got {eps}")
@@ -64,7 +75,7 @@ def multislerp(
     norms = torch.stack([torch.linalg.vector_norm(x).double() for x in xs])
     direction = weighted_sum(xs, [wi / (ni + eps) for wi, ni in zip(w.tolist(), norms.tolist())])
     direction_norm = float(torch.linalg.vector_norm(direction))
-    if direction_norm < eps:
+    if direction_norm < max(eps, cancellation_tolerance(w, direction.dtype)):
         if len(xs) > 2 and bool((norms[w > 0] > eps).any()):
             raise AntipodalError(
                 f"{_where(name)}multislerp: the weighted directions of the {len(xs)} models cancel "
