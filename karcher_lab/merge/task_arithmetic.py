@@ -46,7 +46,9 @@ Deviations from mergekit 0.1.5 (all only where mergekit fails or is ill-defined)
 * DELLA on a row of one entry uses p = ρ; mergekit divides 0/0 there and torch.bernoulli raises;
 * equal magnitudes are ranked by the lower index (mergekit's sort order among ties is unspecified);
 * computation is in float32 (float64 if any input is), where mergekit computes in the input dtype
-  and forms DELLA's rescale in float32 even for float64 inputs.
+  and, on CPU, applies the DARE/DELLA mask and rescale in float32 even for float64 inputs (the masks
+  agree; float64 results differ from mergekit's by float32 rounding, ~1e-7). bf16 inputs give
+  mergekit's result for ``dtype: float32`` (bit-identical, masks included), not its bf16 arithmetic.
 
 Randomized methods (dare_*, della*) draw from the ``generator`` they are given, one model after the
 other in input order, exactly as mergekit draws from torch's global RNG; the same seed gives
