@@ -17,7 +17,8 @@ Files written (read by tests/test_golden.py):
   inputs mergekit computes in bf16, as in a real bf16 merge), and for bf16 cases also
   ``<case>/output_f32``, mergekit run on the same bf16 inputs with ``dtype=torch.float32``. Metadata: one
   key, ``golden``, a JSON object with ``method``, ``mergekit_version``, ``torch_version`` and ``cases``
-  (a list of: id, method, inputs, n_models, base, params in mergekit's YAML names, dtype, seed, note).
+  (a list of: id, method, inputs, n_models, base, params in mergekit's YAML names, dtype, seed, note,
+  and ``mergekit_error``, the exception mergekit raised, for cases that have no output).
 
 Randomized methods (dare_*, della*) draw from torch's global generator: ``torch.manual_seed(seed)`` is
 called right before each mergekit call, and ``seed`` is recorded with the case.
@@ -38,7 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = ROOT / "tests" / "golden"
 
-SHAPES = {"vec": (64,), "mat": (24, 32), "cube": (4, 6, 8), "big": (48, 64)}
+SHAPES = {"vec": (64,), "mat": (24, 32), "cube": (4, 6, 8), "big": (48, 64), "col": (16, 1)}
 BASE_STD = 0.03
 DELTA_STD = 0.02
 
@@ -46,7 +47,9 @@ DELTA_STD = 0.02
 # --------------------------------------------------------------------------------------------------
 # Case list (plain data; no torch needed).
 
-def _case(method, inputs, n_models, base, params=None, seed=None, note=""):
+def _case(method, inputs, n_models, base, params=None, seed=None, note="", deviation=None):
+    """One fixture case. ``deviation`` names a documented karcher_lab deviation the case exercises
+    (tests/test_golden.py asserts the difference instead of agreement)."""
     return {
         "method": method,
         "inputs": inputs,
@@ -55,6 +58,7 @@ def _case(method, inputs, n_models, base, params=None, seed=None, note=""):
         "params": params or {},
         "seed": seed,
         "note": note,
+        "deviation": deviation,
     }
 
 
@@ -80,6 +84,9 @@ def cases() -> list[dict]:
     add(_case("linear", g("vec", "bf16"), 2, False, {"weight": [1.0, 3.0]}))
     add(_case("linear", g("mat", "bf16"), 5, False, {"weight": [0.1, 0.2, 0.3, 0.2, 0.2]}))
     add(_case("linear", g("cube", "bf16"), 3, False, {"weight": [2.0, 1.0, 1.0], "normalize": False}))
+    add(_case("linear", g("vec", "f32"), 2, False, {"weight": [1.0, -1.0]},
+              note="weights summing to zero with normalize: mergekit divides by 0",
+              deviation="linear_cancelling_weights"))
 
     # slerp: base_model is the t = 0 end, the other model the t = 1 end.
     add(_case("slerp", g("vec", "f32"), 1, True, {"t": 0.3}))
@@ -93,6 +100,9 @@ def cases() -> list[dict]:
               note="parallel inputs: |cos| > 0.9995 falls back to lerp"))
     add(_case("slerp", input_set("antipodal", "vec", "f32"), 1, True, {"t": 0.3},
               note="antipodal inputs: mergekit falls back to lerp"))
+    add(_case("slerp", input_set("zerobase", "vec", "f32"), 1, True, {"t": 0.5},
+              note="zero base: mergekit treats it as orthogonal to the model, giving sin(t pi/2) theta_1",
+              deviation="slerp_zero_tensor"))
 
     # nuslerp: t = w2 / (w1 + w2); optional base turns it into slerp of task vectors.
     add(_case("nuslerp", g("mat", "f32"), 2, False, {"weight": [1.0, 3.0]}))
@@ -111,6 +121,12 @@ def cases() -> list[dict]:
     add(_case("nuslerp", g("vec", "bf16"), 2, True, {"weight": [1.0, 1.0]}))
     add(_case("nuslerp", input_set("parallel", "vec", "f32"), 2, False, {"weight": [1.0, 1.0]},
               note="colinear inputs fall back to lerp"))
+    add(_case("nuslerp", input_set("untouched", "mat", "f32"), 2, True, {"weight": [1.0, 1.0]},
+              note="model 0 equals the base: a zero task vector, which mergekit treats as orthogonal",
+              deviation="nuslerp_zero_task_vector"))
+    add(_case("nuslerp", g("mat", "f32"), 2, False, {"weight": [1e-7, 3e-7]},
+              note="weight sum below 1e-6: mergekit uses t = 0.5 instead of w2 / (w1 + w2)",
+              deviation="nuslerp_tiny_weight_sum"))
 
     # multislerp: one tangent-space step at the normalized weighted chord mean.
     add(_case("multislerp", g("vec", "f32"), 2, False, {"weight": [1.0, 2.0]}))
@@ -122,7 +138,12 @@ def cases() -> list[dict]:
     add(_case("multislerp", g("mat", "bf16"), 3, False, {"weight": [1.0, 2.0, 3.0]}))
     add(_case("multislerp", g("vec", "bf16"), 2, True, {"weight": [1.0, 1.0]}))
     add(_case("multislerp", input_set("antipodal", "vec", "f32"), 2, False, {"weight": [1.0, 1.0]},
-              note="antipodal pair, equal weights: mergekit falls back to the linear combination"))
+              note="antipodal pair, equal weights: mergekit means to fall back to the linear combination, but "
+                   "float32 rounding leaves the unit-vector sum above eps, so it normalizes rounding noise",
+              deviation="multislerp_antipodal_pair"))
+    add(_case("multislerp", input_set("unchanged", "vec", "f32"), 3, True, {"weight": [1.0, 1.0, 1.0]},
+              note="every model equals the base: all task vectors are zero",
+              deviation="multislerp_zero_task_vectors"))
 
     # karcher: mergekit ignores weights (alpha = 1/N); step 1, max_iter 10, tol 1e-5 by default.
     kd = {"max_iter": 10, "tol": 1e-5}
@@ -190,6 +211,9 @@ def cases() -> list[dict]:
         add(_case(method, g("big", "f32"), 1, True, {"weight": [1.0], "density": 0.5, "epsilon": 0.3}, seed=25,
                   note="one model: the mask is readable from the output"))
         add(_case(method, g("mat", "bf16"), 2, True, {"weight": [1.0, 1.0], "density": 0.5, "epsilon": 0.1}, seed=26))
+        add(_case(method, g("col", "f32"), 1, True, {"weight": [1.0], "density": 0.5, "epsilon": 0.1}, seed=27,
+                  note="rows of one entry: mergekit's rank normalization is 0/0",
+                  deviation="della_single_entry_rows"))
 
     # breadcrumbs: drop the top int(gamma n) outliers and the smallest, keeping int(density n).
     for method, bc_seed in (("breadcrumbs", 200), ("breadcrumbs_ties", 300)):
@@ -223,13 +247,18 @@ def cases() -> list[dict]:
     add(_case("model_stock", input_set("stock", "vec", "f32"), 3, True, {"filter_wise": True}))
     add(_case("model_stock", input_set("stock", "mat", "f32"), 3, True, {"filter_wise": True}))
     add(_case("model_stock", input_set("stock", "mat", "bf16"), 3, True))
-    add(_case("model_stock", g("mat", "f32"), 3, True, note="nearly orthogonal deltas: t near 0"))
+    add(_case("model_stock", g("mat", "f32"), 2, True, note="nearly orthogonal deltas, c = +0.033: t near 0"))
+    add(_case("model_stock", g("mat", "f32"), 3, True, note="nearly orthogonal deltas, c = -0.025: t slightly below 0",
+              deviation="model_stock_negative_cosine"))
     add(_case("model_stock", input_set("opposed", "mat", "f32"), 2, True,
-              note="cos(delta_1, delta_2) < 0: t < 0, extrapolating past the base"))
+              note="cos(delta_1, delta_2) < 0: t < 0, extrapolating past the base",
+              deviation="model_stock_negative_cosine"))
     add(_case("model_stock", input_set("opposed", "mat", "f32"), 3, True,
-              note="three deltas about 120 degrees apart: t far below 0"))
+              note="three deltas about 120 degrees apart: t far below 0",
+              deviation="model_stock_negative_cosine"))
     add(_case("model_stock", input_set("opposed", "mat", "f32"), 3, True, {"filter_wise": True},
-              note="per-row t, all negative"))
+              note="per-row t, all negative",
+              deviation="model_stock_negative_cosine"))
 
     # arcee_fusion: importance |theta_1 - theta_0| * KL(softmax rows); keep where >= median + 1.5 IQR.
     add(_case("arcee_fusion", g("vec", "f32"), 1, True))
@@ -252,6 +281,15 @@ def cases() -> list[dict]:
     add(_case("ram", sp("mat", "f32"), 3, True, {"epsilon": 0.01}))
     add(_case("ram", sp("mat", "bf16"), 3, True))
     add(_case("ram", sp("vec", "bf16"), 2, True, {"epsilon": 0.005}))
+
+    # ramplus_tl: RAM with unique entries of model i boosted by 1 + r clip(shared_i / unique_i, 0, alpha).
+    add(_case("ramplus_tl", sp("vec", "f32"), 2, True))
+    add(_case("ramplus_tl", sp("mat", "f32"), 3, True, {"r": 0.5, "alpha": 0.8}))
+    add(_case("ramplus_tl", sp("cube", "f32"), 5, True, {"epsilon": 0.01, "r": 0.3}))
+    add(_case("ramplus_tl", sp("mat", "bf16"), 3, True, {"r": 0.2, "alpha": 0.5}))
+    add(_case("ramplus_tl", input_set("untouched", "mat", "f32"), 2, True, {"epsilon": 0.0},
+              note="epsilon 0 and a model equal to the base: no active entries, 0/0 in mergekit's ratio",
+              deviation="ramplus_no_unique_entries"))
     return out
 
 
@@ -289,6 +327,13 @@ def _draw(name: str):
         models = [2.0 * base, 0.5 * base] + [base + DELTA_STD * randn() for _ in range(n - 2)]
     elif kind == "antipodal":
         models = [-base, 2.0 * base] + [base + DELTA_STD * randn() for _ in range(n - 2)]
+    elif kind == "zerobase":
+        base = torch.zeros(shape, dtype=torch.float64)
+        models = [DELTA_STD * randn() for _ in range(n)]
+    elif kind == "untouched":
+        models = [base.clone()] + [base + DELTA_STD * randn() for _ in range(n - 1)]
+    elif kind == "unchanged":
+        models = [base.clone() for _ in range(n)]
     elif kind == "zero":
         models = [base + DELTA_STD * randn() for _ in range(2)] + [torch.zeros(shape, dtype=torch.float64)]
         models += [base + DELTA_STD * randn() for _ in range(n - 3)]
@@ -411,16 +456,22 @@ def generate(out_dir: Path) -> None:
         case["id"] = f"{method}-{index:02d}"
         case["dtype"] = case["inputs"].split("-")[2]
         s = sets[case["inputs"]]
-        result = _run_mergekit(case, s["base"], s["models"])
         tensors = outputs.setdefault(method, {})
-        tensors[f"{case['id']}/output"] = result.contiguous()
-        if result.dtype == torch.bfloat16:
+        per_method[method].append(case)
+        try:
+            result = _run_mergekit(case, s["base"], s["models"])
+        except Exception as error:  # recorded: a case where mergekit fails
+            case["mergekit_error"] = f"{type(error).__name__}: {error}"
+            print(f"  {case['id']}: mergekit raised {case['mergekit_error']}", flush=True)
+            continue
+        # Stored in the inputs' dtype, as a merge saves it (arcee_fusion returns float32 for bf16 inputs).
+        tensors[f"{case['id']}/output"] = result.to(s["base"].dtype).contiguous()
+        if case["dtype"] == "bf16":
             tensors[f"{case['id']}/output_f32"] = _run_mergekit(case, s["base"], s["models"], torch.float32).contiguous()
             f32 = tensors[f"{case['id']}/output_f32"]
             scale = max(float(s["base"].float().abs().max()), float(f32.abs().max()))
-            err = float((result.float() - f32).abs().max()) / scale
+            err = float((result.float() - f32.to(result.dtype).float()).abs().max()) / scale
             print(f"  {case['id']}: mergekit bf16 compute vs f32 compute, max err / scale = {err:.2e}", flush=True)
-        per_method[method].append(case)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("*.safetensors"):
