@@ -1,0 +1,384 @@
+"""Weighted Karcher (Fréchet) mean on the unit sphere, computed in coefficient space.
+
+Given N points x_1 … x_N (any shape, normalized per block: u_i = x_i/n_i, n_i = ‖x_i‖) and weights
+α_i ≥ 0 with Σ α_i = 1, the Karcher mean minimizes ½ Σ α_i d²(u, u_i) (the paper's eq. 3). Its
+first-order condition is Σ α_i Log_u(u_i) = 0 (eq. 4), and the fixed-point iteration of eq. 5 is
+
+    v^(t) = Σ_i α_i Log_{u^(t)}(u_i),        u^(t+1) = Exp_{u^(t)}(η v^(t)),    η ∈ (0, 1],
+
+stopped when ‖v^(t)‖ < tol. On the unit sphere, with θ_i = d(u, u_i) and cos θ_i = ⟨u, u_i⟩,
+
+    Log_u(u_i) = (θ_i / sin θ_i) (u_i − cos θ_i u),     Exp_u(v) = cos‖v‖ u + sin‖v‖ v/‖v‖.
+
+**Coefficient space.** The start (the normalized weighted chord mean Σ α_i u_i/‖Σ α_i u_i‖, or u_1)
+is a combination of the u_i, and each Exp step stays in span{u, v} ⊂ span{u_1 … u_N}. So every iterate
+is u = Σ_j c_j u_j and the whole iteration runs on the normalized Gram matrix Ĝ_ij = ⟨u_i, u_j⟩:
+
+    cos θ_i = (Ĝ c)_i,   w_i = α_i θ_i / sin θ_i,   v = Σ_j t_j u_j with t = w − (w·Ĝc) c,
+    ‖v‖² = tᵀ Ĝ t,       c ← cos(η‖v‖) c + sin(η‖v‖) t/‖v‖,  then c ← c/√(cᵀĜc).
+
+This is exact, not an approximation: the data is read once to form the raw Gram G = X Xᵀ
+(:func:`gram_matrix`, float64 accumulation, streamed in cache-sized chunks), the iteration costs
+O(N²) per step (:func:`karcher_coefficients`), and one more pass forms Σ_j (c_j/n_j) x_j
+(:func:`combine`). The three pieces are separate so that a Gram can be cached and re-solved with new
+weights, η or init without touching the data.
+
+Numerics: inner products and norms are evaluated through a square-root factor R of Ĝ (RᵀR = Ĝ, from
+its eigendecomposition), whose columns y_i = R e_i are an isometric copy of the u_i in R^N. Norms are
+then Euclidean norms of N-vectors, which avoids the cancellation in ‖v‖² = tᵀĜt (whose rounding floor
+is ‖v‖ ≈ √ε ≈ 1.5e-8, too coarse for tol = 1e-7). Angles are θ_i = atan2(‖u_i − cos θ_i u‖, cos θ_i),
+accurate also for θ → 0, where θ/sin θ → 1.
+
+Inputs where the mean is not unique raise AntipodalError: a pair of contributing points with
+cos < −1 + ANTIPODAL_TOL, or a weighted chord mean of norm < √(ANTIPODAL_TOL/2) (the points are not
+in an open hemisphere; two antipodal points with equal weights trip both tests at the same angle).
+Points with zero norm or zero weight contribute nothing (their weight is dropped and the rest is
+renormalized); a block where nothing contributes gets the zero vector.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import sqrt
+from typing import Sequence
+
+import torch
+
+from karcher_lab.errors import (
+    AntipodalError,
+    EmptyInputError,
+    ParameterError,
+    ShapeMismatchError,
+    StepSizeError,
+    WeightError,
+)
+from karcher_lab.geometry.blocks import block_layout
+from karcher_lab.geometry.sphere import ANTIPODAL_TOL
+
+KARCHER_INITS: tuple[str, ...] = ("chord", "first")
+"""Starting points: 'chord' = normalized weighted Euclidean mean (default), 'first' = first contributing point."""
+
+CHORD_NORM_TOL = sqrt(ANTIPODAL_TOL / 2)
+"""A weighted chord mean shorter than this means the points are not in an open hemisphere."""
+
+GRAM_BUFFER_BYTES = 4 << 20
+"""Size of the float64 staging buffer of :func:`gram_matrix` (all N models' chunks together)."""
+
+COMBINE_CHUNK_BYTES = 1 << 20
+"""Size of one output chunk of :func:`combine`; it stays in cache while the N inputs are added in."""
+
+
+@dataclass(frozen=True)
+class KarcherTrace:
+    """What the fixed-point iteration did.
+
+    ``residuals[k]`` is ‖v^(k)‖ = ‖Σ α_i Log_{u^(k)}(u_i)‖ at iterate k = 0 … iterations, the maximum
+    over blocks (a single block: its own residual). Per block: ``block_residuals`` (‖v‖ at the
+    returned mean) and ``block_iterations`` (steps taken; a block stops once ‖v‖ < tol).
+    """
+
+    residuals: torch.Tensor
+    block_residuals: torch.Tensor
+    block_iterations: torch.Tensor
+    tol: float
+    eta: float
+    max_iter: int
+
+    @property
+    def iterations(self) -> int:
+        """Steps taken by the slowest block."""
+        return int(self.block_iterations.max()) if self.block_iterations.numel() else 0
+
+    @property
+    def block_converged(self) -> torch.Tensor:
+        """Per block: ‖v‖ < tol (or exactly 0) at the returned mean."""
+        return (self.block_residuals < self.tol) | (self.block_residuals == 0)
+
+    @property
+    def converged(self) -> bool:
+        """Every block met the tolerance within max_iter steps."""
+        return bool(self.block_converged.all())
+
+    @property
+    def residual(self) -> float:
+        """Final residual, max over blocks."""
+        return float(self.residuals[-1])
+
+
+def _where(name: str | None) -> str:
+    return f"tensor {name!r}: " if name else ""
+
+
+def _check_same_shape(tensors: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> None:
+    if len(tensors) == 0:
+        raise EmptyInputError("no tensors given")
+    shape = tensors[0].shape
+    for i, t in enumerate(list(tensors) + ([extra] if extra is not None else [])):
+        if t.shape != shape:
+            label = "base" if i == len(tensors) else f"model {i}"
+            raise ShapeMismatchError(f"{label} has shape {tuple(t.shape)} but model 0 has {tuple(shape)}")
+
+
+def check_solver_params(*, eta: float, max_iter: int, tol: float, init: str) -> None:
+    """Raise StepSizeError unless 0 < η ≤ 1, ParameterError for max_iter < 0, tol < 0 or an unknown init."""
+    if not (isinstance(eta, (int, float)) and 0.0 < eta <= 1.0):
+        raise StepSizeError(f"step size eta must lie in (0, 1] (eq. 5 of the paper), got {eta!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if not (isinstance(tol, (int, float)) and tol >= 0.0):
+        raise ParameterError(f"tol must be a non-negative number, got {tol!r}")
+    if init not in KARCHER_INITS:
+        raise ParameterError(f"unknown init {init!r}; choose one of {list(KARCHER_INITS)}")
+
+
+def gram_matrix(
+    tensors: Sequence[torch.Tensor], block: str = "tensor", *, center: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Raw per-block Gram matrices G[b, i, j] = ⟨x_i, x_j⟩ over block b, float64 ``[B, N, N]``.
+
+    One streaming pass over the data: each chunk of every input is converted to float64 in a small
+    staging buffer (``GRAM_BUFFER_BYTES``) and multiplied there, so bf16/fp16/fp32 products and sums
+    are accumulated in float64 and no full-size copy is made. The tensors are not normalized: norms are
+    n_i = √G[b, i, i]. With ``center`` (a base θ_0) the Gram of the task vectors x_i − θ_0 is formed,
+    subtracting in float64 chunk by chunk.
+    """
+    _check_same_shape(tensors, center)
+    layout = block_layout(tensors[0].shape, block)
+    n = len(tensors)
+    device = tensors[0].device
+    views = [layout.view(t) for t in tensors]
+    center_view = layout.view(center) if center is not None else None
+    gram = torch.zeros(layout.blocks, n, n, dtype=torch.float64, device=device)
+    per_model = max(1, GRAM_BUFFER_BYTES // (8 * (n + (center is not None))))
+    staging = torch.empty((n + (center is not None)) * per_model, dtype=torch.float64, device=device)
+    for ps, bs, qs in layout.chunks(per_model):
+        nb, npq = bs.stop - bs.start, (ps.stop - ps.start) * (qs.stop - qs.start)
+        chunk = staging[: nb * n * npq].view(nb, n, ps.stop - ps.start, qs.stop - qs.start)
+        for i, v in enumerate(views):
+            chunk[:, i].copy_(v[ps, bs, qs].transpose(0, 1))
+        if center_view is not None:
+            centre = staging[n * per_model : n * per_model + nb * npq].view(nb, 1, ps.stop - ps.start, qs.stop - qs.start)
+            centre.copy_(center_view[ps, bs, qs].transpose(0, 1).unsqueeze(1))
+            chunk.sub_(centre)
+        rows = chunk.view(nb, n, npq)
+        if nb == 1:
+            gram[bs.start].addmm_(rows[0], rows[0].T)
+        else:
+            gram[bs].baddbmm_(rows, rows.mT)
+    return (gram + gram.mT) / 2
+
+
+def block_norms(gram: torch.Tensor) -> torch.Tensor:
+    """n[b, i] = ‖x_i‖ over block b, from the Gram diagonal (clamped at 0 against rounding)."""
+    return gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
+
+
+def _weights(weights: Sequence[float] | torch.Tensor, blocks: int, n: int, device: torch.device) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float64, device=device)
+    if w.shape not in ((n,), (blocks, n)):
+        raise WeightError(f"got weights of shape {tuple(w.shape)} for {n} models (expected [{n}] or [{blocks}, {n}])")
+    if not bool(torch.isfinite(w).all()):
+        raise WeightError(f"weights must be finite, got {w.tolist()}")
+    if bool((w < 0).any()):
+        raise WeightError(f"Karcher weights must be non-negative, got {w.tolist()}")
+    if bool((w.sum(-1) == 0).any()):
+        raise WeightError("all Karcher weights are zero")
+    return w.expand(blocks, n)
+
+
+def contributing_weights(gram: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """α̂[b, i]: the weights renormalized per block over the points that contribute a direction
+    (non-zero weight and non-zero norm); zero elsewhere, and all zero for a block where nothing contributes.
+    """
+    blocks, n = gram.shape[0], gram.shape[-1]
+    alpha = _weights(weights, blocks, n, gram.device)
+    alpha = torch.where(block_norms(gram) > 0, alpha, 0.0)
+    total = alpha.sum(-1, keepdim=True)
+    return alpha / torch.where(total > 0, total, 1.0)
+
+
+def _sphere_factor(gram: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """R[b] with R[b]ᵀR[b] = Ĝ[b], the Gram of the unit points; column i is u_i in an orthonormal basis
+    of the span (zero for a zero-norm point)."""
+    inv = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+    unit_gram = (gram * inv.unsqueeze(-1) * inv.unsqueeze(-2)).clamp(-1.0, 1.0)
+    unit_gram.diagonal(dim1=-2, dim2=-1).copy_((norms > 0).to(unit_gram.dtype))
+    evals, evecs = torch.linalg.eigh(unit_gram)
+    return evals.clamp_min(0).sqrt().unsqueeze(-1) * evecs.mT
+
+
+def _check_unique(points: torch.Tensor, alpha: torch.Tensor, name: str | None) -> None:
+    """AntipodalError if two contributing points are nearly antipodal or the chord mean nearly vanishes."""
+    contributing = alpha > 0
+    cos = points.mT @ points
+    pair = contributing.unsqueeze(-1) & contributing.unsqueeze(-2) & (cos < -1.0 + ANTIPODAL_TOL)
+    if bool(pair.any()):
+        b, i, j = pair.nonzero()[0].tolist()
+        where = f" in block {b} of {points.shape[0]}" if points.shape[0] > 1 else ""
+        raise AntipodalError(
+            f"{_where(name)}models {i} and {j} are (nearly) antipodal{where} (cos = {float(cos[b, i, j]):.9f}): "
+            "their Karcher mean is not unique. Drop or reweight one of them, or use a finer block granularity."
+        )
+    chord = (points @ alpha.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+    spread = contributing.any(-1) & (chord < CHORD_NORM_TOL)
+    if bool(spread.any()):
+        b = int(spread.nonzero()[0, 0])
+        models = contributing[b].nonzero().flatten().tolist()
+        where = f" in block {b} of {points.shape[0]}" if points.shape[0] > 1 else ""
+        raise AntipodalError(
+            f"{_where(name)}the weighted chord mean of models {models} nearly vanishes{where} "
+            f"(norm {float(chord[b]):.3g}): the points do not lie in an open hemisphere, so their "
+            "Karcher mean is not unique."
+        )
+
+
+def _tangent(
+    points: torch.Tensor, alpha: torch.Tensor, coeffs: torch.Tensor, name: str | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients t of v = Σ α_i Log_u(u_i) for u = Σ c_j u_j, and ‖v‖ (per block)."""
+    u = (points @ coeffs.unsqueeze(-1)).squeeze(-1)
+    cos = (points.mT @ u.unsqueeze(-1)).squeeze(-1)
+    antipodal = (cos < -1.0 + ANTIPODAL_TOL) & (alpha > 0)
+    if bool(antipodal.any()):
+        b, i = antipodal.nonzero()[0].tolist()
+        raise AntipodalError(
+            f"{_where(name)}a Karcher iterate became antipodal to model {i} (block {b}): the points are "
+            "too spread out for a unique mean"
+        )
+    sin = (points - u.unsqueeze(-1) * cos.unsqueeze(-2)).norm(dim=-2)
+    theta = torch.atan2(sin, cos)
+    w = alpha * torch.where(sin > 0, theta / torch.where(sin > 0, sin, 1.0), 1.0)
+    t = w - (w * cos).sum(-1, keepdim=True) * coeffs
+    return t, (points @ t.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
+
+
+def karcher_coefficients(
+    gram: torch.Tensor,
+    weights: Sequence[float] | torch.Tensor,
+    *,
+    eta: float = 1.0,
+    max_iter: int = 1000,
+    tol: float = 1e-7,
+    init: str = "chord",
+    name: str | None = None,
+) -> tuple[torch.Tensor, KarcherTrace]:
+    """Solve eq. 5 on raw Gram matrices: coefficients k[b, j] with mean_b = Σ_j k[b, j] x_j (unit norm).
+
+    ``gram`` is ``[B, N, N]`` (or ``[N, N]``) from :func:`gram_matrix`; ``weights`` α ≥ 0 of shape
+    ``[N]`` or ``[B, N]``, renormalized per block over contributing points. Steps
+    u ← Exp_u(η Σ α_i Log_u u_i) until ‖v‖ < tol or max_iter steps; each block stops on its own.
+    ``init`` 'chord' starts at Σ α_i u_i/‖Σ α_i u_i‖, 'first' at the first contributing u_i. Returns
+    float64 coefficients on the *raw* tensors (k = c/n) and a :class:`KarcherTrace`. Pure float64,
+    O(N²) per step (plus one N×N eigendecomposition per block).
+    """
+    check_solver_params(eta=eta, max_iter=max_iter, tol=tol, init=init)
+    gram = gram.to(torch.float64)
+    if gram.ndim == 2:
+        gram = gram.unsqueeze(0)
+    if gram.ndim != 3 or gram.shape[-1] != gram.shape[-2]:
+        raise ParameterError(f"gram must be [N, N] or [B, N, N], got shape {tuple(gram.shape)}")
+    alpha = contributing_weights(gram, weights)
+    norms = block_norms(gram)
+    points = _sphere_factor(gram, norms)
+    _check_unique(points, alpha, name)
+
+    if init == "chord":
+        coeffs = alpha.clone()
+    else:
+        first = (alpha > 0).to(torch.int8).argmax(-1)
+        coeffs = torch.nn.functional.one_hot(first, gram.shape[-1]).to(torch.float64) * (alpha > 0).any(-1, keepdim=True)
+    coeffs = _renormalize(points, coeffs)
+
+    t, residual = _tangent(points, alpha, coeffs, name)
+    history = [residual.max() if residual.numel() else residual.new_zeros(())]
+    steps = torch.zeros_like(residual, dtype=torch.int64)
+    for _ in range(max_iter):
+        moving = (residual >= tol) & (residual > 0)
+        if not bool(moving.any()):
+            break
+        phi = eta * residual.unsqueeze(-1)
+        stepped = torch.cos(phi) * coeffs + eta * torch.sinc(phi / torch.pi) * t
+        coeffs = torch.where(moving.unsqueeze(-1), _renormalize(points, stepped), coeffs)
+        steps += moving
+        t, residual = _tangent(points, alpha, coeffs, name)
+        history.append(residual.max())
+    inv_norms = torch.where(norms > 0, 1.0 / torch.where(norms > 0, norms, 1.0), 0.0)
+    trace = KarcherTrace(
+        residuals=torch.stack(history).cpu(),
+        block_residuals=residual.cpu(),
+        block_iterations=steps.cpu(),
+        tol=float(tol),
+        eta=float(eta),
+        max_iter=int(max_iter),
+    )
+    return coeffs * inv_norms, trace
+
+
+def _renormalize(points: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """c/‖Σ c_j u_j‖ (blocks with a zero combination are left at zero)."""
+    length = (points @ coeffs.unsqueeze(-1)).squeeze(-1).norm(dim=-1, keepdim=True)
+    return coeffs / torch.where(length > 0, length, 1.0)
+
+
+def combine(
+    tensors: Sequence[torch.Tensor],
+    coeffs: torch.Tensor,
+    block: str = "tensor",
+    *,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Σ_j k[b, j] x_j per block b, in one streaming pass.
+
+    ``coeffs`` is ``[B, N]`` (or ``[N]`` for one block), e.g. from :func:`karcher_coefficients`. The
+    output is built chunk by chunk (``COMBINE_CHUNK_BYTES``): each output chunk stays in cache while
+    the N inputs are multiplied and added into it. Computed and returned in ``out_dtype`` (default:
+    the inputs' dtype promoted to at least float32).
+    """
+    _check_same_shape(tensors)
+    layout = block_layout(tensors[0].shape, block)
+    coeffs = torch.as_tensor(coeffs, dtype=torch.float64).reshape(-1, len(tensors))
+    if coeffs.shape[0] != layout.blocks:
+        raise ParameterError(f"got coefficients for {coeffs.shape[0]} blocks, the layout has {layout.blocks}")
+    dtype = out_dtype or torch.promote_types(tensors[0].dtype, torch.float32)
+    out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    out_view = layout.view(out)
+    views = [layout.view(t) for t in tensors]
+    per_chunk = max(1, COMBINE_CHUNK_BYTES // out.element_size())
+    if layout.blocks == 1:
+        scalars = coeffs[0].tolist()
+        for chunk in layout.chunks(per_chunk):
+            target = out_view[chunk]
+            target.copy_(views[0][chunk]).mul_(scalars[0])  # exact upcast first: mul(bf16, float) rounds to bf16
+            for v, k in zip(views[1:], scalars[1:]):
+                target.add_(v[chunk], alpha=k)
+        return out
+    per_block = coeffs.to(dtype=dtype, device=out.device).T.reshape(len(tensors), 1, layout.blocks, 1)
+    for chunk in layout.chunks(per_chunk):
+        bs = chunk[1]
+        target = out_view[chunk]
+        torch.mul(views[0][chunk], per_block[0, :, bs], out=target)
+        for v, k in zip(views[1:], per_block[1:]):
+            target.addcmul_(v[chunk], k[:, bs])
+    return out
+
+
+def karcher_mean(
+    points: Sequence[torch.Tensor],
+    weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    block: str = "tensor",
+    eta: float = 1.0,
+    max_iter: int = 1000,
+    tol: float = 1e-7,
+    init: str = "chord",
+    name: str | None = None,
+) -> tuple[torch.Tensor, KarcherTrace]:
+    """Weighted spherical Karcher mean of ``points`` per block (each block normalized first; eq. 3–5).
+
+    gram_matrix → karcher_coefficients → combine; ``weights`` default to equal. Returns the unit-norm
+    mean per block (float32, or float64 for float64 inputs) and the :class:`KarcherTrace`.
+    """
+    check_solver_params(eta=eta, max_iter=max_iter, tol=tol, init=init)
+    gram = gram_matrix(points, block)
+    alpha = torch.ones(len(points), dtype=torch.float64) if weights is None else weights
+    coeffs, trace = karcher_coefficients(gram, alpha, eta=eta, max_iter=max_iter, tol=tol, init=init, name=name)
+    return combine(points, coeffs, block), trace
