@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, Sequence
 
 import torch
@@ -36,6 +37,7 @@ class Source(Protocol):
     label: str
     config: dict[str, Any]
     tensors: dict[str, TensorInfo]
+    directory: Path | None
 
     def load(self, name: str) -> torch.Tensor: ...
 

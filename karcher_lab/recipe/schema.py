@@ -161,7 +161,7 @@ def _check_setting(value: Any, where: str) -> None:
     raise RecipeError(f"{where}: expected a scalar, a list or {{filter, value}}, got {value!r}")
 
 
-def _parameters(value: Any, where: str) -> dict[str, Any]:
+def parse_parameters(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -175,7 +175,7 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
     return out
 
 
-def _dtype(value: Any, where: str) -> str | None:
+def parse_dtype(value: Any, where: str) -> str | None:
     if value is None:
         return None
     name = _string(value, where).removeprefix("torch.")
@@ -197,7 +197,7 @@ def _models_form(raw: Any) -> list[ModelEntry]:
         unknown = sorted(set(item) - {"model", "parameters"})
         if unknown:
             raise RecipeError(f"{where}: unknown key(s) {unknown}; an entry has 'model' and 'parameters'")
-        entries.append(ModelEntry(parse_model_ref(item["model"], f"{where}.model"), _parameters(item.get("parameters"), f"{where}.parameters")))
+        entries.append(ModelEntry(parse_model_ref(item["model"], f"{where}.model"), parse_parameters(item.get("parameters"), f"{where}.parameters")))
     return entries
 
 
@@ -233,10 +233,10 @@ def _slices_form(raw: Any) -> tuple[list[ModelEntry], dict[str, Any], ModelRef |
         if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
             raise RecipeError(f"{where}.layer_range: expected [start, end] integers, got {lr!r}")
         ref = parse_model_ref(src["model"], f"{where}.model")
-        entries.append(ModelEntry(ref, _parameters(src.get("parameters"), f"{where}.parameters")))
+        entries.append(ModelEntry(ref, parse_parameters(src.get("parameters"), f"{where}.parameters")))
         ranges[ref] = (lr[0], lr[1])
     base = parse_model_ref(out_slice["base_model"], "slices[0].base_model") if out_slice.get("base_model") else None
-    return entries, _parameters(out_slice.get("parameters"), "slices[0].parameters"), base, ranges
+    return entries, parse_parameters(out_slice.get("parameters"), "slices[0].parameters"), base, ranges
 
 
 def check_layer_ranges(recipe: Recipe, num_layers: Mapping[ModelRef, int]) -> None:
@@ -301,10 +301,10 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
         merge_method=method,
         models=entries,
         base_model=base,
-        parameters=_parameters(data.get("parameters"), "parameters"),
+        parameters=parse_parameters(data.get("parameters"), "parameters"),
         slice_parameters=slice_params,
-        dtype=_dtype(data.get("dtype"), "dtype"),
-        out_dtype=_dtype(data.get("out_dtype"), "out_dtype"),
+        dtype=parse_dtype(data.get("dtype"), "dtype"),
+        out_dtype=parse_dtype(data.get("out_dtype"), "out_dtype"),
         tokenizer_source=tokenizer_source,
         layer_ranges=ranges,
         source=source,

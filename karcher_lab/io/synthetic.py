@@ -1,0 +1,120 @@
+"""Generated checkpoints for tests, benchmarks and the mergekit comparison (no network needed).
+
+:func:`tiny_config` gives a small Llama or Qwen2 config; :func:`base_state` initializes that
+architecture with a fixed seed through transformers; :func:`expert_states` derives "fine-tuned"
+experts as the base plus seeded task vectors; :func:`write_checkpoint` saves a state dict as a
+transformers checkpoint directory (config.json, generation_config.json, safetensors, single or
+sharded, and a small word-level tokenizer), so that ``AutoModelForCausalLM.from_pretrained`` and
+``AutoTokenizer.from_pretrained`` load it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+def tiny_config(arch: str = "llama", **overrides: Any) -> dict[str, Any]:
+    """A small causal-LM config dict (``arch`` is ``llama`` or ``qwen2``); ``overrides`` replace keys."""
+    config = {
+        "architectures": [ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 64,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+def _config_object(config: dict[str, Any]):
+    from transformers import AutoConfig
+
+    fields = {k: v for k, v in config.items() if k not in ("model_type", "architectures", "torch_dtype")}
+    return AutoConfig.for_model(config["model_type"], **fields)
+
+
+def base_state(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Seeded random initialization of the architecture (transformers' own init), as a state dict.
+
+    Tied models (``tie_word_embeddings``) return no ``lm_head.weight``, as their checkpoints store none.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(_config_object(config))
+    state = {k: v.detach().to(dtype).clone() for k, v in model.state_dict().items()}
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def expert_states(base: dict[str, torch.Tensor], n: int, seed: int = 1, strength: float = 0.05) -> list[dict[str, torch.Tensor]]:
+    """``n`` experts θ0 + s·std(θ0)·ε (ε standard normal, seeded; s grows from ``strength`` to 3×)."""
+    generator = torch.Generator().manual_seed(seed)
+    experts = []
+    for i in range(n):
+        s = strength * (1 + 2 * i / max(n - 1, 1))
+        expert = {}
+        for name, t in base.items():
+            noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+            scale = float(t.float().std()) if t.numel() > 1 and float(t.float().std()) > 0 else 1.0
+            expert[name] = (t.float() + s * scale * noise).to(t.dtype)
+        experts.append(expert)
+    return experts
+
+
+def write_tokenizer(directory: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over tokens ``<pad> <s> </s> t3 … t{V−1}`` (whitespace split)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, vocab_size)}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>")
+    fast.save_pretrained(str(directory))
+
+
+def write_checkpoint(
+    directory: str | Path,
+    config: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    *,
+    shard_bytes: int | None = None,
+    tokenizer: bool = True,
+) -> Path:
+    """Save ``state`` with ``config`` as a transformers checkpoint directory; return its path.
+
+    ``shard_bytes`` splits the weights into ``model-0000i-of-0000N.safetensors`` shards with an index
+    (our own streaming writer); otherwise one ``model.safetensors``.
+    """
+    from karcher_lab.io.writer import ShardedSafetensorsWriter, TensorSpec
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    total = sum(s.nbytes for s in specs)
+    writer = ShardedSafetensorsWriter(directory, specs, shard_bytes or total + 1)
+    for k, v in state.items():
+        writer.write(k, v)
+    writer.finish()
+    (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"), "pad_token_id": config.get("pad_token_id")}
+    (directory / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    if tokenizer:
+        write_tokenizer(directory, config["vocab_size"])
+    return directory
