@@ -217,7 +217,7 @@ def test_every_deviation_fixture_is_checked():
     checked = {
         "linear_cancelling_weights", "slerp_zero_tensor", "nuslerp_zero_task_vector", "nuslerp_tiny_weight_sum",
         "multislerp_zero_task_vectors", "multislerp_antipodal_pair", "model_stock_negative_cosine", "ramplus_no_unique_entries",
-        "della_single_entry_rows",
+        "della_single_entry_rows", "karcher_zero_model_norm", "karcher_antipodal",
     }
     assert DEVIATING == checked
 
@@ -339,3 +339,48 @@ def test_della_single_entry_rows_keep_with_probability_density():
         assert 0 < int(kept.sum()) < kept.numel()
         s = float(delta.abs().sum() / delta[kept].abs().sum())
         torch.testing.assert_close(out[kept] - base.double()[kept], s * delta[kept], rtol=1e-6, atol=0)
+
+
+def test_karcher_honours_weights():
+    """mergekit's karcher has no ``weight`` parameter (its YAML resolver drops it; α = 1/N always). Ours
+    uses them: equal weights of any size reproduce mergekit, unequal ones move the mean toward the heavy
+    model."""
+    case = next(c for c in CONFORMING if c["method"] == "karcher" and c["dtype"] == "f32" and c["n_models"] == 5)
+    golden, scale = case["outputs"]["output"], _scale(case)
+    _, models = _inputs(case)
+    assert float(_relative_errors(_ours(case, weights=[2.0] * 5), golden, scale).max()) <= F32_RTOL
+    heavy = _ours(case, weights=[4.0, 1.0, 1.0, 1.0, 1.0])
+    assert float(_relative_errors(heavy, golden, scale).max()) > 1e-2
+
+    def cos(a, b):
+        return float((a.double() * b.double()).sum() / (a.double().norm() * b.double().norm()))
+
+    assert cos(heavy, models[0]) > cos(golden, models[0])
+
+
+def test_karcher_zero_model_is_left_out_of_the_norm():
+    """mergekit drops an all-zero model from the direction but averages its zero norm into the output
+    norm (shrinking it by (N − 1)/N); by default we average over the models that have a direction, and
+    ``norm_average: all`` reproduces mergekit."""
+    (case,) = _deviating("karcher_zero_model_norm")
+    _, models = _inputs(case)
+    n = len(models)
+    zero = [float(m.abs().max()) == 0.0 for m in models]
+    assert sum(zero) == 1
+    golden, scale = case["outputs"]["output"], _scale(case)
+    assert float(_relative_errors(_ours(case, norm_average="all"), golden, scale).max()) <= F32_RTOL
+    ours = _ours(case)
+    assert float(_relative_errors(ours, golden * n / (n - 1), scale).max()) <= F32_RTOL
+
+
+def test_karcher_antipodal_pair_raises():
+    """mergekit: the chord mean of u and −u vanishes, it restarts from u_1, every θ/sin θ term is either
+    skipped (θ = 0) or multiplies an exactly zero vector, so it returns model 0's direction times the mean
+    norm, an arbitrary choice between the two. Ours raises AntipodalError (the mean is not unique)."""
+    (case,) = _deviating("karcher_antipodal")
+    _, (x0, x1) = _inputs(case)
+    mean_norm = (x0.double().norm() + x1.double().norm()) / 2
+    expected = mean_norm * x0.double() / x0.double().norm()
+    torch.testing.assert_close(case["outputs"]["output"].double(), expected, rtol=1e-6, atol=0)
+    with pytest.raises(errors.AntipodalError):
+        _ours(case)
