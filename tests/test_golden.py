@@ -38,8 +38,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from karcher_lab import errors
-from karcher_lab.merge import merge_tensors
+from karcher_lab import errors, merge_tensors
 
 GOLDEN = Path(__file__).parent / "golden"
 F32_RTOL = 1e-6

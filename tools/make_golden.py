@@ -394,7 +394,10 @@ def _ambiguous_cuts(case: dict, base, models, compute_dtype) -> list[str]:
     n = case["n_models"]
     b = base.to(compute_dtype)
     deltas = [m.to(compute_dtype) - b for m in models[:n]]
-    per_model = lambda key, default: (lambda v: v if isinstance(v, list) else [v] * n)(params.get(key, default))  # noqa: E731
+
+    def per_model(key: str, default: float) -> list[float]:
+        value = params.get(key, default)
+        return value if isinstance(value, list) else [value] * n
 
     def tie(values_ascending, pos) -> bool:  # keys at pos - 1 and pos equal
         return 0 < pos < values_ascending.numel() and bool(values_ascending[pos - 1] == values_ascending[pos])
