@@ -8,7 +8,8 @@ Three steps, each checkable on its own:
    method's inputs exactly as mergekit does, and resolve every parameter for every tensor (scalars,
    gradients over the layer index, ``[{filter, value}]`` lists; see :mod:`karcher_lab.recipe.parameters`).
    All validation (recipe, architecture, parameters, weights, output path) happens here, before any
-   tensor is read.
+   tensor is read: every distinct parameter set is also run once on small probe tensors, so that
+   checks a method makes only when called fail here, naming the tensor.
 3. **Execute** (:func:`execute_plan`): tensor by tensor, load the N inputs (and the base), merge them
    with :func:`karcher_lab.merge_tensors` on the chosen device, and hand the result to a sink: the
    streaming sharded writer (:func:`run_recipe`, the CLI) or a dict (the Python API). Peak memory is
@@ -63,7 +64,7 @@ from karcher_lab.io.output import (
 )
 from karcher_lab.io.resolve import resolve_model_dir
 from karcher_lab.io.writer import ShardedSafetensorsWriter, TensorSpec, parse_size
-from karcher_lab.merge.api import check_weights, merge_tensors, resolve_params
+from karcher_lab.merge.api import merge_tensors
 from karcher_lab.merge.registry import REQUIRED, MergeMethod, Param, get_method
 from karcher_lab.recipe.parameters import NOT_SET, layer_position, num_layers, resolve_setting
 from karcher_lab.recipe.schema import (
@@ -93,7 +94,9 @@ DEFAULT_SHARD_SIZE = "5GB"
 
 
 def open_model(model: Any, label: str, relative_to: Path | None = None) -> Source:
-    """A :class:`Source` for a path / hub id / ModelRef, or for an in-memory state dict or model."""
+    """A :class:`Source` for a path / hub id / ModelRef, an in-memory state dict or model, or a Source."""
+    if isinstance(model, (Checkpoint, StateDictSource)):
+        return model
     if isinstance(model, (str, Path, ModelRef)):
         ref = model if isinstance(model, ModelRef) else ModelRef(str(model))
         return Checkpoint(resolve_model_dir(ref.path, ref.revision, relative_to), label=str(ref))
@@ -195,7 +198,7 @@ def _check_count(method: MergeMethod, n: int) -> None:
             else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
         )
         base = " (besides the base model)" if method.base != "unused" else ""
-        raise ModelCountError(f"{method.name} merges {expected} models{base}, the recipe gives {n}")
+        raise ModelCountError(f"{method.name} merges {expected} model(s){base}, the recipe gives {n}")
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
@@ -259,6 +262,7 @@ def plan_merge(
             tensor_refs[p.name] = _tensor_parameter_sources(p, entries, recipe, open_tensor_source)
 
     tasks = []
+    probed: set[str] = set()
     for name in layout.names:
         t = layer_position(name, n_layers)
         first = all_sources[0].tensors[layout.stored_names[0][name]]
@@ -290,11 +294,32 @@ def plan_merge(
                 1.0 if (w := resolve_setting(WEIGHT.name, scopes, name, t, coerce)) is NOT_SET else w
                 for scopes in model_scopes
             ]
+        task = TensorTask(name, layout.shapes[name], out_dtype, weights, params, tensor_params, tensor_seed(seed, name), floating)
         if floating:
-            check_weights(weights, len(entries), method, name)
-            resolve_params(method, len(entries), {**params, **{k: [None] * len(v) for k, v in tensor_params.items()}})
-        tasks.append(TensorTask(name, layout.shapes[name], out_dtype, weights, params, tensor_params, tensor_seed(seed, name), floating))
+            _probe(method, task, len(entries), base is not None, probed)
+        tasks.append(task)
     return MergePlan(recipe, method, inputs, base, layout, tasks, donor, load_dtype, warnings)
+
+
+def _probe(method: MergeMethod, task: TensorTask, n: int, has_base: bool, probed: set[str]) -> None:
+    """Run the method once per distinct parameter set on small, well-conditioned probe tensors.
+
+    Methods check some parameters only when called (e.g. karcher's η ∈ (0, 1]); probing surfaces
+    those errors, naming the tensor, before any real tensor is read. Probe points are positive
+    vectors with distinct directions (no degenerate or antipodal configurations).
+    """
+    key = repr((task.weights, sorted(task.params.items())))
+    if key in probed:
+        return
+    probed.add(key)
+    shape = (2, 3)
+    ramp = torch.arange(1, 7, dtype=torch.float32).reshape(shape) / 6
+    tensors = [1 + 0.25 * (i + 1) * ramp.roll(i) for i in range(n)]
+    params = {**task.params, **{k: [torch.ones(shape)] * n for k in task.tensor_params}}
+    merge_tensors(
+        method.name, tensors, weights=task.weights, base=torch.full(shape, 0.5) if has_base else None,
+        seed=0, name=task.name, **params,
+    )
 
 
 def _tensor_parameter_sources(
@@ -563,6 +588,7 @@ class MergeSession:
         self.dtype = dtype
         self.relative_to = relative_to
         self.sources: dict[ModelRef, Source] = {}
+        self._in_memory: dict[int, ModelRef] = {}
         self.model_refs = [self._add(m, f"model {i}") for i, m in enumerate(models)]
         self.base_ref = self._add(base, "base") if base is not None else None
         self.cache = TensorCache() if keep_inputs else None
@@ -573,8 +599,10 @@ class MergeSession:
             ref = model
         elif isinstance(model, (str, Path)):
             ref = parse_model_ref(str(model), role)
+        elif id(model) in self._in_memory:  # the same object given as a model and as the base
+            return self._in_memory[id(model)]
         else:
-            ref = ModelRef(f"<in-memory {role}>")
+            ref = self._in_memory[id(model)] = ModelRef(f"<in-memory {role}>")
         if ref not in self.sources:
             self.sources[ref] = open_model(ref if isinstance(model, (str, Path)) else model, str(ref), self.relative_to)
         return ref

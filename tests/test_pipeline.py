@@ -1,0 +1,290 @@
+"""Model-level merging (karcher_lab.merge / merge_models / MergeSession): semantics, caching, memory."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import karcher_lab
+from karcher_lab import MergeSession, errors, merge_models, merge_tensors
+from karcher_lab.io import StateDictSource
+from karcher_lab.pipeline import tensor_seed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _model(seed, layers=3, hidden=8, vocab=12, head=True):
+    g = torch.Generator().manual_seed(seed)
+    state = {"model.embed_tokens.weight": torch.randn(vocab, hidden, generator=g)}
+    for i in range(layers):
+        state[f"model.layers.{i}.self_attn.q_proj.weight"] = torch.randn(hidden, hidden, generator=g)
+        state[f"model.layers.{i}.mlp.up_proj.weight"] = torch.randn(2 * hidden, hidden, generator=g)
+        state[f"model.layers.{i}.input_layernorm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    state["model.norm.weight"] = 1 + 0.1 * torch.randn(hidden, generator=g)
+    if head:
+        state["lm_head.weight"] = torch.randn(vocab, hidden, generator=g)
+    return state
+
+
+@pytest.fixture(scope="module")
+def family():
+    """A base and three experts near it (in memory)."""
+    base = _model(0)
+    g = torch.Generator().manual_seed(1)
+    experts = [{k: v + 0.1 * (i + 1) * torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(3)]
+    return base, experts
+
+
+def test_callable_module_and_merge_models_agree_with_merge_tensors(family):
+    _, experts = family
+    merged = karcher_lab.merge(experts, "linear", weights=[1.0, 2.0, 3.0])
+    assert karcher_lab.merge.linear.__name__ == "karcher_lab.merge.linear"  # still the package
+    assert set(merged) == set(experts[0])
+    for name, t in merged.items():
+        torch.testing.assert_close(t, (experts[0][name] + 2 * experts[1][name] + 3 * experts[2][name]) / 6, rtol=0, atol=1e-6)
+
+
+def test_gradients_and_filters_are_resolved_per_tensor(family):
+    base, experts = family
+    params = {"lambda": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}
+    model_params = [{"density": [0.2, 0.8]}, {"density": 0.5, "weight": [1.0, 3.0]}, {}]
+    merged = merge_models(experts, "ties", base=base, params=params, model_params=model_params)
+    for name, t in merged.items():
+        layer = int(name.split(".")[2]) if ".layers." in name else None
+        pos = 0.0 if layer is None else layer / 2  # three layers: t = 0, 0.5, 1
+        expected = merge_tensors(
+            "ties", [e[name] for e in experts], base=base[name],
+            weights=[1.0, 1.0 + 2.0 * pos, 1.0],
+            density=[0.2 + 0.6 * pos, 0.5, 1.0],
+            **{"lambda": 0.5 if "mlp" in name else 1.0},
+        )
+        torch.testing.assert_close(t, expected, rtol=0, atol=0, msg=name)
+
+
+def test_base_of_a_method_that_ignores_it_is_one_more_input_as_in_mergekit(family):
+    base, experts = family
+    session = MergeSession(experts[:2], base=base)
+    merged = session.merge("linear")
+    assert any("merged as one more input" in w for w in session.last_stats.warnings)
+    name = "model.layers.1.mlp.up_proj.weight"
+    torch.testing.assert_close(merged[name], (experts[0][name] + experts[1][name] + base[name]) / 3)
+    listed = merge_models([experts[0], base], "linear", base=base)
+    torch.testing.assert_close(listed[name], (experts[0][name] + base[name]) / 2)
+
+
+def test_slerp_goes_from_the_base_to_the_other_model(family):
+    base, experts = family
+    merged = merge_models([experts[0]], "slerp", base=base, params={"t": 0.25})
+    for name, t in merged.items():
+        torch.testing.assert_close(t, merge_tensors("slerp", [base[name], experts[0][name]], t=0.25), rtol=0, atol=0)
+    with pytest.raises(errors.MissingBaseError, match="slerp interpolates from base_model"):
+        merge_models(experts[:2], "slerp", params={"t": 0.5})
+
+
+def test_karcher_base_is_an_input_unless_task_vectors(family):
+    base, experts = family
+    name = "model.layers.0.self_attn.q_proj.weight"
+    plain = merge_models(experts[:2], "karcher", base=base)
+    torch.testing.assert_close(plain[name], merge_tensors("karcher", [experts[0][name], experts[1][name], base[name]]))
+    tv = merge_models(experts[:2], "karcher", base=base, params={"task_vectors": True})
+    torch.testing.assert_close(tv[name], merge_tensors("karcher", [experts[0][name], experts[1][name]], base=base[name], task_vectors=True))
+
+
+def test_dtype_on_load_and_out_dtype(family):
+    _, experts = family
+    merged = merge_models(experts, "linear", dtype="bfloat16", out_dtype="float16")
+    name = "model.norm.weight"
+    assert merged[name].dtype == torch.float16
+    expected = merge_tensors("linear", [e[name].to(torch.bfloat16) for e in experts], out_dtype=torch.float16)
+    assert torch.equal(merged[name], expected)
+
+
+def test_tied_and_untied_models_merge_into_an_untied_head():
+    tied = _model(5, head=False)
+    untied = _model(6)
+    merged = merge_models([StateDictSource(tied, "t", config={"tie_word_embeddings": True}), untied], "linear")
+    torch.testing.assert_close(merged["lm_head.weight"], (tied["model.embed_tokens.weight"] + untied["lm_head.weight"]) / 2)
+
+
+def test_randomized_methods_are_seeded_per_tensor(family):
+    base, experts = family
+    a = merge_models(experts, "dare_ties", base=base, params={"density": 0.5}, seed=3)
+    b = merge_models(experts, "dare_ties", base=base, params={"density": 0.5}, seed=3)
+    c = merge_models(experts, "dare_ties", base=base, params={"density": 0.5}, seed=4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+    name = "model.layers.2.mlp.up_proj.weight"
+    expected = merge_tensors("dare_ties", [e[name] for e in experts], base=base[name], density=0.5, seed=tensor_seed(3, name))
+    assert torch.equal(a[name], expected)
+
+
+def test_fisher_weights_from_in_memory_fishers(family):
+    _, experts = family
+    fishers = [{k: torch.full_like(v, float(i + 1)) for k, v in experts[0].items()} for i in range(3)]
+    merged = merge_models(experts, "fisher", model_params=[{"fisher": f} for f in fishers])
+    name = "model.norm.weight"
+    torch.testing.assert_close(merged[name], (experts[0][name] + 2 * experts[1][name] + 3 * experts[2][name]) / 6)
+
+
+class CountingSource(StateDictSource):
+    """Counts tensor reads, to check that validation happens before any work."""
+
+    def __init__(self, state, label):
+        super().__init__(state, label)
+        self.loads = 0
+
+    def load(self, name):
+        self.loads += 1
+        return super().load(name)
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, error, message",
+    [
+        ("linear", {"params": {"normalise": True}}, errors.ParameterError, "linear has no parameter 'normalise'"),
+        ("slerp", {"base": "BASE", "n": 1}, errors.ParameterError, "parameter 't' is required"),
+        ("ties", {}, errors.MissingBaseError, "ties needs base_model"),
+        ("nearswap", {"base": "BASE", "params": {"t": 0.1}}, errors.ModelCountError, r"nearswap merges exactly 1 model\(s\) \(besides the base model\), the recipe gives 3"),
+        ("karcher", {"weights": [1.0, -1.0, 1.0]}, errors.WeightError, "non-negative"),
+        ("karcher", {"params": {"eta": 1.5}}, errors.ParameterError, "eta"),
+        ("karcher", {"params": {"block": "diagonal"}}, errors.ParameterError, "block"),
+        ("linear", {"model_params": [{"weight": "heavy"}, {}, {}]}, errors.ParameterError, "weight.*float"),
+        ("no_such_method", {}, errors.UnknownMethodError, "unknown merge method 'no_such_method'"),
+    ],
+)
+def test_bad_requests_fail_before_any_tensor_is_read(family, method, kwargs, error, message):
+    base, experts = family
+    kwargs = dict(kwargs)
+    sources = [CountingSource(e, f"e{i}") for i, e in enumerate(experts)][: kwargs.pop("n", 3)]
+    base_source = CountingSource(base, "base")
+    if kwargs.get("base") == "BASE":
+        kwargs["base"] = base_source
+    with pytest.raises(error, match=message):
+        merge_models(sources, method, **kwargs)
+    assert sum(s.loads for s in sources + [base_source]) == 0
+
+
+def test_non_finite_input_names_the_tensor(family):
+    _, experts = family
+    broken = {k: v.clone() for k, v in experts[1].items()}
+    broken["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    with pytest.raises(errors.NonFiniteError, match="'model.layers.1.mlp.up_proj.weight': model 1 contains 1 NaN"):
+        merge_models([experts[0], broken], "linear")
+
+
+def test_cuda_on_a_machine_without_it_is_a_clear_error(family, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(errors.DeviceError, match="CUDA is not available"):
+        merge_models(family[1], "linear", device="cuda")
+    with pytest.raises(errors.DeviceError, match="unknown device"):
+        merge_models(family[1], "linear", device="tpu9")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["karcher", "linear", "ties"])
+def test_cuda_matches_cpu(family, method):
+    base, experts = family
+    cpu = merge_models(experts, method, base=base)
+    gpu = merge_models(experts, method, base=base, device="cuda")
+    for k in cpu:
+        assert gpu[k].device.type == "cpu"
+        torch.testing.assert_close(gpu[k], cpu[k], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ per-tensor state
+
+
+KARCHER_MODES = [
+    {},
+    {"block": "row"},
+    {"block": "column", "eta": 0.5},
+    {"task_vectors": True},
+    {"norm_average": "all", "init": "first", "max_iter": 10, "tol": 1e-5},
+]
+
+
+@pytest.mark.parametrize("params", KARCHER_MODES)
+def test_reweighting_a_karcher_session_reuses_the_grams_and_equals_merge_tensors(family, params, monkeypatch):
+    import karcher_lab.gram_cache as gram_cache
+
+    base, experts = family
+    sources = [CountingSource(e, f"e{i}") for i, e in enumerate(experts)]
+    session = MergeSession(sources, base=base if params.get("task_vectors") else None, keep_inputs=True)
+    gram_passes = []
+    real_gram = gram_cache.gram_matrix
+    monkeypatch.setattr(gram_cache, "gram_matrix", lambda *a, **k: (gram_passes.append(1), real_gram(*a, **k))[1])
+    first = session.merge("karcher", weights=[1.0, 1.0, 1.0], params=params)
+    n_tensors = len(first)
+    assert len(gram_passes) == n_tensors and sum(s.loads for s in sources) == 3 * n_tensors
+    for weights in ([3.0, 1.0, 0.5], [0.0, 1.0, 2.0]):
+        merged = session.merge("karcher", weights=weights, params=params)
+        assert len(gram_passes) == n_tensors, "re-weighting must not recompute any Gram matrix"
+        assert sum(s.loads for s in sources) == 3 * n_tensors, "re-weighting must not re-read any input"
+        assert session.last_stats.bytes_read == 0
+        for name, t in merged.items():
+            expected = merge_tensors(
+                "karcher", [e[name] for e in experts], weights=weights,
+                base=base[name] if params.get("task_vectors") else None, **params,
+            )
+            torch.testing.assert_close(t, expected, rtol=0, atol=0, msg=name)
+    assert session.grams.hits == 2 * n_tensors and session.grams.misses == n_tensors
+    assert session.grams.traces["model.norm.weight"].converged or params.get("max_iter") == 10
+
+
+def test_session_with_other_methods_reuses_loaded_inputs(family):
+    base, experts = family
+    sources = [CountingSource(e, f"e{i}") for i, e in enumerate(experts)]
+    session = MergeSession(sources, base=base, keep_inputs=True)
+    a = session.merge("ties", params={"density": 0.5})
+    loads = sum(s.loads for s in sources)
+    b = session.merge("task_arithmetic", weights=[1.0, 0.5, 0.25])
+    assert sum(s.loads for s in sources) == loads
+    assert set(a) == set(b)
+
+
+# ---------------------------------------------------------------------------------------- memory
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys, torch
+    from pathlib import Path
+    from karcher_lab.pipeline import run_recipe
+    from karcher_lab.recipe import parse_recipe
+    root = Path(sys.argv[1])
+    def status(key):
+        return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1]) * 1024
+    for method in sys.argv[2:]:
+        recipe = parse_recipe({"merge_method": method, "models": [{"model": str(root / f"m{i}")} for i in range(3)]})
+        open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+        before = status("VmRSS")
+        stats = run_recipe(recipe, root / ("out-" + method), out_shard_size="20MB")
+        print(json.dumps({"method": method, "increase": status("VmHWM") - before, "read": stats.bytes_read}))
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset the peak RSS")
+def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
+    """3 models × 40 tensors of 2 MiB (80 MiB each): loading even one model whole would add 80 MiB."""
+    from karcher_lab.io.synthetic import write_checkpoint
+
+    g = torch.Generator().manual_seed(0)
+    largest = 512 * 1024 * 4
+    for i in range(3):
+        state = {f"model.layers.{k}.mlp.up_proj.weight": torch.randn(512, 1024, generator=g) for k in range(40)}
+        write_checkpoint(tmp_path / f"m{i}", {"model_type": "llama", "num_hidden_layers": 40}, state, tokenizer=False)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "linear", "karcher"], capture_output=True, text=True, cwd=ROOT,
+    )
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    assert [r["method"] for r in results] == ["linear", "karcher"]
+    for r in results:
+        assert r["read"] == 3 * 40 * largest
+        # (N inputs + 1 output) = 4 tensors, plus the method's working buffers and allocator slack
+        assert r["increase"] < 20 * largest, f"{r['method']}: peak grew by {r['increase'] / 2**20:.1f} MiB"
