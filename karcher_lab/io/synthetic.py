@@ -62,15 +62,22 @@ def base_state(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch
     return state
 
 
-def expert_states(base: dict[str, torch.Tensor], n: int, seed: int = 1, strength: float = 0.05) -> list[dict[str, torch.Tensor]]:
-    """``n`` experts θ0 + s·std(θ0)·ε (ε standard normal, seeded; s grows from ``strength`` to 3×)."""
+def expert_states(
+    base: dict[str, torch.Tensor], n: int, seed: int = 1, strength: float = 0.05, shared: float = 0.0
+) -> list[dict[str, torch.Tensor]]:
+    """``n`` experts θ0 + s·std(θ0)·ε (seeded; s grows from ``strength`` to 3×), where
+    ε = √shared·ε_common + √(1 − shared)·ε_i mixes a direction common to all experts (fine-tunes of one
+    base tend to share one) with each expert's own standard normal noise."""
     generator = torch.Generator().manual_seed(seed)
+    common = {name: torch.randn(t.shape, generator=generator, dtype=torch.float32) for name, t in base.items()} if shared else {}
     experts = []
     for i in range(n):
         s = strength * (1 + 2 * i / max(n - 1, 1))
         expert = {}
         for name, t in base.items():
             noise = torch.randn(t.shape, generator=generator, dtype=torch.float32)
+            if shared:
+                noise = shared**0.5 * common[name] + (1 - shared) ** 0.5 * noise
             scale = float(t.float().std()) if t.numel() > 1 and float(t.float().std()) > 0 else 1.0
             expert[name] = (t.float() + s * scale * noise).to(t.dtype)
         experts.append(expert)
