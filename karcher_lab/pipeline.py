@@ -50,7 +50,7 @@ from karcher_lab.errors import (
     WeightError,
 )
 from karcher_lab.gram_cache import GramCache
-from karcher_lab.io.architecture import Layout, Source, check_layout
+from karcher_lab.io.architecture import Layout, Source, check_layout, vocabulary_rows
 from karcher_lab.io.checkpoint import Checkpoint, StateDictSource
 from karcher_lab.io.output import (
     GENERATION_CONFIG,
@@ -63,6 +63,7 @@ from karcher_lab.io.output import (
     write_json,
 )
 from karcher_lab.io.resolve import resolve_model_dir
+from karcher_lab.io.vocabulary import VocabularyAlignment, tokenizer_vocabulary
 from karcher_lab.io.writer import ShardedSafetensorsWriter, TensorSpec, parse_size
 from karcher_lab.merge.api import merge_tensors
 from karcher_lab.merge.registry import REQUIRED, MergeMethod, Param, get_method
@@ -143,6 +144,7 @@ class MergePlan:
     tasks: list[TensorTask]
     donor: Source
     load_dtype: torch.dtype | None
+    alignment: VocabularyAlignment | None = None
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -246,7 +248,9 @@ def plan_merge(
     inputs = [(e.model, sources[e.model]) for e in entries]
     base = (base_ref, sources[base_ref]) if base_ref is not None else None
     all_sources = [s for _, s in inputs] + ([base[1]] if base else [])
-    layout = check_layout(all_sources)
+    all_refs = [r for r, _ in inputs] + ([base[0]] if base else [])
+    alignment = _vocabulary_alignment(recipe, all_refs, all_sources) if recipe.tokenizer_source is not None else None
+    layout = check_layout(all_sources, aligned_vocabulary=alignment.size if alignment else None)
     depth = {ref: num_layers(src.config, src.tensors) for ref, src in sources.items()}
     check_layer_ranges(recipe, depth)
     donor_ref = recipe.base_model or recipe.models[0].model
@@ -298,7 +302,25 @@ def plan_merge(
         if floating:
             _probe(method, task, len(entries), base is not None, probed)
         tasks.append(task)
-    return MergePlan(recipe, method, inputs, base, layout, tasks, donor, load_dtype, warnings)
+    return MergePlan(recipe, method, inputs, base, layout, tasks, donor, load_dtype, alignment, warnings)
+
+
+def _vocabulary_alignment(recipe: Recipe, refs: list[ModelRef], sources: list[Source]) -> VocabularyAlignment:
+    """The alignment to the tokenizer_source's vocabulary (see :mod:`karcher_lab.io.vocabulary`)."""
+    choice = recipe.tokenizer_source
+    target_ref = recipe.base_model if choice == "base" else choice
+    if isinstance(target_ref, ModelRef) and target_ref not in refs:
+        raise RecipeError(f"tokenizer_source {target_ref} is not one of the models merged")
+    vocabularies = [tokenizer_vocabulary(s) for s in sources]
+    rows = [vocabulary_rows(s) or 0 for s in sources]
+    if choice == "union":
+        if any(v != vocabularies[0] for v in vocabularies[1:]):
+            raise NotSupportedError("tokenizer_source: union of different tokenizers is not supported yet; choose base or one model")
+        target_ref = refs[0]
+    k = refs.index(target_ref)
+    target = {token: i for token, i in vocabularies[k].items() if i < rows[k]}
+    base_index = refs.index(recipe.base_model) if recipe.base_model in refs else None
+    return VocabularyAlignment.build(target, vocabularies, rows, base_index)
 
 
 def _probe(method: MergeMethod, task: TensorTask, n: int, has_base: bool, probed: set[str]) -> None:
@@ -406,6 +428,7 @@ def execute_plan(
     total = sum(TensorSpec(t.name, t.shape, t.out_dtype).nbytes for t in plan.tasks)
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging", disable=not progress, dynamic_ncols=True)
     sources = plan.sources
+    vocabulary_names = set(plan.layout.vocabulary_names)
 
     def load(source: Source, stored: str) -> torch.Tensor:
         """One input tensor, cast to the recipe's dtype and moved to the device (cached if asked)."""
@@ -422,6 +445,8 @@ def execute_plan(
     try:
         for i, task in enumerate(plan.tasks):
             tensors = [load(s, plan.stored_name(k, task.name)) for k, s in enumerate(sources)]
+            if plan.alignment is not None and task.name in vocabulary_names:
+                tensors = plan.alignment.apply(tensors)
             base = tensors.pop() if plan.base is not None else None
             if not task.floating:
                 merged = _passthrough(task.name, tensors + ([base] if base is not None else []))
@@ -498,20 +523,11 @@ def resolved_recipe_yaml(plan: MergePlan, seed: int | None) -> str:
 
 
 def _tokenizer_dir(plan: MergePlan, sources: Mapping[ModelRef, Source]) -> Path | None:
-    """Directory to copy tokenizer files from: tokenizer_source, else base, else the first model."""
+    """Directory to copy tokenizer files from: the tokenizer_source model, else the base, else the first
+    model (``union`` is accepted only for identical tokenizers, see :func:`_vocabulary_alignment`)."""
     r = plan.recipe
-    choice = r.tokenizer_source
-    if choice == "union":
-        dirs = [s.directory for s in sources.values() if s.directory is not None]
-        contents = {tuple((d / f).read_bytes() if (d / f).is_file() else None for f in TOKENIZER_FILES) for d in dirs}
-        if len(contents) > 1:
-            raise NotSupportedError("tokenizer_source: union with different tokenizers is not supported yet; choose base or one model")
-        choice = None
-    ref = choice if isinstance(choice, ModelRef) else (r.base_model if choice == "base" else None)
-    ref = ref or r.base_model or r.models[0].model
-    if ref not in sources:
-        raise RecipeError(f"tokenizer_source {ref} is not one of the recipe's models")
-    return sources[ref].directory
+    ref = r.tokenizer_source if isinstance(r.tokenizer_source, ModelRef) else None
+    return sources[ref or r.base_model or r.models[0].model].directory
 
 
 def write_output(
@@ -545,7 +561,10 @@ def write_output(
             files = writer.finish()
         finally:
             writer.close()
-        write_json(tmp / "config.json", output_config(plan.donor.config, dtype_name, plan.layout.untied_head))
+        config = output_config(plan.donor.config, dtype_name, plan.layout.untied_head)
+        if plan.alignment is not None:
+            config["vocab_size"] = plan.alignment.size
+        write_json(tmp / "config.json", config)
         files += ["config.json"] + copy_files(donor_dir, tmp, (GENERATION_CONFIG,))
         files += copy_files(tokenizer_dir, tmp, tuple(f for f in TOKENIZER_FILES if f not in files))
         (tmp / "merge_recipe.yml").write_text(recipe_yaml, encoding="utf-8")

@@ -325,3 +325,41 @@ def test_installed_entry_point_runs_as_a_subprocess(zoo, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "karcher_lab.cli", "merge", str(recipe), str(tmp_path / "o")], cwd=ROOT, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_vocabularies_aligned_by_token_with_tokenizer_source(zoo, tmp_path):
+    """Model b has other token ids and 4 tokens model a lacks; tokenizer_source: b aligns a to b's ids."""
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    a = load_file(str(zoo / "expert0" / "model.safetensors"))
+    tokens = [f"t{i}" for i in range(3, 96)] + [f"x{i}" for i in range(4)]
+    random.Random(0).shuffle(tokens)
+    row_of = {t: i for i, t in enumerate(tokens, start=3)}
+    g = torch.Generator().manual_seed(0)
+    b = {k: v.clone() for k, v in _tensors(zoo / "expert1").items()}
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        rows = torch.randn(100, b[name].shape[1], generator=g)
+        rows[:3] = b[name][:3]
+        for t, r in row_of.items():
+            if t.startswith("t"):
+                rows[r] = b[name][int(t[1:])]
+        b[name] = rows
+    write_checkpoint(tmp_path / "b", tiny_config("llama", vocab_size=100), b, tokens=tokens)
+    recipe = {
+        "merge_method": "linear", "tokenizer_source": str(tmp_path / "b"),
+        "models": [{"model": str(zoo / "expert0"), "parameters": {"weight": 1.0}}, {"model": str(tmp_path / "b"), "parameters": {"weight": 3.0}}],
+    }
+    out = tmp_path / "out"
+    assert _run(tmp_path, recipe, out) == 0
+    merged = load_file(str(out / "model.safetensors"))
+    emb = merged["model.embed_tokens.weight"]
+    assert emb.shape == (100, 32) and json.loads((out / "config.json").read_text())["vocab_size"] == 100
+    r5 = row_of["t5"]
+    torch.testing.assert_close(emb[r5], (a["model.embed_tokens.weight"][5] + 3 * b["model.embed_tokens.weight"][r5]) / 4)
+    torch.testing.assert_close(emb[row_of["x2"]], b["model.embed_tokens.weight"][row_of["x2"]])  # only b has x2
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok("t5 x2").input_ids == [r5, row_of["x2"]]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.generate(torch.tensor([tok("t5 x2").input_ids]), max_new_tokens=2, do_sample=False).shape == (1, 4)

@@ -357,3 +357,28 @@ def test_disk_full_removes_the_partial_output(tmp_path, monkeypatch):
             (tmp / "x").write_text("1")
             raise OSError(errno.ENOSPC, "No space left on device")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------------------- vocabulary
+
+
+def test_vocabulary_alignment_follows_mergekit_defaults():
+    from karcher_lab.io.vocabulary import VocabularyAlignment
+
+    target = {"a": 0, "b": 1, "c": 2, "d": 3, "e": 4}
+    vocabularies = [
+        {"a": 0, "b": 1, "c": 2, "e": 7},      # 'e' has an id beyond this model's 3 rows: absent
+        {"b": 0, "a": 1, "d": 2, "c": 3},      # other ids, and the only one with 'd'
+        {"a": 0, "b": 1},                      # the base: lacks 'c' and 'd'
+    ]
+    tensors = [torch.arange(3.0)[:, None] + 10, torch.arange(4.0)[:, None] + 20, torch.arange(2.0)[:, None] + 30]
+    alignment = VocabularyAlignment.build(target, vocabularies, [3, 4, 2], base_index=2)
+    a0, a1, a2 = (t.flatten().tolist() for t in alignment.apply(tensors))
+    assert alignment.size == 5
+    # a, b: own rows; c: base lacks it -> mean of the holders (12 + 23)/2; d: only model 1 has it;
+    # e: nobody has it -> zero
+    assert a0 == [10, 11, 12, 22, 0]
+    assert a1 == [21, 20, 23, 22, 0]
+    assert a2 == [30, 31, 17.5, 22, 0]
+    base_holds = VocabularyAlignment.build({"a": 0, "b": 1}, [{"a": 0}, {"a": 0}, {"a": 1, "b": 0}], [1, 1, 2], base_index=2)
+    assert base_holds.apply([torch.tensor([[1.0]]), torch.tensor([[2.0]]), torch.tensor([[5.0], [6.0]])])[0].flatten().tolist() == [1.0, 5.0]

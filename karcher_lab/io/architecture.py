@@ -53,6 +53,11 @@ class Layout:
     stored_names: list[dict[str, str]]
     untied_head: bool
 
+    @property
+    def vocabulary_names(self) -> list[str]:
+        """The tensors with the vocabulary along axis 0 (input embedding, LM head)."""
+        return [n for n in self.names if n == HEAD or n in EMBEDDINGS]
+
 
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
@@ -77,8 +82,18 @@ def _table(rows: list[tuple[str, list[str]]], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
-def check_layout(sources: Sequence[Source]) -> Layout:
-    """The layout the models share, or ArchitectureMismatchError / VocabularyMismatchError with a table."""
+def vocabulary_rows(source: Source) -> int | None:
+    """Rows of a model's input embedding (its vocabulary size as stored), None if it has none."""
+    name = _embedding_name(source) or (HEAD if HEAD in source.tensors else None)
+    return None if name is None else source.tensors[name].shape[0]
+
+
+def check_layout(sources: Sequence[Source], aligned_vocabulary: int | None = None) -> Layout:
+    """The layout the models share, or ArchitectureMismatchError / VocabularyMismatchError with a table.
+
+    With ``aligned_vocabulary`` (the size of the vocabulary the embeddings are aligned to, see
+    :mod:`karcher_lab.io.vocabulary`) the vocabulary tensors may differ in rows; their output shape
+    has that many rows."""
     stored: list[dict[str, str]] = [{n: n for n in s.tensors} for s in sources]
     has_head = [HEAD in s.tensors for s in sources]
     untied_head = False
@@ -104,27 +119,31 @@ def check_layout(sources: Sequence[Source]) -> Layout:
         if (name == HEAD or name in EMBEDDINGS) and len(present) == len(shapes) and all(
             s[1:] == present[0][1:] for s in present
         ):
+            if aligned_vocabulary is not None:
+                continue
             vocab_rows = True
         rows.append((name, ["missing" if s is None else str(list(s)) for s in shapes]))
     labels = [s.label for s in sources]
     if vocab_rows:
-        sizes = ", ".join(
-            f"model {i} ({s.label}) {s.tensors[_embedding_name(s) or HEAD].shape[0]}"
-            for i, s in enumerate(sources) if (_embedding_name(s) or HEAD) in s.tensors
-        )
+        sizes = ", ".join(f"model {i} ({s.label}) {vocabulary_rows(s)}" for i, s in enumerate(sources))
         raise VocabularyMismatchError(
             f"the models have different vocabulary sizes (embedding rows: {sizes}); rows of different "
-            "tokens cannot be merged, and karcher-lab does not align vocabularies yet: merge models that "
-            f"share one tokenizer (resize the embeddings first).\n{_table(rows, labels)}"
+            "tokens cannot be merged as they are: set tokenizer_source (base, or one of the models) to "
+            f"align the vocabularies by token, as mergekit does.\n{_table(rows, labels)}"
         )
     if rows:
         raise ArchitectureMismatchError(
             f"the models do not share one architecture: {len(rows)} tensor(s) differ in name or shape "
             f"(dtypes may differ, shapes may not).\n{_table(rows, labels)}"
         )
+    shapes = {n: shape(0, n) for n in all_names}
+    if aligned_vocabulary is not None:
+        for n in all_names:
+            if n == HEAD or n in EMBEDDINGS:
+                shapes[n] = (aligned_vocabulary, *shapes[n][1:])
     return Layout(
         names=all_names,
-        shapes={n: shape(0, n) for n in all_names},
+        shapes=shapes,
         stored_names=stored,
         untied_head=untied_head,
     )

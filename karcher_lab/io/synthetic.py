@@ -84,12 +84,14 @@ def expert_states(
     return experts
 
 
-def write_tokenizer(directory: Path, vocab_size: int) -> None:
-    """A word-level tokenizer over tokens ``<pad> <s> </s> t3 … t{V−1}`` (whitespace split)."""
+def write_tokenizer(directory: Path, vocab_size: int, tokens: list[str] | None = None) -> None:
+    """A word-level tokenizer (whitespace split) over ``<pad> <s> </s>`` and ``tokens`` (default
+    ``t3 … t{V−1}``), with ids in that order."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {f"t{i}": i for i in range(3, vocab_size)}
+    tokens = tokens if tokens is not None else [f"t{i}" for i in range(3, vocab_size)]
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2} | {t: i for i, t in enumerate(tokens, start=3)}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     fast = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<pad>")
@@ -103,6 +105,7 @@ def write_checkpoint(
     *,
     shard_bytes: int | None = None,
     tokenizer: bool = True,
+    tokens: list[str] | None = None,
 ) -> Path:
     """Save ``state`` with ``config`` as a transformers checkpoint directory; return its path.
 
@@ -123,5 +126,5 @@ def write_checkpoint(
     generation = {"bos_token_id": config.get("bos_token_id"), "eos_token_id": config.get("eos_token_id"), "pad_token_id": config.get("pad_token_id")}
     (directory / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
     if tokenizer:
-        write_tokenizer(directory, config["vocab_size"])
+        write_tokenizer(directory, config["vocab_size"], tokens)
     return directory
