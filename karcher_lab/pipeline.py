@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -390,8 +391,9 @@ class MergeStats:
 
 
 def peak_rss_bytes() -> int:
-    """The process's peak resident set size so far (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """The process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 class TensorCache:
