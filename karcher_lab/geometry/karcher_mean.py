@@ -63,6 +63,10 @@ CHORD_NORM_TOL = sqrt(ANTIPODAL_TOL / 2)
 GRAM_BUFFER_BYTES = 4 << 20
 """Size of the float64 staging buffer of :func:`gram_matrix` (all N models' chunks together)."""
 
+GRAM_SPLIT = 8
+"""A chunk inside a single block is cut into this many pieces multiplied as one batch: torch.bmm spreads
+a batch over the threads, while one skinny [N, K]·[K, N] product runs on a single thread."""
+
 COMBINE_CHUNK_BYTES = 1 << 20
 """Size of one output chunk of :func:`combine`; it stays in cache while the N inputs are added in."""
 
@@ -148,20 +152,25 @@ def gram_matrix(
     views = [layout.view(t) for t in tensors]
     center_view = layout.view(center) if center is not None else None
     gram = torch.zeros(layout.blocks, n, n, dtype=torch.float64, device=device)
-    per_model = max(1, GRAM_BUFFER_BYTES // (8 * (n + (center is not None))))
+    per_model = max(GRAM_SPLIT, GRAM_BUFFER_BYTES // (8 * (n + (center is not None))) // GRAM_SPLIT * GRAM_SPLIT)
     staging = torch.empty((n + (center is not None)) * per_model, dtype=torch.float64, device=device)
     for ps, bs, qs in layout.chunks(per_model):
-        nb, npq = bs.stop - bs.start, (ps.stop - ps.start) * (qs.stop - qs.start)
-        chunk = staging[: nb * n * npq].view(nb, n, ps.stop - ps.start, qs.stop - qs.start)
-        for i, v in enumerate(views):
-            chunk[:, i].copy_(v[ps, bs, qs].transpose(0, 1))
+        pieces = [v[ps, bs, qs].transpose(0, 1) for v in views]  # [blocks, p, q] each
         if center_view is not None:
-            centre = staging[n * per_model : n * per_model + nb * npq].view(nb, 1, ps.stop - ps.start, qs.stop - qs.start)
-            centre.copy_(center_view[ps, bs, qs].transpose(0, 1).unsqueeze(1))
-            chunk.sub_(centre)
-        rows = chunk.view(nb, n, npq)
-        if nb == 1:
-            gram[bs.start].addmm_(rows[0], rows[0].T)
+            pieces.append(center_view[ps, bs, qs].transpose(0, 1))
+        nb, p, q = pieces[0].shape
+        split = nb == 1 and p == 1 and q % GRAM_SPLIT == 0  # one run inside one block
+        if split:
+            pieces = [x.reshape(GRAM_SPLIT, 1, q // GRAM_SPLIT) for x in pieces]
+        batch, length = pieces[0].shape[0], pieces[0][0].numel()
+        chunk = staging[: len(pieces) * batch * length].view(batch, len(pieces), *pieces[0].shape[1:])
+        for i, x in enumerate(pieces):
+            chunk[:, i].copy_(x)
+        if center_view is not None:
+            chunk[:, :n].sub_(chunk[:, n:])
+        rows = chunk[:, :n].reshape(batch, n, length)
+        if split:
+            gram[bs.start] += torch.bmm(rows, rows.mT).sum(0)
         else:
             gram[bs].baddbmm_(rows, rows.mT)
     return (gram + gram.mT) / 2
