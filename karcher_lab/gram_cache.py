@@ -13,6 +13,12 @@ tensor, so a widget that moves a weight slider re-solves the N×N problem and ru
 pass: the inputs are neither re-read for the Gram nor re-normalized. Results are identical to
 ``merge_tensors("karcher", ...)`` (tests/test_pipeline.py checks every mode against it); the last
 solver trace of each tensor is kept in ``traces`` for convergence plots.
+
+The NaN/Inf check rides on the Gram pass instead of a pass of its own: G_ii = Σ x² is finite exactly
+when every entry of x_i is (float32/bf16/fp16 inputs cannot overflow a float64 sum of squares), so
+the exact per-model check (and its error message) runs only when G is not finite. Model-level merges
+use this path for every karcher tensor (without keeping the Grams), which saves one full read of the
+inputs per tensor.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import Any, Hashable, Sequence
 
 import torch
 
-from karcher_lab.errors import MissingBaseError
+from karcher_lab.errors import InputError, MissingBaseError
 from karcher_lab.geometry.karcher_mean import KarcherTrace, check_solver_params, combine, gram_matrix, karcher_coefficients
 from karcher_lab.merge.api import check_tensors, check_weights, compute_dtype, resolve_params
 from karcher_lab.merge.karcher import output_norms
@@ -31,10 +37,12 @@ class GramCache:
     """Karcher merges of single tensors with their Gram matrices cached under a caller-given key.
 
     The key must identify the inputs (e.g. the tensor's name and the models' references); the block
-    granularity, task-vector mode, compute dtype and device are added to it here.
+    granularity, task-vector mode, compute dtype and device are added to it here. With ``keep=False``
+    nothing is stored (a single pass over a model, where only the fused finiteness check matters).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
         self.grams: dict[Hashable, torch.Tensor] = {}
         self.traces: dict[str, KarcherTrace] = {}
         self.hits = 0
@@ -66,9 +74,12 @@ class GramCache:
         center = base.to(dtype) if p["task_vectors"] else None
         gram = self.grams.get(full_key)
         if gram is None:
-            check_tensors(tensors, base, name)
             gram = gram_matrix(xs, p["block"], center=center)
-            self.grams[full_key] = gram
+            if not bool(torch.isfinite(gram).all()):
+                check_tensors(tensors, center, name)  # names the model holding NaN/Inf
+                raise InputError(f"tensor {name!r}: the Gram matrix of finite inputs overflows float64 (values near 1e154)")
+            if self.keep:
+                self.grams[full_key] = gram
             self.misses += 1
         else:
             self.hits += 1

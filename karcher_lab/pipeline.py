@@ -589,7 +589,9 @@ class MergeSession:
     or transformers models. With ``keep_inputs=True`` every input tensor is loaded once and kept (on
     ``device``, cast to ``dtype``), so later merges re-read nothing from disk. ``cache_grams`` (on by
     default) keeps karcher's per-tensor Gram matrices (:class:`karcher_lab.gram_cache.GramCache`), so
-    a re-weighted karcher merge re-solves the N×N problem and runs only the combine pass.
+    a re-weighted karcher merge re-solves the N×N problem and runs only the combine pass. karcher
+    tensors always go through that class (which folds the NaN/Inf check into the Gram pass); without
+    ``cache_grams`` it keeps nothing.
     """
 
     def __init__(
@@ -613,7 +615,7 @@ class MergeSession:
         self.model_refs = [self._add(m, f"model {i}") for i, m in enumerate(models)]
         self.base_ref = self._add(base, "base") if base is not None else None
         self.cache = TensorCache() if keep_inputs else None
-        self.grams = GramCache() if cache_grams else None
+        self.grams = GramCache(keep=cache_grams)
 
     def _add(self, model: Any, role: str) -> ModelRef:
         if isinstance(model, ModelRef):
@@ -665,7 +667,7 @@ class MergeSession:
         return plan_merge(recipe, self.sources, seed=seed, open_tensor_source=self.open_tensor_source)
 
     def _merge_one(self, method: str, tensors: list[torch.Tensor], *, key: Hashable, **kwargs: Any) -> torch.Tensor:
-        if method == "karcher" and self.grams is not None:
+        if method == "karcher":
             return self.grams.merge(key, tensors, **kwargs)
         return merge_tensors(method, tensors, **kwargs)
 

@@ -169,12 +169,13 @@ def test_bad_requests_fail_before_any_tensor_is_read(family, method, kwargs, err
     assert sum(s.loads for s in sources + [base_source]) == 0
 
 
-def test_non_finite_input_names_the_tensor(family):
+@pytest.mark.parametrize("method", ["linear", "karcher"])  # karcher finds it through its Gram matrix
+def test_non_finite_input_names_the_tensor(family, method):
     _, experts = family
     broken = {k: v.clone() for k, v in experts[1].items()}
     broken["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     with pytest.raises(errors.NonFiniteError, match="'model.layers.1.mlp.up_proj.weight': model 1 contains 1 NaN"):
-        merge_models([experts[0], broken], "linear")
+        merge_models([experts[0], broken], method)
 
 
 def test_cuda_on_a_machine_without_it_is_a_clear_error(family, monkeypatch):
