@@ -19,7 +19,9 @@ How recipe models become method inputs (mergekit 0.1.5 semantics, checked by run
 uses a base (ties, model_stock, multislerp ...) gets ``base_model`` as its base and the other listed
 models as inputs; a method that ignores the base (linear, karcher, fisher) gets ``base_model`` as *one
 more input* when it is not listed among the models (mergekit appends it; a warning says so); ``slerp``
-interpolates from ``base_model`` (t = 0) to the one other model.
+interpolates from ``base_model`` (t = 0) to the one other model. With ``tokenizer_source`` the
+vocabulary tensors are first aligned by token to that tokenizer (:mod:`karcher_lab.io.vocabulary`);
+without it, models with different vocabulary sizes are refused.
 
 For repeated merges of the same models (widgets), :class:`MergeSession` keeps the models open and keeps
 per-tensor state between calls: optionally the loaded inputs, and for ``karcher`` the per-tensor Gram

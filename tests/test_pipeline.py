@@ -289,3 +289,23 @@ def test_peak_memory_is_bounded_by_the_largest_tensor_not_the_model(tmp_path):
         assert r["read"] == 3 * 40 * largest
         # (N inputs + 1 output) = 4 tensors, plus the method's working buffers and allocator slack
         assert r["increase"] < 20 * largest, f"{r['method']}: peak grew by {r['increase'] / 2**20:.1f} MiB"
+
+
+def test_transformers_models_in_memory_including_a_tied_head(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from karcher_lab.io.synthetic import _config_object, tiny_config
+
+    config = _config_object(tiny_config("qwen2", tie_word_embeddings=True))
+    torch.manual_seed(0)
+    a = AutoModelForCausalLM.from_config(config)
+    torch.manual_seed(1)
+    b = AutoModelForCausalLM.from_config(config)
+    merged = karcher_lab.merge([a, b], "linear", weights=[1.0, 3.0])
+    assert "lm_head.weight" not in merged  # the tied head shares the embedding's storage
+    name = "model.layers.0.self_attn.q_proj.bias"
+    torch.testing.assert_close(merged[name], (a.state_dict()[name] + 3 * b.state_dict()[name]) / 4)
+    stats = karcher_lab.merge([a, b], "karcher", out=tmp_path / "m")
+    assert stats.out == tmp_path / "m" and "model.safetensors" in stats.files
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert loaded.config.tie_word_embeddings and loaded.generate(torch.tensor([[1, 2]]), max_new_tokens=2, do_sample=False).shape == (1, 4)

@@ -153,7 +153,8 @@ class Checkpoint:
 
 class StateDictSource:
     """An in-memory model with the :class:`Checkpoint` interface: a ``{name: tensor}`` mapping, or any
-    object with ``state_dict()`` (a transformers model, whose ``config`` is used when present)."""
+    object with ``state_dict()`` (a transformers model, whose ``config`` is used when present). A tied
+    head (a tensor sharing the input embedding's storage) is left out, as ``save_pretrained`` does."""
 
     directory: Path | None = None
 
@@ -165,6 +166,9 @@ class StateDictSource:
             config = model.config.to_dict()
         self.label = label
         self.config: dict[str, Any] = dict(config or {})
+        head = state.get("lm_head.weight")
+        if head is not None and any(k != "lm_head.weight" and v.data_ptr() == head.data_ptr() for k, v in state.items()):
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
         self._state = state
         self.tensors = {k: TensorInfo(tuple(v.shape), v.dtype) for k, v in state.items()}
 
