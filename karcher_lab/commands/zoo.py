@@ -1,0 +1,68 @@
+"""`karcher-lab zoo`: build the expert pools and show what is in them.
+
+    karcher-lab zoo build [--size tiny|small|medium] [--cache-dir DIR] [--workers N] [--force]
+    karcher-lab zoo info NAME [--json] [--cache-dir DIR]     # NAME: a size or a pool directory
+    karcher-lab zoo tasks                                      # the tasks, with one example each
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _build(args: argparse.Namespace) -> int:
+    from karcher_lab.zoo import build_pool, config_for, format_table
+
+    pool = build_pool(config_for(args.size), args.cache_dir, workers=args.workers, force=args.force,
+                      progress=not args.quiet)
+    print(format_table(pool.record))
+    print(f"pool: {pool.path}  (table and conflicts: {pool.path / 'pool.json'})")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from karcher_lab.zoo import find_pool, format_table
+
+    pool = find_pool(args.name, args.cache_dir)
+    if args.json:
+        json.dump(pool.record, sys.stdout, indent=1)
+        print()
+        return 0
+    print(format_table(pool.record))
+    print(f"base: {pool.base_path}")
+    for expert in pool.experts:
+        print(f"{expert['task']:<11} {expert['path']}")
+    return 0
+
+
+def _tasks(args: argparse.Namespace) -> int:
+    from karcher_lab.zoo import TASKS
+
+    for task in TASKS.values():
+        example = task.examples("train", 1)[0]
+        print(f"{task.name:<10} {task.domain:<9} {task.description}\n{'':<20} e.g. {example.prompt!r} -> "
+              f"{example.answer!r}")
+    return 0
+
+
+def add_parser(sub) -> None:
+    zoo = sub.add_parser("zoo", help="build the expert pools (tiny/small/medium) and show them")
+    actions = zoo.add_subparsers(dest="zoo_command", required=True)
+    cache_help = "cache directory (default: $KARCHER_LAB_CACHE or ~/.cache/karcher_lab)"
+
+    build = actions.add_parser("build", help="build (or reuse) a pool and print its expert-vs-base table")
+    build.add_argument("--size", choices=("tiny", "small", "medium"), default="tiny")
+    build.add_argument("--cache-dir", help=cache_help)
+    build.add_argument("--workers", type=int, help="parallel expert fine-tunes (default: one per core)")
+    build.add_argument("--force", action="store_true", help="rebuild even if the pool is cached")
+    build.add_argument("--quiet", action="store_true", help="no progress bar")
+    build.set_defaults(func=_build)
+
+    info = actions.add_parser("info", help="paths and expert-vs-base table of a built pool")
+    info.add_argument("name", help="a pool size (tiny, small, medium) or a pool directory")
+    info.add_argument("--json", action="store_true", help="print the pool record (pool.json, absolute paths)")
+    info.add_argument("--cache-dir", help=cache_help)
+    info.set_defaults(func=_info)
+
+    actions.add_parser("tasks", help="list the zoo's tasks").set_defaults(func=_tasks)

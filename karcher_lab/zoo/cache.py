@@ -1,0 +1,50 @@
+"""Where built pools live: a cache directory, keyed by a hash of the building code, data and config.
+
+The cache root is, in order: the ``cache_dir`` argument (the CLI's ``--cache-dir``), the environment
+variable ``KARCHER_LAB_CACHE``, or ``~/.cache/karcher_lab``. A pool lives in
+``<root>/zoo/<size>-<key>`` where ``key`` is the first 16 hex digits of SHA-256 over the source of the
+modules that build it, the task data files, the config, and the torch / transformers versions:
+changing any of them builds a new pool instead of reusing a stale one.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+import transformers
+
+from karcher_lab.zoo.corpus import DATA_DIR
+
+CACHE_ENV = "KARCHER_LAB_CACHE"
+ZOO_DIR = Path(__file__).resolve().parent
+BUILD_MODULES = (
+    "build.py", "catalog.py", "config.py", "conflicts.py", "corpus.py", "evaluate.py", "sequences.py",
+    "synthetic.py", "tasks.py", "tokenizer.py", "train.py",
+)
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The cache root: ``cache_dir`` if given, else $KARCHER_LAB_CACHE, else ~/.cache/karcher_lab."""
+    if cache_dir is not None:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "karcher_lab").expanduser()
+
+
+def build_key(config_dict: dict) -> str:
+    """Hash of the building code, the task data, the config and the library versions."""
+    digest = hashlib.sha256()
+    for name in BUILD_MODULES:
+        digest.update(name.encode() + (ZOO_DIR / name).read_bytes())
+    for path in sorted(DATA_DIR.glob("*.txt")):
+        digest.update(path.name.encode() + path.read_bytes())
+    digest.update(json.dumps(config_dict, sort_keys=True).encode())
+    digest.update(f"torch={torch.__version__};transformers={transformers.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def pool_dir(config_dict: dict, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The directory of the pool built from ``config_dict`` (it may not exist yet)."""
+    return cache_root(cache_dir) / "zoo" / f"{config_dict['size']}-{build_key(config_dict)}"

@@ -1,0 +1,62 @@
+"""Scoring a causal LM on task examples: exact match of the greedy answer, and answer NLL.
+
+- exact match: greedy decoding from ``<s> prompt`` until ``</s>``; the decoded text must equal the
+  answer exactly. Decoding stops after (longest answer + 2) tokens: anything longer is wrong anyway.
+- NLL: mean over examples of -(1/T) Σ_t log p(a_t | <s> prompt a_<t), in nats per token, over the T
+  answer tokens plus the closing ``</s>``.
+"""
+from __future__ import annotations
+
+import torch
+
+from karcher_lab.zoo.sequences import IGNORE, encode, prompt_batch, teacher_forcing_batch
+from karcher_lab.zoo.tasks import Example
+
+BATCH = 256
+
+
+@torch.no_grad()
+def greedy_answers(model, tokenizer, examples: list[Example]) -> list[str]:
+    """The model's greedy continuation of each prompt, up to (not including) ``</s>``."""
+    items = encode(tokenizer, examples)
+    max_new = max(len(item.ids) - item.prompt_len for item in items) + 1
+    answers = []
+    for start in range(0, len(items), BATCH):
+        input_ids, attention_mask = prompt_batch(items[start : start + BATCH], tokenizer.pad_token_id)
+        out = model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new, do_sample=False,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+        for row in out[:, input_ids.shape[1] :].tolist():
+            if tokenizer.eos_token_id in row:
+                row = row[: row.index(tokenizer.eos_token_id)]
+            answers.append(tokenizer.decode(row))
+    return answers
+
+
+def exact_match(model, tokenizer, examples: list[Example]) -> float:
+    """Fraction of examples whose greedy answer equals the expected answer."""
+    answers = greedy_answers(model, tokenizer, examples)
+    return sum(a == e.answer for a, e in zip(answers, examples)) / len(examples)
+
+
+@torch.no_grad()
+def answer_nll(model, tokenizer, examples: list[Example]) -> float:
+    """Mean per-token NLL (nats) of answer + ``</s>`` given ``<s> prompt``, averaged over examples."""
+    items = encode(tokenizer, examples)
+    total = 0.0
+    for start in range(0, len(items), BATCH):
+        input_ids, labels = teacher_forcing_batch(items[start : start + BATCH], tokenizer.pad_token_id, True)
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        targets = labels[:, 1:]
+        mask = targets != IGNORE
+        token_nll = torch.nn.functional.cross_entropy(
+            logits.transpose(1, 2), targets.clamp(min=0), reduction="none"
+        )
+        total += ((token_nll * mask).sum(1) / mask.sum(1)).sum().item()
+    return total / len(items)
+
+
+def evaluate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
+    """``{"accuracy": exact match, "nll": answer NLL}`` on ``examples``."""
+    return {"accuracy": exact_match(model, tokenizer, examples), "nll": answer_nll(model, tokenizer, examples)}
