@@ -185,15 +185,15 @@ def test_tied_qwen2_family_stays_tied_and_loads(zoo, tmp_path):
 KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
-    import karcher_lab.pipeline as pipeline
+    import karcher_lab.pipeline.session as session
     from karcher_lab.cli import main
-    real, calls = pipeline.merge_tensors, []
+    real, calls = session.merge_tensors, []
     def dying(*args, **kwargs):
         calls.append(1)
         if len(calls) == 6:
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
-    pipeline.merge_tensors = dying
+    session.merge_tensors = dying
     main(["merge", sys.argv[1], sys.argv[2], "--out-shard-size", "20KB"])
     """
 )
@@ -214,9 +214,9 @@ def test_sigkill_mid_merge_leaves_nothing_that_looks_complete(zoo, tmp_path):
 
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, RuntimeError])
 def test_interrupted_merge_writes_nothing(zoo, tmp_path, monkeypatch, capsys, interrupt):
-    import karcher_lab.pipeline as pipeline
+    import karcher_lab.pipeline.session as session
 
-    real, calls = pipeline.merge_tensors, []
+    real, calls = session.merge_tensors, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -224,7 +224,7 @@ def test_interrupted_merge_writes_nothing(zoo, tmp_path, monkeypatch, capsys, in
             raise interrupt("stop")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "merge_tensors", failing)
+    monkeypatch.setattr(session, "merge_tensors", failing)
     recipe = {"merge_method": "linear", "models": [str(zoo / "expert0"), str(zoo / "expert1")]}
     if interrupt is KeyboardInterrupt:
         assert _run(tmp_path, recipe, tmp_path / "out") == 130

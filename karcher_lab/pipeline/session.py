@@ -1,0 +1,250 @@
+"""Entry points of model-level merging: :func:`merge_models` (``karcher_lab.merge(...)``),
+:func:`run_recipe` (the CLI) and :class:`MergeSession` (repeated merges of the same models, keeping
+per-tensor state between calls for the widgets)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Hashable, Mapping, Sequence
+
+import torch
+
+from karcher_lab.errors import DeviceError, EmptyInputError, ParameterError, WeightError
+from karcher_lab.gram_cache import GramCache
+from karcher_lab.io.architecture import Source
+from karcher_lab.io.checkpoint import Checkpoint, StateDictSource
+from karcher_lab.io.output import check_output_path
+from karcher_lab.io.resolve import resolve_model_dir
+from karcher_lab.io.writer import parse_size
+from karcher_lab.merge.api import merge_tensors
+from karcher_lab.merge.registry import get_method
+from karcher_lab.pipeline.execute import MergeStats, TensorCache, execute_plan, peak_rss_bytes
+from karcher_lab.pipeline.plan import MergePlan, plan_merge
+from karcher_lab.pipeline.write import write_output
+from karcher_lab.recipe.schema import ModelEntry, ModelRef, Recipe, parse_dtype, parse_model_ref, parse_parameters
+
+DEFAULT_SHARD_SIZE = "5GB"
+
+
+def open_model(model: Any, label: str, relative_to: Path | None = None) -> Source:
+    """A :class:`Source` for a path / hub id / ModelRef, an in-memory state dict or model, or a Source."""
+    if isinstance(model, (Checkpoint, StateDictSource)):
+        return model
+    if isinstance(model, (str, Path, ModelRef)):
+        ref = model if isinstance(model, ModelRef) else ModelRef(str(model))
+        return Checkpoint(resolve_model_dir(ref.path, ref.revision, relative_to), label=str(ref))
+    return StateDictSource(model, label)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device; DeviceError when CUDA is requested but not available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} was requested but CUDA is not available on this machine; use --device cpu")
+    return dev
+
+
+class MergeSession:
+    """Models opened once for repeated merges, keeping per-tensor state between calls (for widgets).
+
+    ``models`` and ``base`` are paths, hub ids (local cache only), ModelRefs, ``{name: tensor}`` dicts
+    or transformers models. With ``keep_inputs=True`` every input tensor is loaded once and kept (on
+    ``device``, cast to ``dtype``), so later merges re-read nothing from disk. ``cache_grams`` (on by
+    default) keeps karcher's per-tensor Gram matrices (:class:`karcher_lab.gram_cache.GramCache`), so
+    a re-weighted karcher merge re-solves the N×N problem and runs only the combine pass. karcher
+    tensors always go through that class (which folds the NaN/Inf check into the Gram pass); without
+    ``cache_grams`` it keeps nothing.
+    """
+
+    def __init__(
+        self,
+        models: Sequence[Any],
+        *,
+        base: Any = None,
+        dtype: str | None = None,
+        device: str | torch.device = "cpu",
+        keep_inputs: bool = False,
+        cache_grams: bool = True,
+        relative_to: Path | None = None,
+    ):
+        if models is None or len(models) == 0:
+            raise EmptyInputError("no models to merge (got an empty list)")
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.relative_to = relative_to
+        self.sources: dict[ModelRef, Source] = {}
+        self._in_memory: dict[int, ModelRef] = {}
+        self.model_refs = [self._add(m, f"model {i}") for i, m in enumerate(models)]
+        self.base_ref = self._add(base, "base") if base is not None else None
+        self.cache = TensorCache() if keep_inputs else None
+        self.grams = GramCache(keep=cache_grams)
+
+    def _add(self, model: Any, role: str) -> ModelRef:
+        if isinstance(model, ModelRef):
+            ref = model
+        elif isinstance(model, (str, Path)):
+            ref = parse_model_ref(str(model), role)
+        elif id(model) in self._in_memory:  # the same object given as a model and as the base
+            return self._in_memory[id(model)]
+        else:
+            ref = self._in_memory[id(model)] = ModelRef(f"<in-memory {role}>")
+        if ref not in self.sources:
+            self.sources[ref] = open_model(ref if isinstance(model, (str, Path)) else model, str(ref), self.relative_to)
+        return ref
+
+    def open_tensor_source(self, ref: ModelRef) -> Source:
+        """Open (once) a checkpoint named by a tensor-valued parameter such as ``fisher``."""
+        if ref not in self.sources:
+            self.sources[ref] = open_model(ref, str(ref), self.relative_to)
+        return self.sources[ref]
+
+    def recipe(
+        self,
+        method: str,
+        *,
+        weights: Sequence[float] | None = None,
+        params: Mapping[str, Any] | None = None,
+        model_params: Sequence[Mapping[str, Any]] | None = None,
+        out_dtype: str | None = None,
+    ) -> Recipe:
+        """The recipe these Python arguments mean (``params`` are global settings, mergekit semantics)."""
+        n = len(self.model_refs)
+        if weights is not None and len(weights) != n:
+            raise WeightError(f"{method}: got {len(weights)} weights for {n} models")
+        if model_params is not None and len(model_params) != n:
+            raise ParameterError(f"model_params has {len(model_params)} entries for {n} models")
+        entries = []
+        for i, ref in enumerate(self.model_refs):
+            p = dict(model_params[i]) if model_params is not None else {}
+            if weights is not None:
+                p["weight"] = float(weights[i])
+            entries.append(ModelEntry(ref, p))
+        return Recipe(
+            merge_method=method, models=entries, base_model=self.base_ref, parameters=parse_parameters(params, "params"),
+            dtype=parse_dtype(self.dtype, "dtype"), out_dtype=parse_dtype(out_dtype, "out_dtype"),
+        )
+
+    def plan(self, recipe: Recipe, seed: int | None = None) -> MergePlan:
+        """Validate ``recipe`` against the session's models (see :func:`plan_merge`)."""
+        return plan_merge(recipe, self.sources, seed=seed, open_tensor_source=self.open_tensor_source)
+
+    def _merge_one(self, method: str, tensors: list[torch.Tensor], *, key: Hashable, **kwargs: Any) -> torch.Tensor:
+        if method == "karcher":
+            return self.grams.merge(key, tensors, **kwargs)
+        return merge_tensors(method, tensors, **kwargs)
+
+    def run(
+        self,
+        recipe: Recipe,
+        *,
+        out: str | Path | None = None,
+        seed: int | None = None,
+        overwrite: bool = False,
+        out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor] | MergeStats:
+        """Run ``recipe``: the merged state dict when ``out`` is None, else write a checkpoint
+        directory (atomically) and return its :class:`MergeStats`."""
+        start = time.perf_counter()
+        stats = MergeStats()
+        shard_bytes = parse_size(out_shard_size)
+        if out is not None:
+            check_output_path(Path(out), overwrite, [s.directory for s in self.sources.values() if s.directory])
+        plan = self.plan(recipe, seed)
+        stats.warnings = list(plan.warnings)
+        if out is None:
+            result: dict[str, torch.Tensor] = {}
+            execute_plan(plan, result.__setitem__, device=self.device, stats=stats, cache=self.cache, merge_one=self._merge_one, progress=progress)
+        else:
+            write_output(
+                plan, self.sources, Path(out), device=self.device, stats=stats, seed=seed, out_shard_size=shard_bytes,
+                overwrite=overwrite, cache=self.cache, merge_one=self._merge_one, progress=progress,
+            )
+        stats.seconds = time.perf_counter() - start
+        stats.peak_rss_bytes = peak_rss_bytes()
+        if self.device.type == "cuda":
+            stats.peak_device_bytes = torch.cuda.max_memory_allocated(self.device)
+        self.last_stats = stats
+        return result if out is None else stats
+
+    def merge(
+        self,
+        method: str,
+        *,
+        weights: Sequence[float] | None = None,
+        params: Mapping[str, Any] | None = None,
+        model_params: Sequence[Mapping[str, Any]] | None = None,
+        out_dtype: str | None = None,
+        seed: int | None = None,
+        out: str | Path | None = None,
+        overwrite: bool = False,
+        out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor] | MergeStats:
+        """Merge the session's models with ``method`` (arguments as in :func:`merge_models`)."""
+        recipe = self.recipe(method, weights=weights, params=params, model_params=model_params, out_dtype=out_dtype)
+        return self.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
+
+
+def merge_models(
+    models: Sequence[Any],
+    method: str,
+    *,
+    weights: Sequence[float] | None = None,
+    base: Any = None,
+    params: Mapping[str, Any] | None = None,
+    model_params: Sequence[Mapping[str, Any]] | None = None,
+    out: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    dtype: str | None = None,
+    out_dtype: str | None = None,
+    overwrite: bool = False,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    progress: bool = False,
+) -> dict[str, torch.Tensor] | MergeStats:
+    """Merge whole models with a registered method; also callable as ``karcher_lab.merge(...)``.
+
+    ``models``: paths, hub ids (resolved from the local Hugging Face cache only), ``{name: tensor}``
+    dicts or transformers models. ``weights``: mergekit's per-model ``weight``. ``base``: the base
+    model (mergekit's ``base_model``). ``params``: global parameter settings with mergekit's semantics
+    (a list is a gradient over the layers; ``[{filter, value}]`` lists select by tensor name).
+    ``model_params``: one dict of per-model settings per model (e.g. ``density``, or ``fisher``).
+    ``dtype`` casts the inputs on load; ``out_dtype`` is the saved dtype. Returns the merged state dict
+    (CPU tensors) when ``out`` is None; otherwise writes a checkpoint directory atomically and returns
+    :class:`MergeStats`. For repeated merges of the same models, use :class:`MergeSession`.
+    """
+    session = MergeSession(models, base=base, dtype=dtype, device=device, cache_grams=False)
+    return session.merge(
+        method, weights=weights, params=params, model_params=model_params, out_dtype=out_dtype, seed=seed,
+        out=out, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress,
+    )
+
+
+def run_recipe(
+    recipe: Recipe,
+    out: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    overwrite: bool = False,
+    out_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    progress: bool = False,
+    relative_to: Path | None = None,
+) -> MergeStats:
+    """Run a recipe into the checkpoint directory ``out`` (what ``karcher-lab merge`` does).
+
+    Checked before any model is opened: the method exists, the shard size parses, the device exists
+    and the output path is free (or ``overwrite``)."""
+    get_method(recipe.merge_method)
+    parse_size(out_shard_size)
+    resolve_device(device)
+    check_output_path(Path(out), overwrite, [])
+    session = MergeSession(
+        [e.model for e in recipe.models], base=recipe.base_model, dtype=recipe.dtype, device=device,
+        cache_grams=False, relative_to=relative_to,
+    )
+    return session.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
