@@ -80,15 +80,19 @@ class Task(ABC):
 
 
 class SyntheticTask(Task):
-    """A task whose inputs are drawn by ``sample(rng) -> (input, answer)``; prompt is ``tag:input=``."""
+    """A task ``answer = solve(input)`` on inputs drawn by ``random_input(rng)``; the prompt is ``tag:input=``."""
 
     domain = "synthetic"
 
     @abstractmethod
-    def sample(self, rng: random.Random) -> tuple[str, str]:
-        """Draw one (input, answer) pair."""
+    def random_input(self, rng: random.Random) -> str:
+        """Draw one input."""
+
+    @abstractmethod
+    def solve(self, text: str) -> str:
+        """The correct answer for ``text``."""
 
     def draw(self, rng: random.Random, split: str) -> Example | None:
-        text, answer = self.sample(rng)
+        text = self.random_input(rng)
         prompt = f"{self.tag}:{text}="
-        return Example(prompt, answer) if split_of(prompt) == split else None
+        return Example(prompt, self.solve(text)) if split_of(prompt) == split else None
