@@ -18,7 +18,13 @@ from safetensors.torch import load_file
 
 from karcher_lab import get_method, list_methods, merge_tensors
 from karcher_lab.cli import main
-from karcher_lab.io.synthetic import base_state, expert_states, tiny_config, write_checkpoint
+from karcher_lab.io.synthetic import (
+    base_state,
+    expert_states,
+    tiny_config,
+    write_checkpoint,
+    write_reordered_vocabulary_checkpoint,
+)
 from karcher_lab.pipeline import tensor_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,27 +335,14 @@ def test_installed_entry_point_runs_as_a_subprocess(zoo, tmp_path):
 
 def test_vocabularies_aligned_by_token_with_tokenizer_source(zoo, tmp_path):
     """Model b has other token ids and 4 tokens model a lacks; tokenizer_source: b aligns a to b's ids."""
-    import random
-
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    a = load_file(str(zoo / "expert0" / "model.safetensors"))
-    tokens = [f"t{i}" for i in range(3, 96)] + [f"x{i}" for i in range(4)]
-    random.Random(0).shuffle(tokens)
-    row_of = {t: i for i, t in enumerate(tokens, start=3)}
-    g = torch.Generator().manual_seed(0)
-    b = {k: v.clone() for k, v in _tensors(zoo / "expert1").items()}
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        rows = torch.randn(100, b[name].shape[1], generator=g)
-        rows[:3] = b[name][:3]
-        for t, r in row_of.items():
-            if t.startswith("t"):
-                rows[r] = b[name][int(t[1:])]
-        b[name] = rows
-    write_checkpoint(tmp_path / "b", tiny_config("llama", vocab_size=100), b, tokens=tokens)
+    a = _tensors(zoo / "expert0")
+    b_dir, row_of = write_reordered_vocabulary_checkpoint(tmp_path / "b", tiny_config("llama"), _tensors(zoo / "expert1"))
+    b = _tensors(b_dir)
     recipe = {
-        "merge_method": "linear", "tokenizer_source": str(tmp_path / "b"),
-        "models": [{"model": str(zoo / "expert0"), "parameters": {"weight": 1.0}}, {"model": str(tmp_path / "b"), "parameters": {"weight": 3.0}}],
+        "merge_method": "linear", "tokenizer_source": str(b_dir),
+        "models": [{"model": str(zoo / "expert0"), "parameters": {"weight": 1.0}}, {"model": str(b_dir), "parameters": {"weight": 3.0}}],
     }
     out = tmp_path / "out"
     assert _run(tmp_path, recipe, out) == 0

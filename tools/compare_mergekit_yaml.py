@@ -7,7 +7,8 @@ and report the largest difference per tensor set.
 
 With no arguments, small Llama checkpoints (a base and three experts, float32) are generated and one
 recipe per deterministic method that both tools implement is written, exercising per-model weights,
-gradients over the layers and ``[{filter, value}]`` lists. Each recipe is merged by
+gradients over the layers and ``[{filter, value}]`` lists; two more recipes merge in a fourth expert
+whose tokenizer has other token ids and extra tokens, aligned by ``tokenizer_source``. Each recipe is merged by
 ``mergekit-yaml --random-seed 0`` (from tools/peer_env.py's venv; mergekit is never a dependency) and
 by ``karcher_lab.pipeline.run_recipe``, and the outputs are compared tensor by tensor in float64:
 max |Δ| and max |Δ| / max |reference| over the model. The karcher recipe sets mergekit's
@@ -36,8 +37,9 @@ sys.path.insert(0, str(ROOT / "tools"))
 LAYER_FILTERS = [{"filter": "self_attn", "value": 0.7}, {"filter": "mlp", "value": [0.2, 0.9]}, {"value": 0.5}]
 
 
-def generated_recipes(models: list[str], base: str) -> dict[str, dict]:
-    """One recipe per deterministic method shared with mergekit, with mergekit's parameter names."""
+def generated_recipes(models: list[str], base: str, reordered: str) -> dict[str, dict]:
+    """One recipe per deterministic method shared with mergekit, with mergekit's parameter names, and
+    two that align a model with another tokenizer (``reordered``) by token."""
     e0, e1, e2 = models
     weighted = [{"model": e0, "parameters": {"weight": 1.0}}, {"model": e1, "parameters": {"weight": [0.3, 0.8]}}, {"model": e2, "parameters": {"weight": 0.5}}]
     ta = {"base_model": base, "models": [
@@ -60,19 +62,28 @@ def generated_recipes(models: list[str], base: str) -> dict[str, dict]:
         "nearswap": {"base_model": base, "models": [{"model": e0}], "parameters": {"t": 0.02}},
         "ram": {"base_model": base, "models": [{"model": m} for m in models], "parameters": {"epsilon": 0.01}},
         "ramplus_tl": {"base_model": base, "models": [{"model": m} for m in models], "parameters": {"epsilon": 0.01}},
+        "linear-vocab-base": {"base_model": base, "models": [{"model": e0}, {"model": reordered, "parameters": {"weight": 2.0}}], "tokenizer_source": "base", "parameters": {"weight": 1.0}},
+        "ties-vocab-model": {**ta, "models": ta["models"][:2] + [{"model": reordered, "parameters": {"weight": 0.5}}], "tokenizer_source": reordered},
     }
 
 
-def make_checkpoints(root: Path) -> tuple[list[str], str]:
-    from karcher_lab.io.synthetic import base_state, expert_states, tiny_config, write_checkpoint
+def make_checkpoints(root: Path) -> tuple[list[str], str, str]:
+    """(three experts, the base, a fourth expert under a reordered and extended tokenizer)."""
+    from karcher_lab.io.synthetic import (
+        base_state,
+        expert_states,
+        tiny_config,
+        write_checkpoint,
+        write_reordered_vocabulary_checkpoint,
+    )
 
     config = tiny_config("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4)
     base = base_state(config, seed=0)
     write_checkpoint(root / "base", config, base)
-    models = []
-    for i, e in enumerate(expert_states(base, 3, seed=1, strength=0.1, shared=0.3)):
-        models.append(str(write_checkpoint(root / f"expert{i}", config, e)))
-    return models, str(root / "base")
+    experts = expert_states(base, 4, seed=1, strength=0.1, shared=0.3)
+    models = [str(write_checkpoint(root / f"expert{i}", config, e)) for i, e in enumerate(experts[:3])]
+    reordered, _ = write_reordered_vocabulary_checkpoint(root / "expert-reordered", config, experts[3])
+    return models, str(root / "base"), str(reordered)
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -117,10 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         recipes = list(args.recipes)
         if not recipes:
-            models, base = make_checkpoints(work / "checkpoints")
-            for method, body in generated_recipes(models, base).items():
-                path = work / f"{method}.yml"
-                path.write_text(yaml.safe_dump({"merge_method": method, **body}, sort_keys=False))
+            models, base, reordered = make_checkpoints(work / "checkpoints")
+            for label, body in generated_recipes(models, base, reordered).items():
+                path = work / f"{label}.yml"
+                path.write_text(yaml.safe_dump({"merge_method": label.split("-")[0], **body}, sort_keys=False))
                 recipes.append(path)
         print(f"{'recipe':<18} {'tensors':>7} {'max |Δ|':>10} {'max rel':>10}  note")
         for path in recipes:

@@ -128,3 +128,32 @@ def write_checkpoint(
     if tokenizer:
         write_tokenizer(directory, config["vocab_size"], tokens)
     return directory
+
+
+def write_reordered_vocabulary_checkpoint(
+    directory: str | Path, config: dict[str, Any], state: dict[str, torch.Tensor], *, extra_tokens: int = 4, seed: int = 0
+) -> tuple[Path, dict[str, int]]:
+    """The same model under another tokenizer: the tokens ``t3 … t{V−1}`` get shuffled ids, and
+    ``extra_tokens`` new tokens ``x0 …`` (with random rows) are added. The embedding and head rows
+    move with their tokens. Returns the directory and the new token → id map."""
+    import random
+
+    vocab_size = config["vocab_size"]
+    tokens = [f"t{i}" for i in range(3, vocab_size)] + [f"x{i}" for i in range(extra_tokens)]
+    random.Random(seed).shuffle(tokens)
+    ids = {t: i for i, t in enumerate(tokens, start=3)}
+    generator = torch.Generator().manual_seed(seed)
+    moved = dict(state)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name not in state:
+            continue
+        old = state[name]
+        rows = 0.02 * torch.randn(vocab_size + extra_tokens, old.shape[1], generator=generator, dtype=torch.float32)
+        rows = rows.to(old.dtype)
+        rows[:3] = old[:3]
+        for token, i in ids.items():
+            if token.startswith("t"):
+                rows[i] = old[int(token[1:])]
+        moved[name] = rows
+    new_config = dict(config, vocab_size=vocab_size + extra_tokens)
+    return write_checkpoint(directory, new_config, moved, tokens=tokens), ids
