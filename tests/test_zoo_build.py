@@ -113,3 +113,16 @@ def test_zoo_info_on_a_pool_that_is_not_built_says_how_to_build_it(tmp_path, cap
     assert "karcher-lab zoo build --size small" in capsys.readouterr().err
     with pytest.raises(PoolNotBuiltError, match="no pool called"):
         find_pool("nowhere", tmp_path)
+
+
+def test_load_takes_a_directory_and_gives_clear_errors_for_missing_models(pools, tmp_path):
+    from karcher_lab.errors import CheckpointError
+    from karcher_lab.zoo import load, model_path
+
+    model, tokenizer = load(pools[0].experts[2]["path"])
+    assert type(model).__name__ == "LlamaForCausalLM" and not model.training
+    assert tokenizer.decode(tokenizer("dat:2024-03-05=")["input_ids"], skip_special_tokens=True) == "dat:2024-03-05="
+    with pytest.raises(PoolNotBuiltError, match="zoo build --size medium"):
+        model_path("medium/sort", cache_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="never downloads"):
+        model_path("no-such-org/no-such-model")

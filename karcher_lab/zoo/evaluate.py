@@ -2,6 +2,7 @@
 
 - exact match: greedy decoding from ``<s> prompt`` until ``</s>``; the decoded text must equal the
   answer exactly. Decoding stops after (longest answer + 2) tokens: anything longer is wrong anyway.
+- chat: for chat models (SmolLM2), the greedy reply to one user message through the chat template.
 - NLL: mean over examples of -(1/T) Σ_t log p(a_t | <s> prompt a_<t), in nats per token, over the T
   answer tokens plus the closing ``</s>``.
 """
@@ -60,3 +61,11 @@ def answer_nll(model, tokenizer, examples: list[Example]) -> float:
 def evaluate(model, tokenizer, examples: list[Example]) -> dict[str, float]:
     """``{"accuracy": exact match, "nll": answer NLL}`` on ``examples``."""
     return {"accuracy": exact_match(model, tokenizer, examples), "nll": answer_nll(model, tokenizer, examples)}
+
+
+def greedy_chat_answer(model, tokenizer, question: str, max_new_tokens: int = 40) -> str:
+    """The model's greedy reply to one user message, through its chat template."""
+    batch = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
