@@ -1,0 +1,244 @@
+"""Capturing activation statistics of a causal LM on a probe set, through nnsight.
+
+The model (an already-loaded transformers model, on CPU or CUDA) is wrapped in ``nnsight.NNsight`` and
+traced locally, batch by batch. For every decoder block ``model.model.layers[l]`` we read its output
+(the residual stream after block l: HF's ``hidden_states[l + 1]``, except that HF applies the final
+norm to the last one and we do not), and optionally the attention output (``self_attn`` output, before
+it is added to the residual) and the MLP output (``mlp`` output, likewise). The trace stops after the
+last block, so the LM head (the largest matmul of a small model) never runs.
+
+Nothing is kept but running sums (:class:`ActivationStats`). The probe sequences are dealt into G
+*bootstrap groups* (sequence i goes to group ⌊i·G/N⌋); per site, layer and group we keep the number of
+non-padding tokens, Σ x and Σ x xᵀ, where x is a token's activation minus a per-layer reference point
+(the mean of the first batch; shifting keeps the second moments from cancelling against a large mean).
+Any weighting of the groups (all ones: the full probe set; a multinomial count vector: one bootstrap
+draw over groups of sequences) then gives an exact covariance, see :meth:`ActivationStats.covariances`.
+Memory: layers × G × d² floats per site (30 × 16 × 576² × 4 B = 0.64 GB for SmolLM2-135M), whatever
+the number of tokens.
+
+Padding is excluded everywhere through the attention mask. Probes should be right-padded
+(:func:`encode_probes`): a left-padded row's positions would be shifted, which changes activations.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from karcher_lab.errors import InputError, NotSupportedError, ParameterError
+
+SITES: tuple[str, ...] = ("residual", "attention", "mlp")
+"""Where activations are read in each decoder block: its output, its attention output, its MLP output."""
+
+SITE_MODULES: dict[str, str] = {"attention": "self_attn", "mlp": "mlp"}
+"""The submodule of a decoder block whose output is each non-residual site."""
+
+DEFAULT_BOOTSTRAP_GROUPS = 16
+"""Groups of probe sequences the bootstrap resamples (fewer if there are fewer sequences)."""
+
+
+@dataclass
+class ActivationStats:
+    """Running sums of one model's activations on a probe set, per site, layer and bootstrap group.
+
+    For site s, layer l, group g, over the group's non-padding tokens, with x = h − ``shift[s][l]``:
+    ``token_counts[g]`` = #tokens, ``sums[s][l, g]`` = Σ x (float64, [L, G, d]) and
+    ``outer[s][l, g]`` = Σ x xᵀ (float32, [L, G, d, d]). ``sequence_counts[g]`` is the number of
+    probe sequences in group g.
+    """
+
+    sites: tuple[str, ...]
+    token_counts: torch.Tensor
+    sequence_counts: torch.Tensor
+    shift: dict[str, torch.Tensor]
+    sums: dict[str, torch.Tensor]
+    outer: dict[str, torch.Tensor]
+
+    @property
+    def num_layers(self) -> int:
+        return self.sums[self.sites[0]].shape[0]
+
+    @property
+    def num_groups(self) -> int:
+        return self.token_counts.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.sums[self.sites[0]].shape[-1]
+
+    def _check_site(self, site: str) -> None:
+        if site not in self.sites:
+            raise ParameterError(f"site {site!r} was not captured; these statistics hold {list(self.sites)}")
+
+    def means(self, site: str, group_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean activation per layer, [L, d] (float64), or [L, B, d] for ``group_weights`` [B, G]."""
+        self._check_site(site)
+        w = self._weights(group_weights)
+        tokens = w @ self.token_counts  # [B]
+        mean = torch.einsum("bg,lgd->lbd", w, self.sums[site]) / tokens[:, None]
+        mean = mean + self.shift[site][:, None, :]
+        return mean if group_weights is not None else mean[:, 0]
+
+    def covariances(self, site: str, layer: int, group_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Covariance of the layer's activations over tokens (centered, normalized by the token count):
+        C = Σ_g w_g Σx xᵀ / n − m mᵀ with n = Σ_g w_g n_g and m = Σ_g w_g Σx / n (shifted
+        coordinates; the shift cancels). [d, d], or [B, d, d] for ``group_weights`` [B, G]; float32.
+        """
+        self._check_site(site)
+        if not 0 <= layer < self.num_layers:
+            raise ParameterError(f"layer {layer} is out of range: these statistics have {self.num_layers} layers")
+        w = self._weights(group_weights)
+        tokens = w @ self.token_counts  # [B]
+        d = self.hidden_size
+        second = (w.float() @ self.outer[site][layer].reshape(self.num_groups, d * d)).reshape(-1, d, d)
+        second /= tokens.float()[:, None, None]
+        mean = (w @ self.sums[site][layer]) / tokens[:, None]  # [B, d] float64
+        cov = second - (mean[:, :, None] * mean[:, None, :]).float()
+        return cov if group_weights is not None else cov[0]
+
+    def _weights(self, group_weights: torch.Tensor | None) -> torch.Tensor:
+        device = self.token_counts.device
+        if group_weights is None:
+            return torch.ones(1, self.num_groups, dtype=torch.float64, device=device)
+        if group_weights.ndim != 2 or group_weights.shape[1] != self.num_groups:
+            raise ParameterError(
+                f"group weights must have shape [draws, {self.num_groups}], got {tuple(group_weights.shape)}"
+            )
+        return group_weights.to(device=device, dtype=torch.float64)
+
+
+def decoder_layers(model: torch.nn.Module, sites: Sequence[str] = ("residual",)) -> torch.nn.ModuleList:
+    """The decoder blocks ``model.model.layers`` of a Llama/Qwen2/Mistral-style causal LM, after checking
+    that each has the submodules the requested sites read. NotSupportedError names what is missing."""
+    check_sites(sites)
+    kind = f"{type(model).__name__} (model_type {getattr(getattr(model, 'config', None), 'model_type', '?')!r})"
+    core = getattr(model, "model", None)
+    layers = getattr(core, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
+        found = ", ".join(name for name, _ in model.named_children()) or "none"
+        raise NotSupportedError(
+            f"{kind} is not supported for activation capture: it needs the decoder blocks of a "
+            f"Llama-, Qwen2- or Mistral-style causal LM at `model.model.layers` (a non-empty ModuleList), "
+            f"and this model has no `model.model.layers` (its top-level submodules: {found})"
+        )
+    for site in sites:
+        attribute = SITE_MODULES.get(site)
+        if attribute is not None and not isinstance(getattr(layers[0], attribute, None), torch.nn.Module):
+            raise NotSupportedError(
+                f"{kind} is not supported for the {site!r} site: its decoder blocks "
+                f"({type(layers[0]).__name__}) have no `{attribute}` submodule"
+            )
+    return layers
+
+
+def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
+    """The requested sites as a tuple; ParameterError for an empty list, repeats or unknown names."""
+    sites = tuple(sites)
+    unknown = [s for s in sites if s not in SITES]
+    if not sites or unknown or len(set(sites)) != len(sites):
+        raise ParameterError(f"sites must be a non-empty list of distinct names from {list(SITES)}, got {list(sites)}")
+    return sites
+
+
+def encode_probes(tokenizer, texts: Sequence[str], max_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ``(input_ids, attention_mask)`` of ``texts`` (truncated to ``max_length`` tokens)."""
+    if len(texts) == 0:
+        raise InputError("no probe texts given")
+    encoded = tokenizer(
+        list(texts), padding=True, padding_side="right", truncation=max_length is not None,
+        max_length=max_length, return_tensors="pt",
+    )
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def _check_probes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.is_floating_point():
+        raise InputError("input_ids must be an integer tensor of shape [sequences, tokens]")
+    if input_ids.numel() == 0:
+        raise InputError(f"no probe tokens: input_ids has shape {tuple(input_ids.shape)}")
+    if attention_mask is None:
+        return torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}")
+    empty = (attention_mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise InputError(f"probe sequence(s) {empty[:10]} have no non-padding token")
+    return attention_mask
+
+
+def _hidden(output) -> torch.Tensor:
+    """The hidden-state tensor of a module's output (decoder blocks return a tuple in transformers 4)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _trace_batch(wrapped, sites: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, list]:
+    """Run one batch through the nnsight wrapper; the saved outputs of every block, per site."""
+    saved: list = []
+    with wrapped.trace(input_ids=input_ids, attention_mask=attention_mask) as tracer:
+        for layer in wrapped.model.layers:  # forward order: attention, MLP, block output
+            if "attention" in sites:
+                saved.append(layer.self_attn.output.save())
+            if "mlp" in sites:
+                saved.append(layer.mlp.output.save())
+            if "residual" in sites:
+                saved.append(layer.output.save())
+        tracer.stop()
+    order = [s for s in ("attention", "mlp", "residual") if s in sites]
+    return {site: [_hidden(x) for x in saved[k :: len(order)]] for k, site in enumerate(order)}
+
+
+@torch.inference_mode()
+def capture_activations(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    sites: Sequence[str] = ("residual",),
+    batch_size: int = 8,
+    bootstrap_groups: int = DEFAULT_BOOTSTRAP_GROUPS,
+) -> ActivationStats:
+    """Running activation statistics of ``model`` on the probe set ``input_ids`` [N, T] (padding
+    marked 0 in ``attention_mask``), read through nnsight at every decoder block.
+
+    ``sites``: any of ``residual`` (block outputs), ``attention``, ``mlp``. Batches of ``batch_size``
+    sequences run on the model's device; statistics stay there. ``bootstrap_groups``: how many groups
+    of sequences the bootstrap resamples (capped at N). Raises NotSupportedError for architectures
+    without ``model.model.layers`` (see :func:`decoder_layers`).
+    """
+    from nnsight import NNsight
+
+    sites = check_sites(sites)
+    decoder_layers(model, sites)
+    mask = _check_probes(input_ids, attention_mask)
+    if batch_size < 1 or bootstrap_groups < 1:
+        raise ParameterError(f"batch_size and bootstrap_groups must be >= 1, got {batch_size} and {bootstrap_groups}")
+    device = next(model.parameters()).device
+    n_seq, n_groups = input_ids.shape[0], min(bootstrap_groups, input_ids.shape[0])
+    group_of = torch.arange(n_seq) * n_groups // n_seq
+    wrapped = NNsight(model)
+    token_counts = torch.zeros(n_groups, dtype=torch.float64, device=device)
+    shift: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    outer: dict[str, torch.Tensor] = {}
+    for start in range(0, n_seq, batch_size):
+        ids = input_ids[start : start + batch_size].to(device)
+        keep = mask[start : start + batch_size].to(device).bool()
+        outputs = _trace_batch(wrapped, sites, ids, mask[start : start + batch_size].to(device))
+        groups = group_of[start : start + batch_size].to(device)
+        members = [(g, keep & (groups == g)[:, None]) for g in groups.unique().tolist()]
+        for g, tokens in members:
+            token_counts[g] += tokens.sum()
+        for site in sites:
+            if site not in shift:  # first batch: the reference point is its mean, per layer
+                shift[site] = torch.stack([h[keep].double().mean(0) for h in outputs[site]])
+                L, d = shift[site].shape
+                sums[site] = torch.zeros(L, n_groups, d, dtype=torch.float64, device=device)
+                outer[site] = torch.zeros(L, n_groups, d, d, dtype=torch.float32, device=device)
+            for layer, h in enumerate(outputs[site]):
+                for g, tokens in members:
+                    x = h[tokens].float() - shift[site][layer].float()
+                    sums[site][layer, g] += x.double().sum(0)
+                    outer[site][layer, g] += x.T @ x
+    sequence_counts = torch.bincount(group_of, minlength=n_groups)
+    return ActivationStats(sites, token_counts, sequence_counts, shift, sums, outer)

@@ -1,0 +1,199 @@
+"""Collapse metrics per layer: activation variance, effective rank, numerical rank, with a bootstrap.
+
+Definitions (reference: geometry-and-diagnostics.md), for a layer's activations h over the probe
+set's non-padding tokens (n tokens, d hidden units), with the centered covariance
+C = (1/n) Σ_t (h_t − h̄)(h_t − h̄)ᵀ (centered; normalized by n, not n − 1):
+
+- **activation variance** (REPAIR, Jordan et al. 2023): the mean over hidden units of the variance over
+  tokens, tr(C)/d.
+- **effective rank** (Roy & Vetterli 2007): with σ_i the singular values of the centered activation
+  matrix H − h̄ (σ_i = √(n λ_i), λ_i the eigenvalues of C; the scale cancels), p_i = σ_i / Σ_j σ_j,
+  erank = exp(−Σ_i p_i log p_i). 1 ≤ erank ≤ rank.
+- **numerical rank**: #{i : σ_i > rtol · σ_max}, default ``rtol = DEFAULT_RTOL`` = 1e-2 (directions
+  whose singular value is at least 1% of the largest, i.e. eigenvalues of C above 1e-4 λ_max).
+  The per-layer spectra are computed in float32 (eigvalsh of C), accurate to ~1e-7 λ_max, so counts
+  at this threshold are reliable; below rtol ≈ 1e-3 they would count rounding noise.
+
+**Bootstrap** (the paper's Table 7 reports mean ± std over bootstrap draws): each draw resamples the
+probe set's groups of sequences with replacement (see :mod:`~karcher_lab.diagnostics.activations`:
+a multinomial count per group), and every metric is recomputed from the exactly reweighted
+covariance. Draws come from a seeded generator, so two models captured on the same probes get the
+same draws: **collapse ratios** of a merged model against its experts are paired per draw,
+r = m_merged / Σ_i w_i m_i with w normalized to sum 1 (below 1 = collapse), for each metric m.
+
+Every table is a tidy DataFrame: one row per model × site × layer × metric, with ``mean`` and ``std``
+over the draws, ``point`` (the metric on the whole probe set) and ``draws``.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from karcher_lab.diagnostics.activations import ActivationStats
+from karcher_lab.errors import EmptyInputError, InputError, ParameterError, WeightError
+
+DEFAULT_RTOL = 1e-2
+"""Numerical rank counts singular values above rtol × the largest."""
+
+DEFAULT_DRAWS = 100
+"""Bootstrap draws (the full probe set is evaluated in addition)."""
+
+METRICS: tuple[str, ...] = ("variance", "effective_rank", "numerical_rank")
+"""The per-layer collapse metrics, in the order of :func:`layer_metrics`' last axis."""
+
+COLUMNS = ["model", "site", "layer", "metric", "mean", "std", "point", "draws"]
+
+
+def _check_matrix(matrix: torch.Tensor) -> torch.Tensor:
+    if not isinstance(matrix, torch.Tensor) or matrix.ndim != 2 or matrix.numel() == 0:
+        raise InputError(f"expected a non-empty 2-D tensor, got {getattr(matrix, 'shape', type(matrix).__name__)}")
+    if not bool(torch.isfinite(matrix).all()):
+        raise InputError("the matrix contains NaN or Inf")
+    return matrix.to(torch.promote_types(matrix.dtype, torch.float32))
+
+
+def spectrum_effective_rank(singular_values: torch.Tensor) -> torch.Tensor:
+    """exp(−Σ p_i log p_i), p_i = σ_i / Σ σ_j, over the last axis (0 log 0 = 0). A zero spectrum gives NaN."""
+    p = singular_values / singular_values.sum(-1, keepdim=True)
+    entropy = -torch.xlogy(p, p).sum(-1)
+    return entropy.exp()
+
+
+def spectrum_numerical_rank(singular_values: torch.Tensor, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """#{σ_i > rtol · max σ} over the last axis (0 for a zero spectrum)."""
+    top = singular_values.max(-1, keepdim=True).values
+    return ((singular_values > rtol * top) & (top > 0)).sum(-1)
+
+
+def _check_rtol(rtol: float) -> None:
+    if not 0 < rtol < 1:
+        raise ParameterError(f"rtol must lie in (0, 1), got {rtol}")
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """Effective rank (Roy & Vetterli 2007) of ``matrix`` as given (no centering): exp of the entropy of
+    its normalized singular values. identity(k) → k, rank one → 1. InputError for a zero matrix."""
+    s = torch.linalg.svdvals(_check_matrix(matrix))
+    if not bool(s.max() > 0):
+        raise InputError("the zero matrix has no effective rank (its singular values cannot be normalized)")
+    return float(spectrum_effective_rank(s))
+
+
+def numerical_rank(matrix: torch.Tensor, rtol: float = DEFAULT_RTOL) -> int:
+    """#{σ_i > rtol · σ_max} for the singular values of ``matrix`` as given (no centering);
+    ``rtol`` defaults to :data:`DEFAULT_RTOL`. The zero matrix has numerical rank 0."""
+    _check_rtol(rtol)
+    return int(spectrum_numerical_rank(torch.linalg.svdvals(_check_matrix(matrix)), rtol))
+
+
+def bootstrap_counts(num_groups: int, draws: int, seed: int = 0) -> torch.Tensor:
+    """[1 + draws, G] group weights: a row of ones (the full probe set), then ``draws`` multinomial
+    resamples of the G groups with replacement (each row sums to G), from a generator seeded ``seed``."""
+    if draws < 0:
+        raise ParameterError(f"draws must be >= 0, got {draws}")
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, num_groups, (draws, num_groups), generator=generator)
+    counts = torch.zeros(draws, num_groups, dtype=torch.float64).scatter_add_(
+        1, picks, torch.ones(draws, num_groups, dtype=torch.float64)
+    )
+    return torch.cat([torch.ones(1, num_groups, dtype=torch.float64), counts])
+
+
+def layer_metrics(stats: ActivationStats, site: str, counts: torch.Tensor, rtol: float = DEFAULT_RTOL) -> torch.Tensor:
+    """Every metric for every layer under every group weighting: [L, rows of ``counts``, 3] float64,
+    the last axis in :data:`METRICS` order (variance, effective rank, numerical rank)."""
+    _check_rtol(rtol)
+    out = torch.empty(stats.num_layers, counts.shape[0], len(METRICS), dtype=torch.float64)
+    for layer in range(stats.num_layers):
+        cov = stats.covariances(site, layer, counts)
+        eigenvalues = torch.linalg.eigvalsh(cov).clamp_min(0)
+        singular_values = eigenvalues.sqrt()
+        out[layer, :, 0] = cov.diagonal(dim1=-2, dim2=-1).double().mean(-1).cpu()
+        out[layer, :, 1] = spectrum_effective_rank(singular_values.double()).cpu()
+        out[layer, :, 2] = spectrum_numerical_rank(singular_values, rtol).double().cpu()
+    return out
+
+
+def _rows(values: torch.Tensor, model: str, site: str, metrics: Sequence[str]) -> list[dict]:
+    """Tidy rows from [L, 1 + draws, M] values: point = row 0, mean/std over the draws (NaN without draws)."""
+    draws = values.shape[1] - 1
+    rows = []
+    for layer in range(values.shape[0]):
+        for k, metric in enumerate(metrics):
+            sample = values[layer, 1:, k]
+            rows.append(dict(
+                model=model, site=site, layer=layer, metric=metric,
+                mean=float(sample.mean()) if draws else float("nan"),
+                std=float(sample.std()) if draws > 1 else float("nan"),
+                point=float(values[layer, 0, k]), draws=draws,
+            ))
+    return rows
+
+
+def _sites(stats: ActivationStats, sites: Sequence[str] | None) -> tuple[str, ...]:
+    chosen = tuple(stats.sites if sites is None else sites)
+    for site in chosen:
+        stats._check_site(site)
+    return chosen
+
+
+def collapse_metrics(
+    stats: ActivationStats,
+    *,
+    model: str = "model",
+    sites: Sequence[str] | None = None,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    rtol: float = DEFAULT_RTOL,
+) -> pd.DataFrame:
+    """Variance, effective rank and numerical rank per layer of one model, bootstrap mean ± std over
+    ``draws`` resamples of the probe groups, and the full-probe-set value (``point``)."""
+    counts = bootstrap_counts(stats.num_groups, draws, seed)
+    rows = []
+    for site in _sites(stats, sites):
+        rows += _rows(layer_metrics(stats, site, counts, rtol), model, site, METRICS)
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def collapse_ratios(
+    merged: ActivationStats,
+    experts: Mapping[str, ActivationStats] | Sequence[ActivationStats],
+    weights: Sequence[float] | None = None,
+    *,
+    model: str = "merged",
+    sites: Sequence[str] | None = None,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    rtol: float = DEFAULT_RTOL,
+) -> pd.DataFrame:
+    """Per layer and metric m, r = m_merged / Σ_i w_i m_i (w normalized to sum 1; equal by default),
+    paired per bootstrap draw: the merged model and its experts must have been captured on the same
+    probes with the same groups. Metrics are named ``variance_ratio``, ``effective_rank_ratio``,
+    ``numerical_rank_ratio``; below 1 means the merge collapsed relative to its experts."""
+    stats = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
+    if not stats:
+        raise EmptyInputError("collapse_ratios: no expert statistics given")
+    w = torch.full((len(stats),), 1.0 / len(stats), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (len(stats),) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise WeightError(f"collapse_ratios: need {len(stats)} finite non-negative weights with a positive sum, got {w.tolist()}")
+    w = w / w.sum()
+    for i, s in enumerate(stats):
+        if (s.num_groups, s.num_layers, s.hidden_size) != (merged.num_groups, merged.num_layers, merged.hidden_size) or not torch.equal(
+            s.sequence_counts.cpu(), merged.sequence_counts.cpu()
+        ):
+            raise InputError(
+                f"collapse_ratios: expert {i} was captured with {s.num_groups} groups, {s.num_layers} layers, "
+                f"hidden size {s.hidden_size}, but the merged model with {merged.num_groups}, {merged.num_layers}, "
+                f"{merged.hidden_size}: capture every model on the same probes with the same settings"
+            )
+    counts = bootstrap_counts(merged.num_groups, draws, seed)
+    rows = []
+    for site in _sites(merged, sites):
+        for s in stats:
+            s._check_site(site)
+        reference = sum(wi * layer_metrics(s, site, counts, rtol) for wi, s in zip(w.tolist(), stats))
+        ratio = layer_metrics(merged, site, counts, rtol) / reference
+        rows += _rows(ratio, model, site, [f"{m}_ratio" for m in METRICS])
+    return pd.DataFrame(rows, columns=COLUMNS)
