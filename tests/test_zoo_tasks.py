@@ -140,3 +140,13 @@ def test_conflict_record_angles_and_sign_disagreement():
     assert pairs[("a", "d")]["cosine"] == pytest.approx(1 / math.sqrt(2))
     assert record["pairs_by_conflict"][0]["tasks"] == ["a", "b"]
     assert record["task_vector_norm"] == pytest.approx({"a": 1, "b": 2, "c": 3, "d": math.sqrt(2)})
+
+
+def test_cache_fingerprint_ignores_docstrings_and_comments_but_not_code():
+    from karcher_lab.zoo.cache import code_fingerprint
+
+    code = 'def f(x):\n    """Doc."""\n    return x + 1  # one\n'
+    assert code_fingerprint(code) == code_fingerprint('def f(x):\n    """Other doc."""\n    return x + 1\n')
+    assert code_fingerprint(code) == code_fingerprint("def f(x):\n    return x + 1\n")
+    assert code_fingerprint(code) != code_fingerprint('def f(x):\n    """Doc."""\n    return x + 2\n')
+    assert code_fingerprint('"""Module."""\nX = 1\n') == code_fingerprint("X = 1\n")

@@ -79,10 +79,9 @@ def pretraining_examples(config: ZooConfig):
     tasks = [get_task(name) for name in config.tasks]
     synthetic = [t for t in tasks if t.domain == "synthetic"]
     text = [t for t in tasks if t.domain == "text"]
-    n_synthetic = config.pretrain_examples_per_task * len(synthetic)
-    share = config.pretrain_text_share if synthetic else 1.0
-    per_text = round(share / (1 - share) * n_synthetic / len(text)) if text and synthetic else \
-        config.pretrain_examples_per_task
+    share = config.pretrain_text_share
+    per_text = round(share / (1 - share) * config.pretrain_examples_per_task * len(synthetic) / len(text)) \
+        if text and synthetic else config.pretrain_examples_per_task
     out = []
     for task in tasks:
         n = config.pretrain_examples_per_task if task.domain == "synthetic" else per_text

@@ -2,12 +2,14 @@
 
 The cache root is, in order: the ``cache_dir`` argument (the CLI's ``--cache-dir``), the environment
 variable ``KARCHER_LAB_CACHE``, or ``~/.cache/karcher_lab``. A pool lives in
-``<root>/zoo/<size>-<key>`` where ``key`` is the first 16 hex digits of SHA-256 over the source of the
-modules that build it, the task data files, the config, and the torch / transformers versions:
-changing any of them builds a new pool instead of reusing a stale one.
+``<root>/zoo/<size>-<key>`` where ``key`` is the first 16 hex digits of SHA-256 over the code of the
+modules that build it (their syntax tree without docstrings and comments, so documentation edits keep
+the cache), the task data files, the config, and the torch / transformers versions: changing any of
+them builds a new pool instead of reusing a stale one.
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import os
@@ -33,11 +35,23 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "karcher_lab").expanduser()
 
 
+def code_fingerprint(source: str) -> str:
+    """A module's code without its docstrings and comments: the dump of its syntax tree."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
+                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
+                isinstance(body[0].value.value, str):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def build_key(config_dict: dict) -> str:
     """Hash of the building code, the task data, the config and the library versions."""
     digest = hashlib.sha256()
     for name in BUILD_MODULES:
-        digest.update(name.encode() + (ZOO_DIR / name).read_bytes())
+        digest.update(name.encode() + code_fingerprint((ZOO_DIR / name).read_text()).encode())
     for path in sorted(DATA_DIR.glob("*.txt")):
         digest.update(path.name.encode() + path.read_bytes())
     digest.update(json.dumps(config_dict, sort_keys=True).encode())

@@ -18,8 +18,8 @@ from karcher_lab.zoo.catalog import TASKS
 
 SIZES: dict[str, dict] = {
     "tiny": dict(hidden_size=128, num_layers=2, intermediate_size=256, num_heads=4),
-    "small": dict(hidden_size=192, num_layers=3, intermediate_size=512, num_heads=6),
-    "medium": dict(hidden_size=256, num_layers=4, intermediate_size=768, num_heads=8),
+    "small": dict(hidden_size=192, num_layers=3, intermediate_size=384, num_heads=6),
+    "medium": dict(hidden_size=256, num_layers=4, intermediate_size=512, num_heads=8),
 }
 
 

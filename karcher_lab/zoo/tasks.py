@@ -7,8 +7,8 @@ equals the answer) and by the **NLL** of the answer given the prompt (nats per a
 end-of-sequence token included).
 
 Disjoint splits by construction: an example belongs to the eval split iff a hash of its *prompt*
-(for text tasks: of the source line) falls in the eval fifth, so no seed can put one prompt in both
-splits. Generation is a pure function of (task, split, n, seed).
+falls in the eval fifth, so no seed can put one prompt in both splits (text tasks also split their
+source lines, corpus.py). Generation is a pure function of (task, split, n, seed).
 """
 from __future__ import annotations
 
