@@ -1,0 +1,180 @@
+"""Weight-space metrics per tensor: norm shrinkage, angles between experts, the chord-versus-geodesic gap,
+and the distance from the merged model to each expert.
+
+Models are anything :func:`karcher_lab.pipeline.open_model` opens (checkpoint directories, cached hub ids,
+``{name: tensor}`` dicts, transformers models); they must share one architecture
+(:func:`karcher_lab.io.architecture.check_layout`). Tensors are read one at a time and every quantity
+comes from one float64 Gram pass (:func:`karcher_lab.geometry.karcher_mean.gram_matrix`) over the
+experts x_1 … x_N and the merged tensor x*, with n_i = ‖x_i‖, u_i = x_i/n_i and weights α normalized
+to sum 1 (equal by default):
+
+- ``norm_ratio`` = ‖x*‖ / Σ_i α_i n_i: below 1 is norm shrinkage (a linear merge of equal-norm,
+  non-parallel experts shrinks; karcher keeps the mean norm by construction, §3.4).
+- ``angle_deg`` (pairwise, ``model`` × ``other``) = ∠(x_i, x_j) in degrees; with a base θ_0 also
+  ``task_vector_angle_deg`` = ∠(x_i − θ_0, x_j − θ_0).
+- the chord-versus-geodesic gap, for the directions u_i that karcher averages: ``chord_radius`` =
+  ‖Σ_i α_i u_i‖ (1 when the experts are parallel; 1 − it is the norm a chord average of the directions
+  loses), and ``chord_geodesic_angle_deg`` = the angle between the chord mean Σ α_i u_i and the
+  spherical Karcher mean (0 for two experts with equal weights; it grows with the spread and
+  the asymmetry of the experts). With a base the same two for the task vectors
+  (``task_vector_chord_radius``, ``task_vector_chord_geodesic_angle_deg``). NaN where the Karcher mean
+  is not unique (antipodal directions).
+- per expert (``other``): ``relative_distance`` = ‖x* − x_i‖ / ‖x_i‖ and ``angle_deg`` = ∠(x*, x_i).
+
+Tables are tidy: one row per tensor × metric (× expert or pair) with columns ``model``, ``other``,
+``tensor``, ``layer`` (the decoder block index, NA for embeddings, final norm and head), ``metric``,
+``mean`` (the value) and ``std`` (NaN: one value per tensor). :func:`layer_summary` averages them per
+layer, with the std over the layer's tensors.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Sequence
+
+import pandas as pd
+import torch
+
+from karcher_lab.errors import AntipodalError, EmptyInputError, ParameterError, WeightError
+from karcher_lab.geometry.karcher_mean import block_norms, gram_matrix, karcher_coefficients
+from karcher_lab.io.architecture import check_layout
+
+COLUMNS = ["model", "other", "tensor", "layer", "metric", "mean", "std"]
+LAYER_PATTERN = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder block a tensor belongs to (``model.layers.7.mlp...`` → 7), None outside the blocks."""
+    match = LAYER_PATTERN.search(name)
+    return int(match.group(1)) if match else None
+
+
+def _open(models: Sequence[Any], labels: Sequence[str]):
+    from karcher_lab.pipeline import open_model
+
+    sources = [open_model(m, label) for m, label in zip(models, labels)]
+    return sources, check_layout(sources)
+
+
+def _labels(names: Sequence[str] | None, n: int, prefix: str) -> list[str]:
+    labels = list(names) if names is not None else [f"{prefix}_{i}" for i in range(n)]
+    if len(labels) != n or len(set(labels)) != n:
+        raise ParameterError(f"need {n} distinct model names, got {labels}")
+    return labels
+
+
+def _weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise WeightError(f"need {n} finite non-negative weights with a positive sum, got {w.tolist()}")
+    return w / w.sum()
+
+
+def _angles_deg(gram: torch.Tensor) -> torch.Tensor:
+    """Pairwise angles in degrees from a Gram matrix [N, N] (NaN where a norm is zero)."""
+    norms = block_norms(gram.unsqueeze(0))[0]
+    cos = gram / (norms[:, None] * norms[None, :])
+    return torch.rad2deg(torch.arccos(cos.clamp(-1, 1)))
+
+
+def _chord_gap(gram: torch.Tensor, alpha: torch.Tensor) -> tuple[float, float]:
+    """(‖Σ α_i u_i‖, ∠(Σ α_i u_i, Karcher mean) in degrees) from the raw Gram [N, N]; NaN, NaN when
+    nothing has a direction and NaN for the angle when the Karcher mean is not unique."""
+    norms = block_norms(gram.unsqueeze(0))[0]
+    chord = torch.where(norms > 0, alpha / torch.where(norms > 0, norms, 1.0), 0.0)  # Σ α_i u_i on raw tensors
+    if not bool((chord != 0).any()):
+        return float("nan"), float("nan")
+    radius = math.sqrt(max(float(chord @ gram @ chord), 0.0))
+    try:
+        karcher, _ = karcher_coefficients(gram, alpha)
+    except AntipodalError:
+        return radius, float("nan")
+    karcher = karcher[0]
+    cos = float(chord @ gram @ karcher) / (radius * math.sqrt(max(float(karcher @ gram @ karcher), 0.0)))
+    return radius, math.degrees(math.acos(min(1.0, max(-1.0, cos))))
+
+
+def _row(model, other, tensor, metric, value) -> dict:
+    return dict(model=model, other=other, tensor=tensor, layer=layer_index(tensor), metric=metric,
+                mean=float(value), std=float("nan"))
+
+
+def _frame(rows: list[dict]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows, columns=COLUMNS)
+    frame["layer"] = frame["layer"].astype("Int64")
+    return frame
+
+
+def _pair_rows(labels: list[str], tensor: str, metric: str, angles: torch.Tensor) -> list[dict]:
+    n = len(labels)
+    return [_row(labels[i], labels[j], tensor, metric, angles[i, j]) for i in range(n) for j in range(i + 1, n)]
+
+
+def expert_angles(experts: Sequence[Any], *, base: Any = None, names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Pairwise angles between the experts per tensor (``angle_deg``), and between their task vectors
+    (``task_vector_angle_deg``) when a ``base`` is given; one row per tensor × pair (i < j)."""
+    if len(experts) < 2:
+        raise EmptyInputError(f"pairwise angles need at least two experts, got {len(experts)}")
+    labels = _labels(names, len(experts), "expert")
+    extra = [base] if base is not None else []
+    sources, layout = _open([*experts, *extra], [*labels, *["base"] * len(extra)])
+    rows = []
+    for name in layout.names:
+        tensors = [s.load(stored[name]) for s, stored in zip(sources, layout.stored_names)]
+        if not tensors[0].is_floating_point():
+            continue
+        rows += _pair_rows(labels, name, "angle_deg", _angles_deg(gram_matrix(tensors[: len(labels)])[0]))
+        if base is not None:
+            task_gram = gram_matrix(tensors[: len(labels)], center=tensors[-1])[0]
+            rows += _pair_rows(labels, name, "task_vector_angle_deg", _angles_deg(task_gram))
+    return _frame(rows)
+
+
+def weight_metrics(
+    merged: Any,
+    experts: Sequence[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    base: Any = None,
+    merged_name: str = "merged",
+    names: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Per tensor: ``norm_ratio``, ``chord_radius``, ``chord_geodesic_angle_deg`` (and their task-vector
+    versions with a ``base``), and per expert ``relative_distance`` and ``angle_deg`` from the merged
+    model. ``weights``: the merge weights α (normalized; equal by default)."""
+    if not experts:
+        raise EmptyInputError("no experts given")
+    labels = _labels(names, len(experts), "expert")
+    alpha = _weights(weights, len(experts))
+    extra = [base] if base is not None else []
+    sources, layout = _open([*experts, merged, *extra], [*labels, merged_name, *["base"] * len(extra)])
+    n = len(experts)
+    rows = []
+    for name in layout.names:
+        tensors = [s.load(stored[name]) for s, stored in zip(sources, layout.stored_names)]
+        if not tensors[0].is_floating_point():
+            continue
+        gram = gram_matrix(tensors[: n + 1])[0]  # experts and the merged tensor
+        norms = block_norms(gram.unsqueeze(0))[0]
+        rows.append(_row(merged_name, None, name, "norm_ratio", norms[n] / (alpha @ norms[:n])))
+        radius, angle = _chord_gap(gram[:n, :n], alpha)
+        rows += [_row(merged_name, None, name, "chord_radius", radius),
+                 _row(merged_name, None, name, "chord_geodesic_angle_deg", angle)]
+        if base is not None:
+            radius, angle = _chord_gap(gram_matrix(tensors[:n], center=tensors[-1])[0], alpha)
+            rows += [_row(merged_name, None, name, "task_vector_chord_radius", radius),
+                     _row(merged_name, None, name, "task_vector_chord_geodesic_angle_deg", angle)]
+        to_merged = _angles_deg(gram)[n]
+        for i, label in enumerate(labels):
+            distance = (gram[n, n] - 2 * gram[n, i] + gram[i, i]).clamp_min(0).sqrt() / norms[i]
+            rows += [_row(merged_name, label, name, "relative_distance", distance),
+                     _row(merged_name, label, name, "angle_deg", to_merged[i])]
+    return _frame(rows)
+
+
+def layer_summary(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-tensor rows averaged per layer (NA: tensors outside the decoder blocks): ``mean`` over the
+    layer's tensors, ``std`` over them, and ``tensors`` (how many)."""
+    grouped = table.groupby(["model", "other", "layer", "metric"], dropna=False, sort=True)["mean"]
+    summary = grouped.agg(mean="mean", std="std", tensors="count").reset_index()
+    return summary[["model", "other", "layer", "metric", "mean", "std", "tensors"]]
