@@ -43,11 +43,11 @@ def _check_examples(examples_by_task: Mapping[str, Sequence[Example]]) -> None:
             raise EmptyInputError(f"task {task!r} has no examples")
 
 
-def _device(model) -> torch.device:
+def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _answer_batches(tokenizer, examples: Sequence[Example], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def answer_batches(tokenizer, examples: Sequence[Example], batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded ``(input_ids, targets)`` batches; ``targets[:, t]`` is the token position t predicts,
     IGNORE outside the answer."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -61,7 +61,7 @@ def _answer_batches(tokenizer, examples: Sequence[Example], batch_size: int) -> 
 
 def _answer_log_probs(model, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (float64) at the answer positions, [P, V], and each position's example row, [P]."""
-    device = _device(model)
+    device = model_device(model)
     logits = model(input_ids=input_ids.to(device)).logits[:, :-1]
     answer = (targets != IGNORE).to(device)
     rows = answer.nonzero()[:, 0]
@@ -79,7 +79,7 @@ def _per_example_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> 
 def answer_nll(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> torch.Tensor:
     """Per-example NLL of the answer (nats per answer token, ``</s>`` included): [len(examples)] float64."""
     out = []
-    for input_ids, targets in _answer_batches(tokenizer, examples, batch_size):
+    for input_ids, targets in answer_batches(tokenizer, examples, batch_size):
         log_probs, rows = _answer_log_probs(model, input_ids, targets)
         answer = targets[targets != IGNORE].to(log_probs.device)
         token_nll = -log_probs.gather(1, answer[:, None])[:, 0]
@@ -129,7 +129,7 @@ def function_distance(
     rows = []
     for task, examples in examples_by_task.items():
         kl, fr = [], []
-        for input_ids, targets in _answer_batches(tokenizer, examples, batch_size):
+        for input_ids, targets in answer_batches(tokenizer, examples, batch_size):
             log_p, positions = _answer_log_probs(reference, input_ids, targets)
             log_q, _ = _answer_log_probs(model, input_ids, targets)
             log_q = log_q.to(log_p.device)

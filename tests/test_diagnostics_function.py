@@ -1,0 +1,203 @@
+"""Function-space metrics and the diagonal Fisher, on tiny generated models with the zoo's tokenizer."""
+import copy
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import karcher_lab
+from karcher_lab.diagnostics.fisher import diagonal_fisher
+from karcher_lab.diagnostics.function import (
+    answer_nll, function_distance, normalized_accuracy, task_quality,
+)
+from karcher_lab.errors import EmptyInputError, InputError, ParameterError
+from karcher_lab.zoo import get_task
+from karcher_lab.zoo.evaluate import answer_nll as zoo_answer_nll
+from karcher_lab.zoo.tasks import Example
+from karcher_lab.zoo.tokenizer import char_tokenizer
+
+TOKENIZER = char_tokenizer()
+
+
+def _tiny(seed=0, tie=False):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(TOKENIZER), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                         tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+def _perturbed(model, scale, seed=1):
+    other = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator))
+    return other
+
+
+EXAMPLES = {"reverse": get_task("reverse").examples("eval", 7), "addition": get_task("addition").examples("eval", 5)}
+
+
+def _per_example_log_probs(model, example):
+    """Unbatched, unpadded reference: log-probabilities at each answer position of one example."""
+    prompt = TOKENIZER([example.prompt])["input_ids"][0]
+    answer = TOKENIZER([example.answer], add_special_tokens=False)["input_ids"][0] + [TOKENIZER.eos_token_id]
+    ids = torch.tensor([prompt + answer])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    positions = range(len(prompt) - 1, len(prompt) + len(answer) - 1)
+    return torch.log_softmax(logits[list(positions)], -1), torch.tensor(answer)
+
+
+def test_answer_nll_matches_unbatched_reference_and_the_zoo():
+    model = _tiny()
+    examples = EXAMPLES["reverse"]
+    nll = answer_nll(model, TOKENIZER, examples, batch_size=3)
+    expected = []
+    for e in examples:
+        log_probs, answer = _per_example_log_probs(model, e)
+        expected.append(-log_probs.gather(1, answer[:, None]).mean())
+    assert torch.allclose(nll, torch.stack(expected), atol=1e-5)
+    assert float(nll.mean()) == pytest.approx(zoo_answer_nll(model, TOKENIZER, examples), abs=1e-5)
+
+
+def test_kl_and_fisher_rao_against_unbatched_reference():
+    expert, merged = _tiny(), _perturbed(_tiny(), 0.05)
+    table = function_distance(expert, merged, TOKENIZER, EXAMPLES, batch_size=2)
+    assert list(table.columns) == ["reference", "model", "task", "metric", "mean", "std", "n"]
+    kl, fr = [], []
+    for e in EXAMPLES["reverse"]:
+        log_p, _ = _per_example_log_probs(expert, e)
+        log_q, _ = _per_example_log_probs(merged, e)
+        kl.append((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+        fr.append((2 * torch.arccos((log_p.exp() * log_q.exp()).sqrt().sum(-1).clamp(max=1))).mean())
+    rows = table[table["task"] == "reverse"].set_index("metric")
+    assert rows.loc["kl", "mean"] == pytest.approx(float(torch.stack(kl).mean()), rel=1e-5)
+    assert rows.loc["kl", "std"] == pytest.approx(float(torch.stack(kl).std()), rel=1e-4)
+    assert rows.loc["fisher_rao", "mean"] == pytest.approx(float(torch.stack(fr).mean()), rel=1e-4)
+    assert rows.loc["kl", "n"] == 7
+    # eq. 1: locally d_FR^2 ≈ 2 KL (compared position by position through the per-example means)
+    assert rows.loc["fisher_rao", "mean"] ** 2 == pytest.approx(2 * rows.loc["kl", "mean"], rel=0.1)
+
+
+def test_a_model_is_at_distance_zero_from_itself():
+    model = _tiny()
+    table = function_distance(model, model, TOKENIZER, EXAMPLES)
+    assert table["mean"].abs().max() < 1e-6
+
+
+class UniformOracle(torch.nn.Module):
+    """Uniform next-token distribution (NLL = log V per token); greedy "generation" returns the right
+    answer except for the prompts in ``wrong``."""
+
+    def __init__(self, answers: dict[str, str], wrong: set[str]):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.answers, self.wrong = answers, wrong
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Output", (), {"logits": torch.zeros(*input_ids.shape, len(TOKENIZER))})()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, eos_token_id, **kwargs):
+        rows = []
+        for row in input_ids.tolist():
+            prompt = TOKENIZER.decode(row, skip_special_tokens=True)
+            answer = "wrong" if prompt in self.wrong else self.answers[prompt]
+            new = TOKENIZER(answer, add_special_tokens=False)["input_ids"] + [eos_token_id]
+            rows.append(row + (new + [eos_token_id] * max_new_tokens)[:max_new_tokens])
+        return torch.tensor(rows)
+
+
+def test_task_quality_known_answers():
+    examples = EXAMPLES["reverse"]
+    oracle = UniformOracle({e.prompt: e.answer for e in examples}, {examples[0].prompt, examples[3].prompt})
+    table = task_quality(oracle, TOKENIZER, {"reverse": examples}, model_name="oracle")
+    assert list(table.columns) == ["model", "task", "metric", "mean", "std", "n"]
+    rows = table.set_index("metric")
+    p = 5 / 7
+    assert rows.loc["accuracy", "mean"] == pytest.approx(p)
+    assert rows.loc["accuracy", "std"] == pytest.approx(math.sqrt(p * (1 - p) * 7 / 6))
+    assert rows.loc["nll", "mean"] == pytest.approx(math.log(len(TOKENIZER)))
+    assert rows.loc["nll", "std"] == pytest.approx(0.0, abs=1e-9)
+    assert rows.loc["perplexity", "mean"] == pytest.approx(len(TOKENIZER))
+    assert (table["model"] == "oracle").all() and (table["n"] == 7).all()
+    no_accuracy = task_quality(oracle, TOKENIZER, {"reverse": examples}, accuracy=False)
+    assert set(no_accuracy["metric"]) == {"nll", "perplexity"}
+
+
+def test_normalized_accuracy():
+    experts = pd.DataFrame([
+        dict(model="e1", task="a", metric="accuracy", mean=0.8, std=0.1, n=10),
+        dict(model="e1", task="a", metric="nll", mean=0.3, std=0.1, n=10),
+        dict(model="e2", task="b", metric="accuracy", mean=0.0, std=0.0, n=10),
+    ])
+    merged = pd.DataFrame([
+        dict(model="m", task="a", metric="accuracy", mean=0.5, std=0.1, n=10),
+        dict(model="m", task="b", metric="accuracy", mean=0.2, std=0.1, n=10),
+    ])
+    table = normalized_accuracy(merged, experts).set_index("task")
+    assert table.loc["a", "mean"] == pytest.approx(0.625)
+    assert math.isnan(table.loc["b", "mean"])
+    assert (table["metric"] == "normalized_accuracy").all()
+    with pytest.raises(InputError, match="no expert accuracy"):
+        normalized_accuracy(merged, experts[experts["task"] == "a"])
+
+
+def test_function_metrics_reject_empty_input():
+    with pytest.raises(EmptyInputError):
+        task_quality(_tiny(), TOKENIZER, {})
+    with pytest.raises(EmptyInputError, match="reverse"):
+        function_distance(_tiny(), _tiny(), TOKENIZER, {"reverse": []})
+
+
+def test_fisher_of_the_head_has_its_closed_form():
+    """One answer position with final hidden state h and next-token probabilities p: the head's
+    log-likelihood gradient for label y is (1[v = y] − p_v) h, so each sample gives
+    F[v, :] = (1[v = y] − p_v)² h², whose sum over v is 1 − 2 p_y + Σ p², between
+    1 − 2 max p + Σ p² and 1 − 2 min p + Σ p², with expectation 1 − Σ p²."""
+    model = _tiny()
+    example = Example("rev:ab=", "")  # the only answer position predicts </s>
+    fisher = diagonal_fisher(model, TOKENIZER, [example], samples=8, seed=3)
+    ids = torch.tensor(TOKENIZER([example.prompt])["input_ids"])
+    with torch.no_grad():
+        out = model(input_ids=ids, output_hidden_states=True)
+    h, p = out.hidden_states[-1][0, -1].double(), out.logits[0, -1].double().softmax(-1)
+    factor = fisher["lm_head.weight"].double() / h.square()
+    assert factor.std(1).max() < 1e-5 * factor.mean(1).max()  # each row is a multiple of h²
+    total = factor.mean(1).sum()
+    squares = p.square().sum()
+    assert 1 - 2 * p.max() + squares - 1e-4 <= total <= 1 - 2 * p.min() + squares + 1e-4
+    assert float(total) == pytest.approx(float(1 - squares), abs=2 * float(p.max() - p.min()) + 1e-4)
+
+
+def test_fisher_names_shapes_seed_and_tied_weights():
+    model = _tiny(tie=True)
+    examples = EXAMPLES["addition"][:3]
+    fisher = diagonal_fisher(model, TOKENIZER, examples, samples=2, seed=0)
+    state = model.state_dict()
+    assert set(fisher) == set(state)  # the tied head appears under both names
+    assert all(fisher[k].shape == state[k].shape and fisher[k].dtype == torch.float32 for k in fisher)
+    assert all(bool((f >= 0).all()) for f in fisher.values())
+    assert torch.equal(fisher["lm_head.weight"], fisher["model.embed_tokens.weight"])
+    again = diagonal_fisher(model, TOKENIZER, examples, samples=2, seed=0)
+    other = diagonal_fisher(model, TOKENIZER, examples, samples=2, seed=1)
+    assert all(torch.equal(fisher[k], again[k]) for k in fisher)
+    assert not torch.equal(fisher["model.norm.weight"], other["model.norm.weight"])
+    with pytest.raises(ParameterError):
+        diagonal_fisher(model, TOKENIZER, examples, samples=0)
+
+
+def test_estimated_fishers_feed_the_fisher_merge():
+    a, b = _tiny(0), _perturbed(_tiny(0), 0.1)
+    examples = EXAMPLES["reverse"][:2]
+    fa, fb = (diagonal_fisher(m, TOKENIZER, examples) for m in (a, b))
+    merged = karcher_lab.merge([a, b], "fisher", model_params=[{"fisher": fa}, {"fisher": fb}])
+    name = "model.layers.1.mlp.up_proj.weight"
+    floor = 1e-6
+    wa, wb = fa[name].clamp_min(floor), fb[name].clamp_min(floor)
+    expected = (wa * a.state_dict()[name] + wb * b.state_dict()[name]) / (wa + wb)
+    assert torch.allclose(merged[name], expected, atol=1e-6)
