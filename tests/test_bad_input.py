@@ -146,3 +146,9 @@ def test_errors_are_value_errors_for_generic_handlers():
     assert issubclass(errors.ShapeMismatchError, ValueError)
     assert issubclass(errors.WeightError, ValueError)
     assert issubclass(errors.StepSizeError, errors.ParameterError)
+
+
+def test_large_finite_values_whose_sum_overflows_are_accepted():
+    models = [torch.full((10,), 3e38), torch.full((10,), 3e38)]
+    out = merge_tensors("linear", models)
+    assert bool(torch.isfinite(out).all()) and float(out[0]) == pytest.approx(3e38, rel=1e-6)
