@@ -9,7 +9,8 @@ spread-out experts, where the fixed point needs the most steps). On the CPU, tor
 - mergekit's ``karcher_merge_tensors`` (what its ``karcher`` method calls: α = 1/N, max_iter 10,
   tol 1e-5), run in the throw-away peer venv (tools/peer_env.py) in a subprocess; the inputs travel
   through a temporary safetensors file;
-- ours, ``merge_tensors('karcher', …)``: defaults (converged, tol 1e-7) and mergekit's settings;
+- ours, ``merge_tensors('karcher', …)``: defaults (converged, tol 1e-7) and mergekit's settings, and
+  the registered karcher function alone on already validated inputs (merge_tensors minus its checks);
 - our ``merge_tensors('linear', …)`` and an in-place weighted sum (``out = w0·x0; out.add_(xi, alpha=wi)``),
   the two-pass bound a Gram pass + combine pass is measured against.
 
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from karcher_lab import merge_tensors  # noqa: E402
+from karcher_lab import get_method, merge_tensors  # noqa: E402
+from karcher_lab.merge.api import check_tensors  # noqa: E402
 from karcher_lab.geometry import karcher_mean as km, sphere  # noqa: E402
 from tools.peer_env import ensure_peer_python  # noqa: E402
 
@@ -133,32 +135,41 @@ def main() -> None:
             out.add_(x, alpha=w)
         return out
 
+    karcher = get_method("karcher")
+    defaults = {p.name: p.default for p in karcher.params}
+    w64 = torch.tensor(weights, dtype=torch.float64)
+
     rows = []  # (label, seconds, output, reference name, reference)
     mk_time, mk_out = run_mergekit(xs, max(1, min(args.repeats, 2)))
     rows.append(("mergekit karcher (max_iter 10, tol 1e-5)", mk_time, mk_out, "karcher", karcher_ref))
     t, out = timed(lambda: merge_tensors("karcher", xs, return_trace=True), args.repeats)
     ours_trace = out.trace
-    rows.append(("ours karcher (defaults: tol 1e-7)", t, out.tensor, "karcher", karcher_ref))
+    rows.append(("ours merge_tensors karcher (tol 1e-7)", t, out.tensor, "karcher", karcher_ref))
     t, out = timed(lambda: merge_tensors("karcher", xs, max_iter=10, tol=1e-5), args.repeats)
-    rows.append(("ours karcher (max_iter 10, tol 1e-5)", t, out, "karcher", karcher_ref))
+    rows.append(("ours merge_tensors karcher (10, 1e-5)", t, out, "karcher", karcher_ref))
+    t, out = timed(lambda: karcher.fn(xs, weights=w64, base=None, generator=None, name=None, **defaults)[0],
+                   args.repeats)
+    rows.append(("ours karcher method only (tol 1e-7)", t, out, "karcher", karcher_ref))
     t, out = timed(lambda: merge_tensors("linear", xs), args.repeats)
-    rows.append(("ours linear", t, out, "linear", linear_ref))
+    rows.append(("ours merge_tensors linear", t, out, "linear", linear_ref))
     sum_time, out = timed(inplace_sum, args.repeats)
-    rows.append(("in-place weighted sum (mul/add_)", sum_time, out, "linear", linear_ref))
+    rows.append(("in-place weighted sum (mul, add_)", sum_time, out, "linear", linear_ref))
 
-    # where our time goes: Gram pass, O(N²) solve, combining pass
+    # where the time goes: merge_tensors' input validation, then the Gram pass, solve, combining pass
+    check_time, _ = timed(lambda: check_tensors(xs, None), args.repeats)
     gram_time, gram = timed(lambda: km.gram_matrix(xs), args.repeats)
     solve_time, (coeffs, _) = timed(lambda: km.karcher_coefficients(gram, weights), args.repeats)
     combine_time, _ = timed(lambda: km.combine(xs, coeffs), args.repeats)
 
     print(f"karcher_tensor: N = {args.n}, {args.size}x{args.size} float32, CPU, torch threads = {THREADS}, "
           f"seed {args.seed}, min of {args.repeats} runs (mergekit: min of {max(1, min(args.repeats, 2))})")
-    print(f"{'method':42s} {'time [s]':>9s} {'vs mergekit':>12s} {'vs in-place sum':>16s} {'rel. error':>11s}  reference")
+    print(f"{'method':40s} {'time [s]':>9s} {'vs mergekit':>12s} {'vs in-place sum':>16s} {'rel. error':>11s}  reference")
     for label, seconds, output, ref_name, ref in rows:
-        print(f"{label:42s} {seconds:9.3f} {mk_time / seconds:11.1f}x {seconds / sum_time:15.2f}x "
+        print(f"{label:40s} {seconds:9.3f} {mk_time / seconds:11.1f}x {seconds / sum_time:15.2f}x "
               f"{rel_error(output, ref):11.2e}  float64 {ref_name}")
-    print(f"ours, split: gram pass {gram_time:.3f} s, solve {solve_time * 1e3:.2f} ms "
-          f"({ours_trace.iterations} steps, final ‖v‖ {ours_trace.residual:.1e}), combine pass {combine_time:.3f} s")
+    print(f"split: merge_tensors input validation {check_time:.3f} s; karcher gram pass {gram_time:.3f} s, "
+          f"solve {solve_time * 1e3:.2f} ms ({ours_trace.iterations} steps, final ‖v‖ {ours_trace.residual:.1e}), "
+          f"combine pass {combine_time:.3f} s")
     ours_time, ours_err = rows[1][1], rel_error(rows[1][2], karcher_ref)
     checks = [
         (f"ours >= 20x faster than mergekit: {mk_time / ours_time:.1f}x", mk_time / ours_time >= 20),

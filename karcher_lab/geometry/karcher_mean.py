@@ -60,14 +60,14 @@ KARCHER_INITS: tuple[str, ...] = ("chord", "first")
 CHORD_NORM_TOL = sqrt(ANTIPODAL_TOL / 2)
 """A weighted chord mean shorter than this means the points are not in an open hemisphere."""
 
-GRAM_BUFFER_BYTES = 4 << 20
+GRAM_BUFFER_BYTES = 12 << 20
 """Size of the float64 staging buffer of :func:`gram_matrix` (all N models' chunks together)."""
 
 GRAM_SPLIT = 8
 """A chunk inside a single block is cut into this many pieces multiplied as one batch: torch.bmm spreads
 a batch over the threads, while one skinny [N, K]·[K, N] product runs on a single thread."""
 
-COMBINE_CHUNK_BYTES = 1 << 20
+COMBINE_CHUNK_BYTES = 8 << 20
 """Size of one output chunk of :func:`combine`; it stays in cache while the N inputs are added in."""
 
 
@@ -152,6 +152,7 @@ def gram_matrix(
     views = [layout.view(t) for t in tensors]
     center_view = layout.view(center) if center is not None else None
     gram = torch.zeros(layout.blocks, n, n, dtype=torch.float64, device=device)
+    half = (n + 1) // 2
     per_model = max(GRAM_SPLIT, GRAM_BUFFER_BYTES // (8 * (n + (center is not None))) // GRAM_SPLIT * GRAM_SPLIT)
     staging = torch.empty((n + (center is not None)) * per_model, dtype=torch.float64, device=device)
     for ps, bs, qs in layout.chunks(per_model):
@@ -169,10 +170,16 @@ def gram_matrix(
         if center_view is not None:
             chunk[:, :n].sub_(chunk[:, n:])
         rows = chunk[:, :n].reshape(batch, n, length)
+        # G is symmetric: rows [0, h) against all, rows [h, n) against [h, n); the rest is mirrored.
+        top = torch.bmm(rows[:, :half], rows.mT)
+        bottom = torch.bmm(rows[:, half:], rows[:, half:].mT)
         if split:
-            gram[bs.start] += torch.bmm(rows, rows.mT).sum(0)
+            gram[bs.start, :half] += top.sum(0)
+            gram[bs.start, half:, half:] += bottom.sum(0)
         else:
-            gram[bs].baddbmm_(rows, rows.mT)
+            gram[bs, :half] += top
+            gram[bs, half:, half:] += bottom
+    gram[:, half:, :half] = gram[:, :half, half:].mT
     return (gram + gram.mT) / 2
 
 
@@ -356,7 +363,10 @@ def combine(
         scalars = coeffs[0].tolist()
         for chunk in layout.chunks(per_chunk):
             target = out_view[chunk]
-            target.copy_(views[0][chunk]).mul_(scalars[0])  # exact upcast first: mul(bf16, float) rounds to bf16
+            if views[0].dtype == dtype:
+                torch.mul(views[0][chunk], scalars[0], out=target)
+            else:  # upcast exactly first: mul(bf16 tensor, float) would round the products to bf16
+                target.copy_(views[0][chunk]).mul_(scalars[0])
             for v, k in zip(views[1:], scalars[1:]):
                 target.add_(v[chunk], alpha=k)
         return out
