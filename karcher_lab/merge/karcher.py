@@ -117,12 +117,37 @@ def karcher(
         raise MissingBaseError(f"{_where(name)}karcher with task_vectors: true needs a base model")
     center = base if task_vectors else None
     gram = gram_matrix(tensors, block, center=center)
+    return karcher_from_gram(
+        tensors, gram, weights, center=center, block=block, eta=eta, max_iter=max_iter, tol=tol,
+        init=init, norm_average=norm_average, name=name,
+    )
+
+
+def karcher_from_gram(
+    tensors: list[torch.Tensor],
+    gram: torch.Tensor,
+    weights: torch.Tensor,
+    *,
+    center: torch.Tensor | None,
+    block: str,
+    eta: float,
+    max_iter: int,
+    tol: float,
+    init: str,
+    norm_average: str,
+    name: str | None,
+) -> tuple[torch.Tensor, KarcherTrace]:
+    """Steps 2–3 given step 1's Gram (``gram_matrix(tensors, block, center=center)``, possibly cached):
+    solve eq. 5 in coefficient space, rescale to the mean norm, and form the result in one pass.
+
+    With ``center`` = θ_0: θ_0 + Σ k_j (θ_j − θ_0) = Σ k_j θ_j + (1 − Σ k_j) θ_0, so no task-vector
+    copies are made.
+    """
     coeffs, trace = karcher_coefficients(
         gram, weights, eta=eta, max_iter=max_iter, tol=tol, init=init, name=name
     )
     coeffs = coeffs * output_norms(gram, weights, norm_average).unsqueeze(-1)
     if center is None:
         return combine(tensors, coeffs, block), trace
-    # θ_0 + Σ k_j (θ_j − θ_0) = Σ k_j θ_j + (1 − Σ k_j) θ_0: one pass, no task-vector copies.
     with_base = torch.cat([coeffs, 1.0 - coeffs.sum(-1, keepdim=True)], dim=-1)
     return combine([*tensors, center], with_base, block), trace
