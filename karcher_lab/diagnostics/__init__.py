@@ -1,13 +1,22 @@
-"""Diagnostics: activation statistics through nnsight, collapse metrics, function- and weight-space metrics.
+"""Diagnostics: the measuring instruments every notebook, widget and experiment uses.
 
-Modules: :mod:`~karcher_lab.diagnostics.activations` (capturing running statistics per decoder block),
-:mod:`~karcher_lab.diagnostics.collapse` (variance, effective rank, numerical rank, bootstrap, collapse ratios).
-Every metric returns a tidy pandas DataFrame with ``mean`` and ``std`` columns.
+Modules: :mod:`~karcher_lab.diagnostics.activations` (running activation statistics per decoder block,
+captured through nnsight), :mod:`~karcher_lab.diagnostics.collapse` (activation variance, effective rank,
+numerical rank, bootstrap, collapse ratios), :mod:`~karcher_lab.diagnostics.function` (answer NLL,
+perplexity, exact match, KL and Fisher–Rao distance to an expert, normalized accuracy),
+:mod:`~karcher_lab.diagnostics.fisher` (diagonal Fisher with labels sampled from the model),
+:mod:`~karcher_lab.diagnostics.weights` (norm shrinkage, angles, chord-versus-geodesic gap, distance to
+each expert). Every metric returns a tidy pandas DataFrame with ``mean`` and ``std`` columns;
+:mod:`karcher_lab.plots` draws them.
 """
-from karcher_lab.diagnostics.activations import ActivationStats, capture_activations, encode_probes
+from karcher_lab.diagnostics.activations import SITES, ActivationStats, capture_activations, encode_probes
 from karcher_lab.diagnostics.collapse import collapse_metrics, collapse_ratios, effective_rank, numerical_rank
+from karcher_lab.diagnostics.fisher import diagonal_fisher
+from karcher_lab.diagnostics.function import function_distance, normalized_accuracy, task_quality
+from karcher_lab.diagnostics.weights import expert_angles, layer_summary, weight_metrics
 
 __all__ = [
-    "ActivationStats", "capture_activations", "collapse_metrics", "collapse_ratios", "effective_rank",
-    "encode_probes", "numerical_rank",
+    "SITES", "ActivationStats", "capture_activations", "collapse_metrics", "collapse_ratios", "diagonal_fisher",
+    "effective_rank", "encode_probes", "expert_angles", "function_distance", "layer_summary",
+    "normalized_accuracy", "numerical_rank", "task_quality", "weight_metrics",
 ]
