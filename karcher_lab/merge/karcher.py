@@ -37,12 +37,20 @@ Differences from mergekit 0.1.5's ``karcher`` (checked by reading and running it
   AntipodalError naming the tensor and the models.
 - new: ``eta`` (the paper's step size η ∈ (0, 1]), ``block`` ('tensor' as mergekit, 'row', 'column'),
   ``init`` ('chord' as mergekit, or 'first'), ``task_vectors`` (mergekit has no base for karcher).
+
+Fisher preconditioning (the paper's §3.4: diagonal Fisher estimates "as a natural-gradient-style
+preconditioning inside the log map"), :func:`fisher_karcher`, with per-model diagonal Fishers F_i (e.g.
+from :func:`karcher_lab.diagnostics.diagonal_fisher`): per block, with F̄ = Σ α_i max(F_i, floor) / Σ α_i,
+map x ↦ √F̄ ⊙ x, take steps 1–3 there (the sphere of the Fisher-weighted norm ‖x‖_F̄ = √(Σ F̄ x²),
+whose norm is preserved), and map back by √F̄⁻¹. The mean there is a combination Σ_j k_j √F̄ ⊙ x_j, so
+mapping back gives Σ_j k_j x_j: only the Gram changes, to G_ij = Σ_e F̄_e x_ie x_je (:func:`fisher_gram`).
+A uniform F̄ gives plain karcher exactly. Not in mergekit; a Python function, not yet a recipe option.
 """
 from __future__ import annotations
 
 import torch
 
-from karcher_lab.errors import MissingBaseError
+from karcher_lab.errors import MissingBaseError, ParameterError
 from karcher_lab.geometry.blocks import BLOCK_GRANULARITIES
 from karcher_lab.geometry.karcher_mean import (
     KARCHER_INITS,
@@ -54,8 +62,9 @@ from karcher_lab.geometry.karcher_mean import (
     gram_matrix,
     karcher_coefficients,
 )
-from karcher_lab.merge.api import _where
-from karcher_lab.merge.registry import Param, register
+from karcher_lab.merge.api import _where, check_tensors, check_weights, compute_dtype, resolve_params
+from karcher_lab.merge.fisher import check_fishers
+from karcher_lab.merge.registry import Param, get_method, register
 
 NORM_AVERAGES: tuple[str, ...] = ("contributing", "all")
 """Output norm: weighted mean over experts with a direction (default) or over all experts (mergekit)."""
@@ -151,3 +160,59 @@ def karcher_from_gram(
         return combine(tensors, coeffs, block), trace
     with_base = torch.cat([coeffs, 1.0 - coeffs.sum(-1, keepdim=True)], dim=-1)
     return combine([*tensors, center], with_base, block), trace
+
+
+def fisher_gram(
+    tensors: list[torch.Tensor],
+    fisher: list[torch.Tensor],
+    weights: torch.Tensor,
+    block: str,
+    *,
+    center: torch.Tensor | None = None,
+    fisher_floor: float = 1e-6,
+    name: str | None = None,
+) -> torch.Tensor:
+    """The Fisher-weighted Gram Σ_e F̄_e x_ie x_je per block (of x_i − θ_0 with ``center``), with
+    F̄ = Σ α_i max(F_i, fisher_floor) / Σ α_i. The Fishers are checked (shape, finite, non-negative)."""
+    if not fisher_floor > 0:
+        raise ParameterError(f"{_where(name)}karcher: fisher_floor must be > 0, got {fisher_floor}")
+    check_fishers(list(fisher), tensors[0].shape, name)
+    mean_fisher = torch.zeros_like(tensors[0])
+    for f, alpha in zip(fisher, weights.tolist()):
+        mean_fisher.add_(f.to(mean_fisher).clamp_min(fisher_floor), alpha=alpha)
+    scale = mean_fisher.div_(float(weights.sum())).sqrt_()
+    return gram_matrix([x * scale for x in tensors], block, center=None if center is None else center * scale)
+
+
+def fisher_karcher(
+    tensors: list[torch.Tensor],
+    fisher: list[torch.Tensor],
+    *,
+    weights: list[float] | torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    fisher_floor: float = 1e-6,
+    name: str | None = None,
+    **params,
+) -> tuple[torch.Tensor, KarcherTrace]:
+    """Fisher-preconditioned karcher of one tensor (see the module docstring): ``fisher`` holds one
+    diagonal Fisher per model, ``params`` are karcher's (``block``, ``eta``, ``task_vectors`` ...,
+    defaults as ``merge_tensors("karcher", ...)``). Inputs are validated as there. Returns the merged
+    tensor (in the inputs' dtype) and the solver trace."""
+    method = get_method("karcher")
+    check_tensors(tensors, base, name)
+    w = check_weights(weights, len(tensors), method, name)
+    p = resolve_params(method, len(tensors), params)
+    check_solver_params(eta=p["eta"], max_iter=p["max_iter"], tol=p["tol"], init=p["init"])
+    if p["task_vectors"] and base is None:
+        raise MissingBaseError(f"{_where(name)}karcher with task_vectors: true needs a base model")
+    if len(fisher) != len(tensors):
+        raise ParameterError(f"{_where(name)}karcher: got {len(fisher)} Fishers for {len(tensors)} models")
+    dtype = compute_dtype(list(tensors) + ([base] if base is not None else []))
+    xs = [t.to(dtype) for t in tensors]
+    center = base.to(dtype) if p["task_vectors"] else None
+    gram = fisher_gram(xs, fisher, w, p["block"], center=center, fisher_floor=fisher_floor, name=name)
+    merged, trace = karcher_from_gram(
+        xs, gram, w, center=center, block=p["block"], eta=p["eta"], max_iter=p["max_iter"], tol=p["tol"],
+        init=p["init"], norm_average=p["norm_average"], name=name,
+    )
+    return merged.to(tensors[0].dtype), trace
