@@ -5,7 +5,9 @@
 
 The ``--experts`` experts with the highest heterogeneity level (the farthest from the base: the most
 fine-tuning steps at the highest rate, see karcher_lab/zoo/config.py) are merged with equal weights by
-``linear`` and by ``karcher`` (defaults: whole-tensor blocks, converged). The probe set is
+``linear`` and by ``karcher`` (defaults: whole-tensor blocks, converged), and by ``karcher`` with the
+Fisher preconditioning of §3.4 (:func:`karcher_lab.merge.karcher.fisher_karcher`: each expert's diagonal Fisher, labels sampled from the
+model, on ``--fisher-examples`` training examples of its own task). The probe set is
 ``--per-task`` held-out examples of each merged task, as ``<s> prompt answer`` text. Reported:
 
 - collapse ratios per site and layer, r = m_merged / mean_i m_i for activation variance, effective rank
@@ -31,9 +33,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import karcher_lab  # noqa: E402
-from karcher_lab.diagnostics import capture_activations, collapse_ratios, encode_probes  # noqa: E402
+from karcher_lab.diagnostics import capture_activations, collapse_ratios, diagonal_fisher, encode_probes  # noqa: E402
 from karcher_lab.diagnostics.function import function_distance, normalized_accuracy, task_quality  # noqa: E402
 from karcher_lab.diagnostics.weights import expert_angles, weight_metrics  # noqa: E402
+from karcher_lab.merge.karcher import fisher_karcher  # noqa: E402
 from karcher_lab.zoo import find_pool, get_task  # noqa: E402
 from karcher_lab.zoo.load import load  # noqa: E402
 
@@ -48,6 +51,9 @@ def main() -> None:
     parser.add_argument("--per-task", type=int, default=32)
     parser.add_argument("--draws", type=int, default=100)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--fisher-examples", type=int, default=64,
+                        help="also merge with karcher preconditioned by each expert's diagonal Fisher on this many "
+                             "training examples of its task (0: skip)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -66,10 +72,15 @@ def main() -> None:
     base, _ = load(str(pool.base_path))
     merged = {}
     for method in METHODS:
-        model, _ = load(str(pool.base_path))
-        state = karcher_lab.merge(paths, method)
-        model.load_state_dict(state, strict=False)
-        merged[method] = model.eval()
+        merged[method] = with_state(pool, karcher_lab.merge(paths, method))
+    if args.fisher_examples:
+        fishers = {t: diagonal_fisher(experts[t], tokenizer, get_task(t).examples("train", args.fisher_examples, seed=0))
+                   for t in tasks}
+        states = {t: experts[t].state_dict() for t in tasks}
+        merged["karcher+fisher"] = with_state(pool, {
+            name: fisher_karcher([states[t][name] for t in tasks], [fishers[t][name] for t in tasks], name=name)[0]
+            for name in states[tasks[0]]
+        })
 
     examples = {t: get_task(t).examples("eval", args.per_task, seed=0) for t in tasks}
     texts = [e.prompt + e.answer for t in tasks for e in examples[t]]
@@ -78,7 +89,7 @@ def main() -> None:
     expert_stats = {t: capture_activations(m, ids, mask, **capture) for t, m in experts.items()}
     ratios = pd.concat([
         collapse_ratios(capture_activations(merged[m], ids, mask, **capture), expert_stats, model=m, draws=args.draws)
-        for m in METHODS
+        for m in merged
     ])
 
     quality = pd.concat([task_quality(m, tokenizer, examples, model_name=name) for name, m in merged.items()])
@@ -86,9 +97,9 @@ def main() -> None:
     normalized = normalized_accuracy(quality, own)
     distance = pd.concat([
         function_distance(experts[t], merged[m], tokenizer, {t: examples[t]}, reference_name=t, model_name=m)
-        for m in METHODS for t in tasks
+        for m in merged for t in tasks
     ])
-    weights = pd.concat([weight_metrics(merged[m], paths, base=str(pool.base_path), merged_name=m, names=tasks) for m in METHODS])
+    weights = pd.concat([weight_metrics(merged[m], paths, base=str(pool.base_path), merged_name=m, names=tasks) for m in merged])
     angles = expert_angles(paths, base=str(pool.base_path), names=tasks)
 
     pd.set_option("display.width", 200)
@@ -111,6 +122,13 @@ def main() -> None:
             tasks=tasks, ratios=ratios.to_dict(orient="records"), quality=q.to_dict(orient="records"),
             distance=distance.to_dict(orient="records"),
         ), indent=1, default=str))
+
+
+def with_state(pool, state: dict[str, torch.Tensor]):
+    """A copy of the pool's base model carrying ``state``."""
+    model, _ = load(str(pool.base_path))
+    model.load_state_dict(state)
+    return model.eval()
 
 
 if __name__ == "__main__":
