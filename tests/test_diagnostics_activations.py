@@ -65,6 +65,17 @@ def test_residual_stream_matches_output_hidden_states(kind):
         assert torch.allclose(stats.covariances("residual", layer).double(), covariances[layer], atol=1e-5)
 
 
+def test_the_model_computes_the_same_after_capture():
+    model = _tiny("llama")
+    ids, mask = _probes()
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+    capture_activations(model, ids, mask, sites=("residual", "mlp"))
+    capture_activations(model, ids, mask)  # wrapping twice is fine
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, before)
+
+
 def test_padding_is_masked_out():
     model = _tiny("llama")
     ids, mask = _probes()

@@ -16,6 +16,10 @@ draw over groups of sequences) then gives an exact covariance, see :meth:`Activa
 Memory: layers × G × d² floats per site (30 × 16 × 576² × 4 B = 0.64 GB for SmolLM2-135M), whatever
 the number of tokens.
 
+nnsight instruments the model in place: each module's ``forward`` becomes nnsight's pass-through
+controller, which outside a trace runs the original forward unchanged (outputs are bit-identical;
+tests/test_diagnostics_activations.py checks it), so the model stays usable as before.
+
 Padding is excluded everywhere through the attention mask. Probes should be right-padded
 (:func:`encode_probes`): a left-padded row's positions would be shifted, which changes activations.
 """
