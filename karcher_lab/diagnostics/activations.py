@@ -243,6 +243,6 @@ def capture_activations(
                 for g, tokens in members:
                     x = h[tokens].float() - shift[site][layer].float()
                     sums[site][layer, g] += x.double().sum(0)
-                    outer[site][layer, g] += x.T @ x
+                    outer[site][layer, g].addmm_(x.T, x)
     sequence_counts = torch.bincount(group_of, minlength=n_groups)
     return ActivationStats(sites, token_counts, sequence_counts, shift, sums, outer)
