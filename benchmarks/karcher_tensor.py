@@ -31,6 +31,7 @@ import tempfile
 import textwrap
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -67,15 +68,18 @@ PEER_SCRIPT = textwrap.dedent(
 )
 
 
-def timed(fn, repeats: int) -> tuple[float, torch.Tensor]:
-    """Minimum wall time over ``repeats`` calls (after one warm-up call) and the last result."""
-    out = fn()
-    best = float("inf")
+def timed_round_robin(fns: dict[str, Callable[[], Any]], repeats: int) -> tuple[dict[str, float], dict[str, Any]]:
+    """Minimum wall time of each function over ``repeats`` rounds (after a warm-up round), and its
+    last result. Every round runs every function once, so load from other processes on a shared
+    machine hits all of them alike."""
+    results = {label: fn() for label, fn in fns.items()}
+    best = {label: float("inf") for label in fns}
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for label, fn in fns.items():
+            start = time.perf_counter()
+            results[label] = fn()
+            best[label] = min(best[label], time.perf_counter() - start)
+    return best, results
 
 
 def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -139,27 +143,35 @@ def main() -> None:
     defaults = {p.name: p.default for p in karcher.params}
     w64 = torch.tensor(weights, dtype=torch.float64)
 
-    rows = []  # (label, seconds, output, reference name, reference)
     mk_time, mk_out = run_mergekit(xs, max(1, min(args.repeats, 2)))
-    rows.append(("mergekit karcher (max_iter 10, tol 1e-5)", mk_time, mk_out, "karcher", karcher_ref))
-    t, out = timed(lambda: merge_tensors("karcher", xs, return_trace=True), args.repeats)
-    ours_trace = out.trace
-    rows.append(("ours merge_tensors karcher (tol 1e-7)", t, out.tensor, "karcher", karcher_ref))
-    t, out = timed(lambda: merge_tensors("karcher", xs, max_iter=10, tol=1e-5), args.repeats)
-    rows.append(("ours merge_tensors karcher (10, 1e-5)", t, out, "karcher", karcher_ref))
-    t, out = timed(lambda: karcher.fn(xs, weights=w64, base=None, generator=None, name=None, **defaults)[0],
-                   args.repeats)
-    rows.append(("ours karcher method only (tol 1e-7)", t, out, "karcher", karcher_ref))
-    t, out = timed(lambda: merge_tensors("linear", xs), args.repeats)
-    rows.append(("ours merge_tensors linear", t, out, "linear", linear_ref))
-    sum_time, out = timed(inplace_sum, args.repeats)
-    rows.append(("in-place weighted sum (mul, add_)", sum_time, out, "linear", linear_ref))
-
-    # where the time goes: merge_tensors' input validation, then the Gram pass, solve, combining pass
-    check_time, _ = timed(lambda: check_tensors(xs, None), args.repeats)
-    gram_time, gram = timed(lambda: km.gram_matrix(xs), args.repeats)
-    solve_time, (coeffs, _) = timed(lambda: km.karcher_coefficients(gram, weights), args.repeats)
-    combine_time, _ = timed(lambda: km.combine(xs, coeffs), args.repeats)
+    gram = km.gram_matrix(xs)
+    coeffs, _ = km.karcher_coefficients(gram, weights)
+    times, outs = timed_round_robin(
+        {
+            "karcher": lambda: merge_tensors("karcher", xs, return_trace=True),
+            "karcher_mk": lambda: merge_tensors("karcher", xs, max_iter=10, tol=1e-5),
+            "method": lambda: karcher.fn(xs, weights=w64, base=None, generator=None, name=None, **defaults)[0],
+            "linear": lambda: merge_tensors("linear", xs),
+            "sum": inplace_sum,
+            # where the time goes: merge_tensors' validation, the Gram pass, the solve, the combining pass
+            "check": lambda: check_tensors(xs, None),
+            "gram": lambda: km.gram_matrix(xs),
+            "solve": lambda: km.karcher_coefficients(gram, weights),
+            "combine": lambda: km.combine(xs, coeffs),
+        },
+        args.repeats,
+    )
+    ours_trace = outs["karcher"].trace
+    sum_time = times["sum"]
+    rows = [  # (label, seconds, output, reference name, reference)
+        ("mergekit karcher (max_iter 10, tol 1e-5)", mk_time, mk_out, "karcher", karcher_ref),
+        ("ours merge_tensors karcher (tol 1e-7)", times["karcher"], outs["karcher"].tensor, "karcher", karcher_ref),
+        ("ours merge_tensors karcher (10, 1e-5)", times["karcher_mk"], outs["karcher_mk"], "karcher", karcher_ref),
+        ("ours karcher method only (tol 1e-7)", times["method"], outs["method"], "karcher", karcher_ref),
+        ("ours merge_tensors linear", times["linear"], outs["linear"], "linear", linear_ref),
+        ("in-place weighted sum (mul, add_)", sum_time, outs["sum"], "linear", linear_ref),
+    ]
+    check_time, gram_time, solve_time, combine_time = (times[k] for k in ("check", "gram", "solve", "combine"))
 
     print(f"karcher_tensor: N = {args.n}, {args.size}x{args.size} float32, CPU, torch threads = {THREADS}, "
           f"seed {args.seed}, min of {args.repeats} runs (mergekit: min of {max(1, min(args.repeats, 2))})")

@@ -60,7 +60,7 @@ KARCHER_INITS: tuple[str, ...] = ("chord", "first")
 CHORD_NORM_TOL = sqrt(ANTIPODAL_TOL / 2)
 """A weighted chord mean shorter than this means the points are not in an open hemisphere."""
 
-GRAM_BUFFER_BYTES = 12 << 20
+GRAM_BUFFER_BYTES = 8 << 20
 """Size of the float64 staging buffer of :func:`gram_matrix` (all N models' chunks together)."""
 
 GRAM_SPLIT = 8
