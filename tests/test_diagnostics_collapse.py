@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from karcher_lab.diagnostics import capture_activations, collapse_metrics, collapse_ratios, effective_rank, numerical_rank
-from karcher_lab.diagnostics.collapse import DEFAULT_RTOL, bootstrap_counts
+from karcher_lab.diagnostics.collapse import DEFAULT_RTOL, batched_eigvalsh, bootstrap_counts
 from karcher_lab.errors import InputError, ParameterError, WeightError
 
 
@@ -144,3 +144,16 @@ def test_collapse_ratios_reject_mismatched_inputs():
         collapse_ratios(a, [a, a], weights=[1.0, -1.0], draws=0)
     with pytest.raises(ParameterError, match="not captured"):
         collapse_metrics(a, sites=["mlp"], draws=0)
+
+
+def test_batched_eigvalsh_splits_the_batch_over_threads():
+    a = torch.randn(7, 12, 20, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    matrices = a @ a.mT
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        values = batched_eigvalsh(matrices)
+        assert torch.get_num_threads() == 3  # restored
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(values, torch.linalg.eigvalsh(matrices), atol=1e-10)
