@@ -145,6 +145,9 @@ def test_streamed_gram_matches_einsum_for_every_chunking(block, shape, monkeypat
         torch.testing.assert_close(km.gram_matrix(xs, block), ref(xs), rtol=1e-14, atol=1e-13)
         centered = km.gram_matrix(xs, block, center=base)
         torch.testing.assert_close(centered, ref([x - base for x in xs]), rtol=1e-14, atol=1e-13)
+        metric = base.abs()  # a diagonal metric: ⟨x, y⟩_m = Σ m x y
+        weighted = km.gram_matrix(xs, block, center=base, metric=metric)
+        torch.testing.assert_close(weighted, ref([(x - base) * metric.sqrt() for x in xs]), rtol=1e-13, atol=1e-13)
 
 
 def test_combine_applies_one_coefficient_per_block(monkeypatch):

@@ -112,13 +112,14 @@ def _where(name: str | None) -> str:
     return f"tensor {name!r}: " if name else ""
 
 
-def _check_same_shape(tensors: Sequence[torch.Tensor], extra: torch.Tensor | None = None) -> None:
+def _check_same_shape(tensors: Sequence[torch.Tensor], extras: dict[str, torch.Tensor | None] | None = None) -> None:
     if len(tensors) == 0:
         raise EmptyInputError("no tensors given")
     shape = tensors[0].shape
-    for i, t in enumerate(list(tensors) + ([extra] if extra is not None else [])):
+    labelled = [(f"model {i}", t) for i, t in enumerate(tensors)]
+    labelled += [(label, t) for label, t in (extras or {}).items() if t is not None]
+    for label, t in labelled:
         if t.shape != shape:
-            label = "base" if i == len(tensors) else f"model {i}"
             raise ShapeMismatchError(f"{label} has shape {tuple(t.shape)} but model 0 has {tuple(shape)}")
 
 
@@ -135,7 +136,11 @@ def check_solver_params(*, eta: float, max_iter: int, tol: float, init: str) -> 
 
 
 def gram_matrix(
-    tensors: Sequence[torch.Tensor], block: str = "tensor", *, center: torch.Tensor | None = None
+    tensors: Sequence[torch.Tensor],
+    block: str = "tensor",
+    *,
+    center: torch.Tensor | None = None,
+    metric: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Raw per-block Gram matrices G[b, i, j] = ⟨x_i, x_j⟩ over block b, float64 ``[B, N, N]``.
 
@@ -143,22 +148,22 @@ def gram_matrix(
     staging buffer (``GRAM_BUFFER_BYTES``) and multiplied there, so bf16/fp16/fp32 products and sums
     are accumulated in float64 and no full-size copy is made. The tensors are not normalized: norms are
     n_i = √G[b, i, i]. With ``center`` (a base θ_0) the Gram of the task vectors x_i − θ_0 is formed,
-    subtracting in float64 chunk by chunk.
+    subtracting in float64 chunk by chunk. With ``metric`` (entries m ≥ 0, the inputs' shape, e.g. a
+    diagonal Fisher) the inner product is ⟨x, y⟩_m = Σ_e m_e x_e y_e, applied chunk by chunk as well.
     """
-    _check_same_shape(tensors, center)
+    _check_same_shape(tensors, {"base": center, "metric": metric})
     layout = block_layout(tensors[0].shape, block)
     n = len(tensors)
     device = tensors[0].device
     views = [layout.view(t) for t in tensors]
-    center_view = layout.view(center) if center is not None else None
+    extras = [layout.view(t) for t in (center, metric) if t is not None]  # staged after the models
     gram = torch.zeros(layout.blocks, n, n, dtype=torch.float64, device=device)
     half = (n + 1) // 2
-    per_model = max(GRAM_SPLIT, GRAM_BUFFER_BYTES // (8 * (n + (center is not None))) // GRAM_SPLIT * GRAM_SPLIT)
-    staging = torch.empty((n + (center is not None)) * per_model, dtype=torch.float64, device=device)
+    staged = n + len(extras)
+    per_model = max(GRAM_SPLIT, GRAM_BUFFER_BYTES // (8 * staged) // GRAM_SPLIT * GRAM_SPLIT)
+    staging = torch.empty(staged * per_model, dtype=torch.float64, device=device)
     for ps, bs, qs in layout.chunks(per_model):
-        pieces = [v[ps, bs, qs].transpose(0, 1) for v in views]  # [blocks, p, q] each
-        if center_view is not None:
-            pieces.append(center_view[ps, bs, qs].transpose(0, 1))
+        pieces = [v[ps, bs, qs].transpose(0, 1) for v in views + extras]  # [blocks, p, q] each
         nb, p, q = pieces[0].shape
         split = nb == 1 and p == 1 and q % GRAM_SPLIT == 0  # one run inside one block
         if split:
@@ -167,8 +172,10 @@ def gram_matrix(
         chunk = staging[: len(pieces) * batch * length].view(batch, len(pieces), *pieces[0].shape[1:])
         for i, x in enumerate(pieces):
             chunk[:, i].copy_(x)
-        if center_view is not None:
-            chunk[:, :n].sub_(chunk[:, n:])
+        if center is not None:
+            chunk[:, :n].sub_(chunk[:, n : n + 1])
+        if metric is not None:
+            chunk[:, :n].mul_(chunk[:, -1:].sqrt_())
         rows = chunk[:, :n].reshape(batch, n, length)
         # G is symmetric: rows [0, h) against all, rows [h, n) against [h, n); the rest is mirrored.
         top = torch.bmm(rows[:, :half], rows.mT)

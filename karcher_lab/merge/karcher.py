@@ -180,8 +180,7 @@ def fisher_gram(
     mean_fisher = torch.zeros_like(tensors[0])
     for f, alpha in zip(fisher, weights.tolist()):
         mean_fisher.add_(f.to(mean_fisher).clamp_min(fisher_floor), alpha=alpha)
-    scale = mean_fisher.div_(float(weights.sum())).sqrt_()
-    return gram_matrix([x * scale for x in tensors], block, center=None if center is None else center * scale)
+    return gram_matrix(tensors, block, center=center, metric=mean_fisher.div_(float(weights.sum())))
 
 
 def fisher_karcher(
