@@ -16,7 +16,7 @@ model, on ``--fisher-examples`` training examples of its own task). The probe se
   KL(p_expert ‖ p_merged) and the Fisher–Rao distance on the expert's task;
 - weights: the mean norm ratio ‖merged‖ / mean ‖expert‖ and the mean angle between experts.
 
-Everything is seeded; nothing is tuned. ``--json PATH`` writes all tables.
+Everything is seeded; nothing is tuned. ``--json PATH`` writes all tables, ``--html PATH`` the figures.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 import karcher_lab  # noqa: E402
+from karcher_lab import plots  # noqa: E402
 from karcher_lab.diagnostics import capture_activations, collapse_ratios, diagonal_fisher, encode_probes  # noqa: E402
 from karcher_lab.diagnostics.function import function_distance, normalized_accuracy, task_quality  # noqa: E402
 from karcher_lab.diagnostics.weights import expert_angles, weight_metrics  # noqa: E402
@@ -55,6 +56,7 @@ def main() -> None:
                         help="also merge with karcher preconditioned by each expert's diagonal Fisher on this many "
                              "training examples of its task (0: skip)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--html", type=Path, help="write the figures (karcher_lab.plots) to this HTML file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
@@ -117,6 +119,12 @@ def main() -> None:
     print(weights[weights["other"].isna()].pivot_table(index="metric", columns="model", values="mean").round(4).to_string())
     print(angles.groupby("metric")["mean"].agg(["mean", "min", "max"]).round(2).to_string())
 
+    if args.html:
+        figures = [plots.layer_curves(ratios, site=None, title="collapse ratios (merged / mean of experts)"),
+                   plots.task_bars(q, "nll", title="answer NLL per task"),
+                   plots.task_bars(distance, "kl", title="KL(expert || merged)"),
+                   plots.angle_heatmaps(angles, "task_vector_angle_deg", title="angles between task vectors")]
+        args.html.write_text("\n".join(f.to_html(full_html=False, include_plotlyjs=i == 0) for i, f in enumerate(figures)))
     if args.json:
         args.json.write_text(json.dumps(dict(
             tasks=tasks, ratios=ratios.to_dict(orient="records"), quality=q.to_dict(orient="records"),
