@@ -25,10 +25,13 @@ Differences from mergekit 0.1.5's ``karcher`` (checked by reading and running it
   4096×4096 experts); here ``max_iter: 1000``, ``tol: 1e-7`` (converged, 1.6e-7 there, float32
   rounding; the merge costs the same since steps are O(N²)). ``max_iter: 10, tol: 1e-5`` reproduces
   mergekit's numbers.
-- precision: mergekit casts the unit vectors and every iterate back to the input dtype (bf16 inputs:
-  bf16 arithmetic throughout, and float32 dot products over the whole tensor); here inputs are upcast
-  exactly, the Gram is accumulated in float64 and only the output is rounded, so bf16 results differ
-  from mergekit's by bf16 rounding (a few ulps).
+- precision: mergekit computes norms and dot products as float32 reductions over the whole tensor and
+  casts unit vectors and iterates back to the input dtype (bf16 arithmetic for bf16 inputs). On large
+  tensors the float32 reductions are off by ~1e-6 (a float32 ``vector_norm`` of a 16M-entry unit
+  vector reads 0.9999983), so even its converged output carries ~3e-6 relative error at 4096×4096, and
+  its float32 residual can stay above tol while the exact one is below (there it runs all 10 steps
+  where the exact test stops after 2). Here inputs are upcast exactly, the Gram is accumulated in
+  float64 and only the output is rounded (bf16 results differ from mergekit's by a few bf16 ulps).
 - one tolerance, three roles: mergekit uses ``tol`` also as the cut-off below which a model's norm
   counts as zero and an expert's angle to the iterate counts as zero (its term is then skipped).
   Here only an exactly zero block is directionless and no term is skipped (θ/sin θ → 1 is handled),
