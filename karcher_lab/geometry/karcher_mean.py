@@ -67,6 +67,10 @@ GRAM_SPLIT = 8
 """A chunk inside a single block is cut into this many pieces multiplied as one batch: torch.bmm spreads
 a batch over the threads, while one skinny [N, K]·[K, N] product runs on a single thread."""
 
+GRAM_MIN_RUN = 64
+"""Blocks whose run inside a chunk is shorter than this (columns of a weight, narrow rows) take their
+Gram entries from elementwise products instead of many tiny matrix products."""
+
 COMBINE_CHUNK_BYTES = 8 << 20
 """Size of one output chunk of :func:`combine`; it stays in cache while the N inputs are added in."""
 
@@ -163,31 +167,36 @@ def gram_matrix(
     per_model = max(GRAM_SPLIT, GRAM_BUFFER_BYTES // (8 * staged) // GRAM_SPLIT * GRAM_SPLIT)
     staging = torch.empty(staged * per_model, dtype=torch.float64, device=device)
     for ps, bs, qs in layout.chunks(per_model):
-        pieces = [v[ps, bs, qs].transpose(0, 1) for v in views + extras]  # [blocks, p, q] each
-        nb, p, q = pieces[0].shape
-        split = nb == 1 and p == 1 and q % GRAM_SPLIT == 0  # one run inside one block
-        if split:
-            pieces = [x.reshape(GRAM_SPLIT, 1, q // GRAM_SPLIT) for x in pieces]
-        batch, length = pieces[0].shape[0], pieces[0][0].numel()
-        chunk = staging[: len(pieces) * batch * length].view(batch, len(pieces), *pieces[0].shape[1:])
+        pieces = [v[ps, bs, qs] for v in views + extras]  # [p, blocks, q] each
+        p, nb, q = pieces[0].shape
+        long_runs = p * q >= GRAM_MIN_RUN
+        if long_runs:  # block-major, so each block's run is one row of a batched product
+            pieces = [x.transpose(0, 1) for x in pieces]
+            if nb == 1 and p == 1 and q % GRAM_SPLIT == 0:  # one run inside one block: cut it
+                pieces = [x.reshape(GRAM_SPLIT, 1, q // GRAM_SPLIT) for x in pieces]
+        chunk = staging[: len(pieces) * pieces[0].numel()].view(len(pieces), *pieces[0].shape)
         for i, x in enumerate(pieces):
-            chunk[:, i].copy_(x)
+            chunk[i].copy_(x)
+        models = chunk[:n]
         if center is not None:
-            chunk[:, :n].sub_(chunk[:, n : n + 1])
+            models.sub_(chunk[n])
         if metric is not None:
-            chunk[:, :n].mul_(chunk[:, -1:].sqrt_())
-        rows = chunk[:, :n].reshape(batch, n, length)
-        # G is symmetric: rows [0, h) against all, rows [h, n) against [h, n); the rest is mirrored.
-        top = torch.bmm(rows[:, :half], rows.mT)
-        bottom = torch.bmm(rows[:, half:], rows[:, half:].mT)
-        if split:
-            gram[bs.start, :half] += top.sum(0)
-            gram[bs.start, half:, half:] += bottom.sum(0)
-        else:
+            models.mul_(chunk[-1].sqrt_())
+        if long_runs:
+            rows = models.reshape(n, models.shape[1], -1).transpose(0, 1)  # [batch, n, run]
+            # rows [0, h) against all, rows [h, n) against [h, n): the upper triangle with fewer products
+            top = torch.bmm(rows[:, :half], rows.mT)
+            bottom = torch.bmm(rows[:, half:], rows[:, half:].mT)
+            if rows.shape[0] != nb:  # the cut run: sum its pieces
+                top, bottom = top.sum(0, keepdim=True), bottom.sum(0, keepdim=True)
             gram[bs, :half] += top
             gram[bs, half:, half:] += bottom
-    gram[:, half:, :half] = gram[:, :half, half:].mT
-    return (gram + gram.mT) / 2
+        else:  # short runs (columns, narrow rows): elementwise products summed per block
+            for i in range(n):
+                for j in range(i, n):
+                    gram[bs, i, j] += (models[i] * models[j]).sum((0, 2))
+    upper = gram.triu()
+    return upper + upper.triu(1).mT
 
 
 def block_norms(gram: torch.Tensor) -> torch.Tensor:
