@@ -135,12 +135,14 @@ def test_inits_and_cached_gram_resolve_agree():
 
 
 @pytest.mark.parametrize("block", ["tensor", "row", "column"])
-@pytest.mark.parametrize("shape", [(33,), (9, 7), (4, 5, 6)])
+@pytest.mark.parametrize("shape", [(33,), (67,), (9, 7), (4, 5, 6), (3, 80), (40, 3, 2)])
 def test_streamed_gram_matches_einsum_for_every_chunking(block, shape, monkeypatch):
+    """Every chunk kind, and both ways of multiplying (batched products for runs of ≥ GRAM_MIN_RUN
+    entries per block, cut into GRAM_SPLIT pieces inside a single block; elementwise for shorter runs)."""
     xs = _experts(3, shape, seed=2)
     base = torch.randn(*shape, generator=_gen(99), dtype=F64)
     ref = lambda ys: torch.einsum("nbd,mbd->bnm", *[torch.stack([_as_blocks(y, block) for y in ys])] * 2)
-    for buffer_bytes in (8 * 4, 8 * 4 * 5, 8 * 4 * 40, km.GRAM_BUFFER_BYTES):  # all three chunk kinds
+    for buffer_bytes in (8 * 4, 8 * 4 * 5, 8 * 4 * 40, 8 * 4 * 200, km.GRAM_BUFFER_BYTES):
         monkeypatch.setattr(km, "GRAM_BUFFER_BYTES", buffer_bytes)
         torch.testing.assert_close(km.gram_matrix(xs, block), ref(xs), rtol=1e-14, atol=1e-13)
         centered = km.gram_matrix(xs, block, center=base)
