@@ -27,9 +27,9 @@ from typing import Any, Hashable, Sequence
 import torch
 
 from karcher_lab.errors import InputError, MissingBaseError
-from karcher_lab.geometry.karcher_mean import KarcherTrace, check_solver_params, combine, gram_matrix, karcher_coefficients
+from karcher_lab.geometry.karcher_mean import KarcherTrace, check_solver_params, gram_matrix
 from karcher_lab.merge.api import check_tensors, check_weights, compute_dtype, resolve_params
-from karcher_lab.merge.karcher import output_norms
+from karcher_lab.merge.karcher import karcher_from_gram
 from karcher_lab.merge.registry import get_method
 
 
@@ -83,17 +83,12 @@ class GramCache:
             self.misses += 1
         else:
             self.hits += 1
-        coeffs, trace = karcher_coefficients(
-            gram, w, eta=p["eta"], max_iter=p["max_iter"], tol=p["tol"], init=p["init"], name=name
+        merged, trace = karcher_from_gram(
+            xs, gram, w, center=center, block=p["block"], eta=p["eta"], max_iter=p["max_iter"],
+            tol=p["tol"], init=p["init"], norm_average=p["norm_average"], name=name,
         )
         if name is not None:
             self.traces[name] = trace
-        coeffs = coeffs * output_norms(gram, w, p["norm_average"]).unsqueeze(-1)
-        if center is None:
-            merged = combine(xs, coeffs, p["block"])
-        else:
-            with_base = torch.cat([coeffs, 1.0 - coeffs.sum(-1, keepdim=True)], dim=-1)
-            merged = combine([*xs, center], with_base, p["block"])
         return merged.to(out_dtype or tensors[0].dtype)
 
     def clear(self) -> None:
