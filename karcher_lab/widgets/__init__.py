@@ -1,0 +1,10 @@
+"""Interactive panels for notebooks: compose pipeline, diagnostics and plots; hold no math of their own.
+
+- :class:`MergeExplorer` — pick experts, weights, a method and its parameters; watch quality and
+  collapse figures update in place.
+- :class:`CollapseViewer` — layer curves with ± std bands from sweep results.
+"""
+from karcher_lab.widgets.collapse_viewer import CollapseViewer
+from karcher_lab.widgets.explorer import MergeExplorer
+
+__all__ = ["CollapseViewer", "MergeExplorer"]
