@@ -43,6 +43,16 @@ class AntipodalError(InputError):
     """Points are (nearly) antipodal on the sphere, so the Log map / Karcher mean is not unique."""
 
 
+class ManifoldError(InputError):
+    """A point is not on the manifold a geometry function expects: a matrix that is not symmetric positive
+    definite, columns that are not orthonormal, or LoRA factors whose product has rank below r."""
+
+
+class ConvergenceError(KarcherLabError, RuntimeError):
+    """An iterative geometric solver (e.g. the Stiefel logarithm) did not reach its tolerance within its
+    iteration cap; the message gives the residual reached and what to change."""
+
+
 class WeightError(KarcherLabError, ValueError):
     """Weights have the wrong length, are all zero, non-finite, or negative where that is not allowed."""
 
