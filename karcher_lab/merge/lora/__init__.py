@@ -1,0 +1,18 @@
+"""Merging LoRA adapters: a registry of methods on low-rank factors, and ``merge_lora`` for PEFT adapters.
+
+Methods (``list_lora_methods()``): ``geomerge`` (quotient Fréchet mean, rank r), ``task_arithmetic``
+and ``ties`` on ΔW, ``knots_ta`` / ``knots_ties`` (KnOTS joint-SVD alignment), and peft's own
+``add_weighted_adapter`` combinations ``peft_cat``, ``peft_linear``, ``peft_svd``, ``peft_ties``,
+``peft_ties_svd`` for comparison.
+"""
+from karcher_lab.merge.lora import (  # noqa: F401  (imported for their @register_lora side effect)
+    geomerge_method,
+    knots,
+    peft_combination,
+    task_arithmetic,
+    ties,
+)
+from karcher_lab.merge.lora.api import LoraMergeResult, merge_factor_sets, merge_lora
+from karcher_lab.merge.lora.registry import LoraMethod, get_lora_method, list_lora_methods
+
+__all__ = ["LoraMergeResult", "LoraMethod", "get_lora_method", "list_lora_methods", "merge_factor_sets", "merge_lora"]

@@ -1,0 +1,72 @@
+"""The registry of LoRA merge methods: functions on the low-rank factors of one module's updates.
+
+A LoRA method is a pure function on tensors::
+
+    fn(pairs, *, weights, name, **params) -> (G, H)
+
+``pairs`` is the list [(G_1, H_1), …, (G_N, H_N)] of one module's updates ΔW_i = G_i H_iᵀ (G_i
+[d1, r_i], H_i [d2, r_i], one compute dtype), ``weights`` a float64 tensor [N] (1/N each when the user
+gave none), ``name`` the module's weight name for messages, and ``params`` every declared parameter
+with defaults filled in (the :class:`~karcher_lab.merge.registry.Param` declarations of the tensor
+methods, checked by the same code). The result is the merged update as factors, ΔW = G Hᵀ, whatever
+its rank: the entry's ``rank`` says what that rank is (e.g. "r" for geomerge, "Σ r_i" for task
+arithmetic, "full" for TIES on ΔW).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from karcher_lab.errors import UnknownMethodError
+from karcher_lab.merge.registry import Param, WeightUse
+
+
+@dataclass(frozen=True)
+class LoraMethod:
+    """Registry entry: the function and what it needs, so inputs are checked before any work.
+
+    ``equal_ranks``: every adapter must have the same rank in each module. ``weights``: as for tensor
+    methods ("nonnegative" or "any"). ``rank``: the rank of the merged update, in words.
+    """
+
+    name: str
+    fn: Callable[..., Any]
+    summary: str
+    rank: str
+    params: tuple[Param, ...] = ()
+    equal_ranks: bool = False
+    weights: WeightUse = "nonnegative"
+    min_models: int = 1
+    paper: str = ""
+
+
+_LORA_REGISTRY: dict[str, LoraMethod] = {}
+
+
+def register_lora(name: str, *, summary: str, rank: str, params: tuple[Param, ...] = (), equal_ranks: bool = False,
+                  weights: WeightUse = "nonnegative", min_models: int = 1, paper: str = "",
+                  ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as LoRA merge method ``name``."""
+
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if name in _LORA_REGISTRY:
+            raise ValueError(f"LoRA merge method {name!r} registered twice")
+        _LORA_REGISTRY[name] = LoraMethod(name, fn, summary, rank, params, equal_ranks, weights, min_models, paper)
+        return fn
+
+    return decorate
+
+
+def get_lora_method(name: str) -> LoraMethod:
+    """The LoRA method called ``name``; UnknownMethodError lists the known ones otherwise."""
+    try:
+        return _LORA_REGISTRY[name]
+    except KeyError:
+        raise UnknownMethodError(
+            f"unknown LoRA merge method {name!r}; available: {', '.join(sorted(_LORA_REGISTRY))}"
+        ) from None
+
+
+def list_lora_methods() -> list[str]:
+    """Names of all registered LoRA methods, sorted."""
+    return sorted(_LORA_REGISTRY)
