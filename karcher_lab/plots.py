@@ -122,3 +122,44 @@ def angle_heatmaps(table: pd.DataFrame, metric: str = "angle_deg", *, title: str
 def _color(index: int) -> str:
     palette = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
     return palette[index % len(palette)]
+
+
+def sweep_curves(
+    summary: pd.DataFrame, metrics: Sequence[str] = ("avg_normalized_accuracy", "avg_nll"), *, title: str | None = None,
+) -> go.Figure:
+    """The paper's Figure 1 from a sweep's results (:mod:`karcher_lab.experiment`): a panel per metric
+    (rows) and per expert order (columns), the number m of merged experts on x, a line per method.
+    ``summary``: rows with columns order, method, m, metric, mean, std (e.g. the ``summary`` scope);
+    the std (over tasks or layers) shows on hover."""
+    _require(summary, ["order", "method", "m", "metric", "mean", "std"], "sweep_curves")
+    metrics = list(metrics)
+    missing = [m for m in metrics if m not in set(summary["metric"])]
+    if missing:
+        raise InputError(f"sweep_curves: no rows for metric(s) {missing}")
+    orders = list(dict.fromkeys(summary["order"]))
+    fig = make_subplots(rows=len(metrics), cols=len(orders), shared_xaxes=True, vertical_spacing=0.08,
+                        horizontal_spacing=0.06,
+                        subplot_titles=[f"{TITLES.get(m, m.replace('_', ' '))} · order {o}" for m in metrics for o in orders])
+    methods = list(dict.fromkeys(summary["method"]))
+    for row, metric in enumerate(metrics, start=1):
+        for col, order in enumerate(orders, start=1):
+            rows = summary[(summary["metric"] == metric) & (summary["order"] == order)]
+            for index, method in enumerate(methods):
+                group = rows[rows["method"] == method].sort_values("m")
+                if group.empty:
+                    continue
+                fig.add_trace(go.Scatter(
+                    x=group["m"].astype(int).tolist(), y=group["mean"].tolist(), name=method, legendgroup=method,
+                    showlegend=row == 1 and col == 1, mode="lines+markers",
+                    line=dict(color=_color(index), width=3 if method == "karcher" else 1.5,
+                              dash="solid" if index < 10 else "dash"),
+                    customdata=group["std"].fillna(0).tolist(),
+                    hovertemplate=f"{method}<br>m=%{{x}}<br>%{{y:.3f}} ± %{{customdata:.3f}}<extra></extra>",
+                ), row=row, col=col)
+            if metric.endswith("_ratio") or metric == "avg_normalized_accuracy":
+                fig.add_hline(y=1.0, line=dict(dash="dot", color="grey"), row=row, col=col)
+        fig.update_yaxes(title_text=metric.replace("avg_", "mean ").replace("_", " "), row=row, col=1)
+    for col in range(1, len(orders) + 1):
+        fig.update_xaxes(title_text="m (experts merged)", dtick=1, row=len(metrics), col=col)
+    fig.update_layout(height=300 * len(metrics) + 100, title=title, template="plotly_white")
+    return fig

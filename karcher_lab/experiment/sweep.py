@@ -1,0 +1,153 @@
+"""The paper's experiment (its Figure 1, Figure 2 and Table 7): merge the first m experts of a pool with
+every method, for m = 2…11, and measure function and collapse at each (method, m).
+
+    from karcher_lab.experiment import run_sweep
+    results = run_sweep("tiny", methods=["linear", "ties", "karcher"], m_values=["2..11"], out="runs/tiny")
+
+The grid (orders, methods, m, parameters) is :mod:`~karcher_lab.experiment.grid`; what is measured is
+:mod:`~karcher_lab.experiment.measure`; the results table and its resumable storage are
+:mod:`~karcher_lab.experiment.results`; the HTML report is :mod:`~karcher_lab.experiment.report`.
+
+Merges run in memory through :class:`karcher_lab.MergeSession` on the experts' state dicts, with equal
+weights 1/m. karcher uses one session per order over all of that order's experts, giving weight 0 to
+the experts beyond m (zero-weight experts are excluded from the Karcher mean), so every expert's Gram
+matrices are computed once per order and each m only re-solves the small m × m problem.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from karcher_lab.diagnostics.activations import SITES, check_sites
+from karcher_lab.errors import ParameterError
+from karcher_lab.experiment.grid import DEFAULT_METHODS, PAIR_METHODS, Cell, SweepGrid, make_grid
+from karcher_lab.experiment.measure import EXPERT, Reference, measure_merge
+from karcher_lab.experiment.results import ResultStore, cell_key, load_results
+from karcher_lab.pipeline.session import MergeSession, resolve_device
+from karcher_lab.zoo import Pool
+
+DEFAULT_OUT = "runs/sweep"
+
+
+def _progress(iterable, enabled: bool, **kwargs):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, **kwargs)
+
+
+def _key(cell: Cell) -> str:
+    return cell_key(cell.order, cell.method, cell.m, cell.experts)
+
+
+def _expert_key(task: str) -> str:
+    return cell_key("", EXPERT, 1, task)
+
+
+class _Merger:
+    """Merged state dicts for the cells of one order (one karcher session with a Gram cache)."""
+
+    def __init__(self, reference: Reference, tasks: Sequence[str], params: Mapping[str, Mapping[str, Any]], seed: int):
+        self.reference, self.tasks, self.params, self.seed = reference, tuple(tasks), params, seed
+        self._karcher: MergeSession | None = None
+
+    def merge(self, cell: Cell) -> dict[str, torch.Tensor]:
+        ref, m, params = self.reference, cell.m, dict(self.params.get(cell.method, {}))
+        if cell.method == "karcher":
+            if self._karcher is None:
+                self._karcher = MergeSession([ref.state(t) for t in self.tasks], keep_inputs=True)
+            weights = [1.0 / m] * m + [0.0] * (len(self.tasks) - m)
+            return self._karcher.merge("karcher", weights=weights, params=params)
+        if cell.method in PAIR_METHODS:  # mergekit's base_model + one model: the first expert takes the base's place
+            session = MergeSession([ref.state(cell.tasks[1])], base=ref.state(cell.tasks[0]))
+            return session.merge(cell.method, params=params, seed=self.seed)
+        from karcher_lab.merge.registry import get_method
+
+        base = ref.base_state if get_method(cell.method).base == "required" else None
+        session = MergeSession([ref.state(t) for t in cell.tasks], base=base)
+        return session.merge(cell.method, weights=[1.0 / m] * m, params=params, seed=self.seed)
+
+
+def run_sweep(
+    pool: Pool | str = "tiny",
+    *,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    m_values: Sequence[str | int] = ("2..11",),
+    orders: Sequence[str] = ("near", "far"),
+    out: str | os.PathLike = DEFAULT_OUT,
+    per_task: int = 32,
+    probes_per_task: int = 8,
+    draws: int = 100,
+    sites: Sequence[str] = SITES,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+    report: bool = True,
+    log: Callable[[str], None] | None = print,
+) -> pd.DataFrame:
+    """Run (or resume) the sweep into the run directory ``out`` and return its results table.
+
+    ``pool``: a Pool, a pool name or directory. ``methods``, ``m_values`` (ints, ``"2..11"`` or
+    ``"2,3,5"``), ``orders`` (``near``, ``far``, ``pool`` or a comma-separated task list) and
+    ``params`` ({method: {parameter: value}} over :data:`~karcher_lab.experiment.grid.DEFAULT_PARAMS`)
+    make the grid. ``per_task``: eval examples per task for the function metrics; ``probes_per_task``:
+    probe sequences per task for the activations; ``draws``: bootstrap draws (≥ 2). Cells already in
+    ``out`` are skipped; a run directory holds one pool and one set of measurement settings. With
+    ``report``, writes ``out/report.html`` and logs the summary table through ``log``.
+    """
+    sites = check_sites(sites)
+    for name, value, low in (("per_task", per_task, 1), ("probes_per_task", probes_per_task, 1), ("draws", draws, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
+    resolve_device(device)
+    grid = make_grid(pool, methods=methods, m_values=m_values, orders=orders, params=params)
+    store = ResultStore(out)
+    store.check_config(dict(pool=grid.pool.name, pool_key=grid.pool.record.get("key", str(grid.pool.path)),
+                            per_task=per_task, probes_per_task=probes_per_task, draws=draws, sites=list(sites),
+                            seed=seed, params=grid.params))
+    cells = grid.cells()
+    todo = [c for c in cells if not store.has(_key(c))]
+    experts = [t for t in grid.tasks() if not store.has(_expert_key(t))]
+    if log:
+        log(f"sweep of pool {grid.pool.name} into {store.run_dir}: {len(cells)} cells "
+            f"({len(cells) - len(todo)} already done), orders {', '.join(grid.orders)}, m = {list(grid.m_values)}")
+    if todo or experts:
+        _run_cells(grid, store, todo, experts, per_task=per_task, probes_per_task=probes_per_task, draws=draws,
+                   sites=sites, seed=seed, device=device, progress=progress)
+    store.consolidate()
+    results = load_results(store.run_dir)
+    if report:
+        from karcher_lab.experiment.report import summary_table, write_report
+
+        path = write_report(results, grid.pool, store.run_dir / "report.html")
+        if log:
+            log(summary_table(results))
+            log(f"report: {path}")
+    return results
+
+
+def _run_cells(grid: SweepGrid, store: ResultStore, todo: list[Cell], experts: list[str], *, per_task: int,
+               probes_per_task: int, draws: int, sites: Sequence[str], seed: int, device: str, progress: bool) -> None:
+    reference = Reference(grid.pool, grid.tasks(), per_task=per_task, probes_per_task=probes_per_task, sites=sites,
+                          draws=draws, seed=seed, device=device)
+    for task in _progress(experts, progress, desc="experts", unit="expert"):
+        store.write(_expert_key(task), reference.expert_rows(grid.pool.name, task))
+    bar = _progress(todo, progress, desc="merges", unit="cell")
+    mergers = {order: _Merger(reference, tasks[: max(grid.m_values)], grid.params, seed)
+               for order, tasks in grid.orders.items()}
+    for cell in bar:
+        if progress:
+            bar.set_postfix_str(f"{cell.order} m={cell.m} {cell.method}")
+        start = time.perf_counter()
+        state = mergers[cell.order].merge(cell)
+        seconds = time.perf_counter() - start
+        identity = dict(pool=grid.pool.name, order=cell.order, method=cell.method, m=cell.m, experts=cell.experts)
+        store.write(_key(cell), measure_merge(reference, state, identity, cell.tasks, seconds))
+
