@@ -1,0 +1,185 @@
+"""A generic weighted Fréchet (Karcher) mean solver on a Riemannian manifold or a quotient (GeoMerge §3.1, §3.5, §3.6).
+
+Given points x_1 … x_N and weights w_i ≥ 0 (renormalized to Σ w_i = 1), the Fréchet mean minimizes
+F(μ) = ½ Σ w_i d(μ, x_i)² (eq. 6). Where the logarithm is defined, grad F(μ) = −Σ w_i Log_μ(x_i)
+(eq. 8), and Riemannian gradient descent with step η is
+
+    v_k = Σ_i w_i Log_{μ_k}(x_i),     μ_{k+1} = Exp_{μ_k}(η v_k)      (eq. 9),
+
+stopped when ‖v_k‖_{μ_k} < tol (the first-order condition). On a quotient M̄/G (§3.6) each iteration
+first aligns the points to the current iterate, x_i ← x_i·G_i* with G_i* = argmin_G d(μ_k, x_i·G)
+(eq. 10), then steps along the horizontal part of v_k (eq. 11). The aligned representatives of one
+iteration are the warm start of the next.
+
+The manifold is described by a :class:`Geometry` of pure functions. Points and tangent vectors are
+tensors or named tuples of tensors (a product manifold); a *batch* of points carries a leading axis of
+length N in every tensor. :data:`SPHERE` is the unit sphere (the Fisher–Rao Karcher merge of the first
+paper runs this iteration in coefficient space, :mod:`karcher_lab.geometry.karcher_mean`; this solver
+reproduces it directly in the ambient space); the LoRA quotient geometry is built in
+:mod:`karcher_lab.merge.lora.geomerge`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+
+from karcher_lab.errors import EmptyInputError, ParameterError, StepSizeError, WeightError
+from karcher_lab.geometry import sphere
+
+Point = Any
+"""A tensor or a named tuple of tensors."""
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What the solver needs from a manifold.
+
+    - ``exp(μ, v)``: Exp_μ(v) for one point and one tangent vector;
+    - ``log(μ, xs)``: Log_μ(x_i) for a batch of points (leading axis N), returning a batch of tangents;
+    - ``inner(μ, u, v)``: ⟨u, v⟩_μ, broadcasting over a leading batch axis of u and v;
+    - ``align(μ, xs)`` (quotients only): ``(aligned xs, Log_μ of them)``, the orbit minimization of eq. 10
+      (it computes the logs anyway, so they are returned rather than recomputed);
+    - ``horizontal(μ, v)`` (quotients only): the projection of v onto the horizontal space at μ.
+    """
+
+    exp: Callable[[Point, Point], Point]
+    log: Callable[[Point, Point], Point]
+    inner: Callable[[Point, Point, Point], torch.Tensor]
+    align: Callable[[Point, Point], tuple[Point, Point]] | None = None
+    horizontal: Callable[[Point, Point], Point] | None = None
+
+
+@dataclass(frozen=True)
+class FrechetTrace:
+    """What the iteration did: ``residuals[k]`` = ‖v_k‖ and ``objectives[k]`` = ½ Σ w_i ‖Log_{μ_k} x_i‖²
+    at iterate k = 0 … iterations (float64, CPU)."""
+
+    residuals: torch.Tensor
+    objectives: torch.Tensor
+    iterations: int
+    tol: float
+    eta: float
+    max_iter: int
+
+    @property
+    def converged(self) -> bool:
+        """‖v‖ < tol (or exactly 0) at the returned mean."""
+        last = float(self.residuals[-1])
+        return last < self.tol or last == 0.0
+
+    @property
+    def residual(self) -> float:
+        return float(self.residuals[-1])
+
+
+def tree_map(fn: Callable[..., torch.Tensor], *trees: Point) -> Point:
+    """Apply ``fn`` leafwise to tensors or to (named) tuples of tensors of the same structure."""
+    first = trees[0]
+    if isinstance(first, tuple):
+        leaves = [tree_map(fn, *parts) for parts in zip(*trees)]
+        return type(first)(*leaves) if hasattr(first, "_fields") else tuple(leaves)
+    return fn(*trees)
+
+
+def weighted_sum(weights: torch.Tensor, batch: Point) -> Point:
+    """Σ_i w_i t_i over the leading axis of every tensor in ``batch``."""
+    return tree_map(lambda t: torch.tensordot(weights.to(t.dtype), t, dims=1), batch)
+
+
+def check_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
+    """Weights as a float64 [n] tensor summing to 1; WeightError unless finite, ≥ 0, of length n, not all 0."""
+    if n == 0:
+        raise EmptyInputError("no points given")
+    if weights is None:
+        return torch.full((n,), 1.0 / n, dtype=torch.float64)
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
+    if w.numel() != n:
+        raise WeightError(f"got {w.numel()} weights for {n} points")
+    if not bool(torch.isfinite(w).all()):
+        raise WeightError(f"weights must be finite, got {w.tolist()}")
+    if bool((w < 0).any()):
+        raise WeightError(f"weights must be non-negative, got {w.tolist()}")
+    if float(w.sum()) == 0.0:
+        raise WeightError("all weights are zero")
+    return w / w.sum()
+
+
+def check_solver_params(*, eta: float, max_iter: int, tol: float) -> None:
+    """StepSizeError unless 0 < η ≤ 1; ParameterError for max_iter < 0 or tol < 0."""
+    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and 0.0 < eta <= 1.0):
+        raise StepSizeError(f"step size eta must lie in (0, 1] (eq. 9 of the GeoMerge paper), got {eta!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0.0):
+        raise ParameterError(f"tol must be a non-negative number, got {tol!r}")
+
+
+def frechet_mean(
+    geometry: Geometry,
+    points: Point,
+    weights: Sequence[float] | torch.Tensor | None,
+    init: Point,
+    *,
+    eta: float = 1.0,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+) -> tuple[Point, FrechetTrace]:
+    """Weighted Fréchet mean by Riemannian gradient descent (eq. 9), with alignment on quotients (eq. 10–11).
+
+    ``points`` is a batch (leading axis N), ``init`` the starting point μ_0. Returns the mean (the last
+    iterate) and a :class:`FrechetTrace`; whether it converged is ``trace.converged`` (the caller
+    decides whether non-convergence is an error).
+    """
+    check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
+    n = tree_leaves(points)[0].shape[0]
+    w = check_weights(weights, n).to(tree_leaves(points)[0].device)
+    mu = init
+    residuals, objectives = [], []
+    iterations = 0
+    while True:
+        if geometry.align is not None:
+            points, logs = geometry.align(mu, points)
+        else:
+            logs = geometry.log(mu, points)
+        v = weighted_sum(w, logs)
+        if geometry.horizontal is not None:
+            v = geometry.horizontal(mu, v)
+        residual = float(geometry.inner(mu, v, v).clamp_min(0).sqrt())
+        objectives.append(0.5 * float((w * geometry.inner(mu, logs, logs).to(w.dtype)).sum()))
+        residuals.append(residual)
+        if residual < tol or residual == 0.0 or iterations >= max_iter:
+            break
+        mu = geometry.exp(mu, tree_map(lambda t: eta * t, v))
+        iterations += 1
+    trace = FrechetTrace(
+        residuals=torch.tensor(residuals, dtype=torch.float64),
+        objectives=torch.tensor(objectives, dtype=torch.float64),
+        iterations=iterations,
+        tol=float(tol),
+        eta=float(eta),
+        max_iter=int(max_iter),
+    )
+    return mu, trace
+
+
+def tree_leaves(tree: Point) -> list[torch.Tensor]:
+    """The tensors of a tensor or (named) tuple of tensors, in order."""
+    if isinstance(tree, tuple):
+        return [leaf for part in tree for leaf in tree_leaves(part)]
+    return [tree]
+
+
+def _sphere_log(mu: torch.Tensor, xs: torch.Tensor) -> torch.Tensor:
+    return sphere.log(mu.expand_as(xs), xs, batch_dims=1)
+
+
+def _sphere_inner(mu: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (u * v).flatten(start_dim=u.ndim - mu.ndim).sum(-1)
+
+
+SPHERE = Geometry(exp=sphere.exp, log=_sphere_log, inner=_sphere_inner)
+"""The unit sphere (any shape, the whole tensor one point): Exp/Log of :mod:`karcher_lab.geometry.sphere`,
+the Euclidean inner product of the embedding. ``frechet_mean(SPHERE, xs, w, init)`` is the Karcher
+mean of eq. 5 of the Fisher–Rao paper."""

@@ -1,0 +1,388 @@
+"""Fixed-rank matrices as a quotient manifold: the polar factorization ΔW = U B Vᵀ (GeoMerge paper §2.2–§3.6).
+
+A rank-r update ΔW ∈ ℝ^{d1×d2}, stored as LoRA factors ΔW = G Hᵀ (G: d1×r, H: d2×r; GL(r) symmetry
+(G A⁻¹, H Aᵀ)), is written in polar form (eq. 3)
+
+    ΔW = U B Vᵀ,   U ∈ St(d1, r),  B ∈ S++(r),  V ∈ St(d2, r),
+
+a point of the total space M̄ = St(d1, r) × S++(r) × St(d2, r) with the product of the canonical
+Stiefel metric (:mod:`~karcher_lab.geometry.stiefel`) and the affine-invariant SPD metric
+(:mod:`~karcher_lab.geometry.spd`). The polar factors are unique up to the O(r) action
+(U, B, V)·O = (U O, Oᵀ B O, V O), which is isometric, so ΔW is a point of the quotient M̄/O(r).
+
+- **Polar factors without d1×d2 matrices** (:func:`polar_from_factors`): G = Q_G R_G, H = Q_H R_H
+  (thin QR), core R_G R_Hᵀ = P Σ Zᵀ (r×r SVD), then U = Q_G P, B = Σ, V = Q_H Z, so that
+  U B Vᵀ = Q_G (R_G R_Hᵀ) Q_Hᵀ = G Hᵀ. Cost O((d1 + d2) r² + r³). A core with σ_r ≤ rank_rtol·σ_1
+  means ΔW has rank < r: ManifoldError.
+- **Vertical space** at (U, B, V): the orbit directions vert(Ω) = (U Ω, B Ω − Ω B, V Ω), Ω skew.
+- **Horizontal projection** (§2): ξ_h = ξ − vert(Ω) with the skew Ω solving
+      B⁻¹ Ω B + B Ω B⁻¹ − Ω = ½(Uᵀ ξ_U + Vᵀ ξ_V) − (B⁻¹ ξ_B − ξ_B B⁻¹),
+  obtained from ⟨ξ − vert(Ω), vert(Ω')⟩ = 0 for every skew Ω' (canonical metric: ⟨ξ_U, U Ω'⟩ =
+  ½⟨Uᵀξ_U, Ω'⟩_F; affine-invariant: ⟨ξ_B, BΩ' − Ω'B⟩_B = ⟨ξ_B B⁻¹ − B⁻¹ξ_B, Ω'⟩_F). In the eigenbasis
+  B = P diag(λ) Pᵀ the operator is diagonal: (λ_i/λ_j + λ_j/λ_i − 1) Ω̃_ij = R̃_ij, and the coefficient
+  is ≥ 1, so Ω̃ = R̃ / (λ_i/λ_j + λ_j/λ_i − 1) exactly, in closed form (no iterative solver).
+  ‖vert(Ω)‖² = Σ_ij (λ_i/λ_j + λ_j/λ_i − 1) Ω̃_ij².
+- **Alignment** (eq. 2, eq. 10): O* = argmin_{O ∈ O(r)} d(μ, θ·O)², where d is the total-space
+  geodesic distance (no closed form: the Stiefel parts need the iterative log). :func:`align` starts
+  from the best (by the true d) of two closed-form candidates, each equivariant under θ ↦ θ·O':
+  (a) orthogonal Procrustes on the chordal cross term, O = polar(U_θᵀU_μ + V_θᵀV_μ) (exact for the
+  embedded Stiefel distance); (b) eigenvector matching of the SPD parts, O = P_θ D P_μᵀ with both
+  eigenbases in the same order and the signs D chosen by the same cross term (exact for the SPD
+  term, which is minimized when OᵀB_θO and B_μ share eigenvectors with ordered eigenvalues); plus,
+  when warm-starting, (c) the identity. It then refines O by Gauss–Newton steps on the orbit: the
+  vertical part vert(Ω) of Log_μ(θ·O) is the first-order change of the log along the orbit, so
+  O ← O expm(−Ω) removes it (exactly in a flat space); a step that increases d is halved. At the
+  minimum, Log_μ(θ·O*) is horizontal (§2.1), which is the stopping test: ‖vert(Ω)‖_μ < tol.
+- **Quotient distance** (eq. 1, 7): d([μ], [θ]) = min_O d(μ, θ·O) = d(μ, θ·O*).
+
+Points and tangents are :class:`Polar` / :class:`PolarTangent` named tuples of float64 tensors with
+optional leading batch axes. Everything is float64.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ParameterError, ShapeMismatchError
+from karcher_lab.geometry import spd, stiefel
+
+RANK_RTOL = 1e-10
+"""A core with σ_r ≤ RANK_RTOL · σ_1 counts as rank-deficient (ΔW has rank < r)."""
+
+ALIGN_TOL = 1e-10
+"""Default stopping threshold of :func:`align` on ‖vert part of Log_μ(θ·O)‖_μ."""
+
+ALIGN_MAX_ITER = 100
+"""Default iteration cap of :func:`align`."""
+
+F64 = torch.float64
+
+
+class Polar(NamedTuple):
+    """A point (U, B, V) of St(d1, r) × S++(r) × St(d2, r), representing ΔW = U B Vᵀ."""
+
+    U: torch.Tensor
+    B: torch.Tensor
+    V: torch.Tensor
+
+
+class PolarTangent(NamedTuple):
+    """A tangent vector (ξ_U, ξ_B, ξ_V) at a :class:`Polar` point (ξ_B symmetric)."""
+
+    U: torch.Tensor
+    B: torch.Tensor
+    V: torch.Tensor
+
+
+def check_factors(g: torch.Tensor, h: torch.Tensor, name: str = "factors") -> None:
+    """Raise unless G [..., d1, r] and H [..., d2, r] are finite float tensors with one r ≤ min(d1, d2)."""
+    for label, x in (("G", g), ("H", h)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ShapeMismatchError(f"{name}: {label} must be a floating-point tensor, got {type(x).__name__}")
+        if x.ndim < 2 or x.shape[-1] == 0:
+            raise ShapeMismatchError(f"{name}: {label} must be [..., d, r] with r ≥ 1, got shape {tuple(x.shape)}")
+    if g.shape[-1] != h.shape[-1]:
+        raise ShapeMismatchError(f"{name}: G has rank {g.shape[-1]} columns but H has {h.shape[-1]} (ΔW = G Hᵀ)")
+    if g.shape[:-2] != h.shape[:-2]:
+        raise ShapeMismatchError(f"{name}: batch shapes differ, {tuple(g.shape[:-2])} vs {tuple(h.shape[:-2])}")
+    r, d1, d2 = g.shape[-1], g.shape[-2], h.shape[-2]
+    if r > min(d1, d2):
+        raise ShapeMismatchError(f"{name}: rank r = {r} exceeds min(d1, d2) = {min(d1, d2)} (G {d1}×{r}, H {d2}×{r})")
+    for label, x in (("G", g), ("H", h)):
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(f"{name}: {label} contains NaN or Inf")
+
+
+def polar_from_factors(g: torch.Tensor, h: torch.Tensor, *, rank_rtol: float = RANK_RTOL, name: str = "factors") -> Polar:
+    """Polar factors (U, B, V) of ΔW = G Hᵀ (eq. 3), computed from thin QRs and an r×r SVD (see module doc).
+
+    B is returned diagonal (the singular values of ΔW, descending): one representative of the O(r) orbit.
+    Raises ManifoldError when ΔW has rank < r (σ_r ≤ rank_rtol·σ_1, or ΔW = 0).
+    """
+    check_factors(g, h, name)
+    qg, rg = torch.linalg.qr(g.to(F64))
+    qh, rh = torch.linalg.qr(h.to(F64))
+    p, sigma, zt = torch.linalg.svd(rg @ rh.mT)
+    low = sigma[..., -1] <= rank_rtol * sigma[..., 0]
+    if bool(low.any()) or bool((sigma[..., 0] == 0).any()):
+        ratio = float((sigma[..., -1] / sigma[..., 0].clamp_min(torch.finfo(F64).tiny)).min())
+        raise ManifoldError(
+            f"{name}: ΔW = G Hᵀ has rank below r = {g.shape[-1]} (σ_r/σ_1 = {ratio:.3g} ≤ {rank_rtol:g}); "
+            "the fixed-rank geometry needs full-rank factors (drop the dead LoRA directions or lower r)"
+        )
+    return Polar(qg @ p, torch.diag_embed(sigma), qh @ zt.mT)
+
+
+def factors_from_polar(point: Polar) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced LoRA factors of U B Vᵀ: with B = P diag(λ) Pᵀ (λ descending), G = U P √Λ, H = V P √Λ.
+
+    G Hᵀ = U B Vᵀ, and (U P) diag(λ) (V P)ᵀ is the SVD of ΔW, so the columns come in the order of ΔW's
+    singular values and ‖G e_k‖ = ‖H e_k‖ = √σ_k.
+    """
+    lam, p = spd.eigh_spd(point.B, "B")
+    lam, p = lam.flip(-1), p.flip(-1)
+    root = lam.sqrt().unsqueeze(-2)
+    return point.U.to(F64) @ p * root, point.V.to(F64) @ p * root
+
+
+def dense(point: Polar) -> torch.Tensor:
+    """U B Vᵀ as a d1×d2 matrix (for small sizes and tests)."""
+    return point.U @ point.B @ point.V.mT
+
+
+def act(point: Polar, o: torch.Tensor) -> Polar:
+    """The O(r) action (U, B, V)·O = (U O, Oᵀ B O, V O)."""
+    return Polar(point.U @ o, spd.sym(o.mT @ point.B @ o), point.V @ o)
+
+
+def vertical(point: Polar, omega: torch.Tensor) -> PolarTangent:
+    """The vertical vector vert(Ω) = (U Ω, B Ω − Ω B, V Ω) for a skew Ω: d/dt (point·expm(tΩ)) at t = 0."""
+    return PolarTangent(point.U @ omega, point.B @ omega - omega @ point.B, point.V @ omega)
+
+
+def inner(point: Polar, xi: PolarTangent, zeta: PolarTangent) -> torch.Tensor:
+    """Product metric ⟨ξ, ζ⟩ = ⟨ξ_U, ζ_U⟩_U^can + ⟨ξ_B, ζ_B⟩_B^AI + ⟨ξ_V, ζ_V⟩_V^can."""
+    return (
+        stiefel.inner(point.U, xi.U, zeta.U)
+        + spd.inner(point.B, xi.B, zeta.B)
+        + stiefel.inner(point.V, xi.V, zeta.V)
+    ).to(F64)
+
+
+def norm(point: Polar, xi: PolarTangent) -> torch.Tensor:
+    """‖ξ‖ in the product metric."""
+    return inner(point, xi, xi).clamp_min(0).sqrt()
+
+
+def vertical_generator(point: Polar, xi: PolarTangent) -> torch.Tensor:
+    """The skew Ω with ξ − vert(Ω) horizontal: the solution of the §2 equation (closed form, module doc)."""
+    lam, p = spd.eigh_spd(point.B, "B")
+    rhs = stiefel.skew(0.5 * (point.U.mT @ xi.U + point.V.mT @ xi.V))
+    rt = p.mT @ rhs @ p
+    bt = p.mT @ spd.sym(xi.B) @ p  # (ξ_B B⁻¹ − B⁻¹ ξ_B)~_ij = ξ̃_ij (1/λ_j − 1/λ_i)
+    inv = 1.0 / lam
+    rt = rt + bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))
+    coef = lam.unsqueeze(-1) / lam.unsqueeze(-2) + lam.unsqueeze(-2) / lam.unsqueeze(-1) - 1.0
+    return stiefel.skew(p @ (rt / coef) @ p.mT)
+
+
+def horizontal(point: Polar, xi: PolarTangent) -> PolarTangent:
+    """Orthogonal projection of ξ onto the horizontal space: ξ − vert(Ω), Ω from :func:`vertical_generator`."""
+    v = vertical(point, vertical_generator(point, xi))
+    return PolarTangent(xi.U - v.U, xi.B - v.B, xi.V - v.V)
+
+
+def exp(point: Polar, xi: PolarTangent) -> Polar:
+    """Product exponential (Stiefel Exp of eq. 5 on U and V, SPD Exp of eq. 4a on B)."""
+    return Polar(
+        stiefel.exp(point.U, xi.U).to(F64), spd.exp(point.B, xi.B).to(F64), stiefel.exp(point.V, xi.V).to(F64)
+    )
+
+
+def log(
+    point: Polar, other: Polar, *, tol: float = stiefel.LOG_TOL, max_iter: int = stiefel.LOG_MAX_ITER
+) -> PolarTangent:
+    """Total-space logarithm (Stiefel Log on U and V, SPD Log of eq. 4b on B); horizontal only if aligned.
+
+    ``tol`` and ``max_iter`` are the Stiefel log's; raises ConvergenceError if it does not converge.
+    """
+    return PolarTangent(
+        stiefel.log(point.U, other.U, tol=tol, max_iter=max_iter).to(F64),
+        spd.log(point.B, other.B).to(F64),
+        stiefel.log(point.V, other.V, tol=tol, max_iter=max_iter).to(F64),
+    )
+
+
+def dist(point: Polar, other: Polar, **log_params) -> torch.Tensor:
+    """Total-space geodesic distance ‖Log_point(other)‖ (depends on the representatives)."""
+    return norm(point, log(point, other, **log_params))
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Result of :func:`align`: per batch entry the rotation ``O``, the aligned representative
+    ``aligned`` = other·O, its total-space log from the reference point (horizontal to ``residuals``),
+    the iterations taken and the final ``residuals`` ‖vert part of the log‖."""
+
+    O: torch.Tensor
+    aligned: Polar
+    log: PolarTangent
+    iterations: int
+    residuals: torch.Tensor
+    tol: float
+
+    @property
+    def converged(self) -> bool:
+        """Every entry reached ‖vert part of the log‖ < tol."""
+        return bool((self.residuals < self.tol).all())
+
+
+def _polar_of(k: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor P Zᵀ of K = P S Zᵀ: argmax_O tr(Oᵀ K)."""
+    p, _, zt = torch.linalg.svd(k)
+    return p @ zt
+
+
+def _closed_form_candidates(point: Polar, other: Polar) -> list[torch.Tensor]:
+    """Procrustes on U_θᵀU_μ + V_θᵀV_μ, and SPD eigenvector matching with signs from that cross term."""
+    cross = other.U.mT @ point.U + other.V.mT @ point.V
+    _, p_mu = spd.eigh_spd(point.B, "B")
+    _, p_th = spd.eigh_spd(other.B, "B")
+    diag = torch.diagonal(p_th.mT @ cross @ p_mu, dim1=-2, dim2=-1)
+    signs = torch.where(diag < 0, -1.0, 1.0).to(F64)
+    return [_polar_of(cross), (p_th * signs.unsqueeze(-2)) @ p_mu.mT]
+
+
+def _batch_select(mask: torch.Tensor, a, b):
+    """Entrywise (over the leading batch axis) choice between two tensors / named tuples of tensors."""
+    if isinstance(a, tuple):
+        return type(a)(*(_batch_select(mask, x, y) for x, y in zip(a, b)))
+    return torch.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b)
+
+
+LBFGS_MEMORY = 8
+"""Pairs kept by the alignment's L-BFGS."""
+
+LINE_SEARCH_HALVINGS = 30
+"""Backtracking halvings tried per alignment step before giving up on that step."""
+
+
+def _orbit_gradient(point: Polar, xi: PolarTangent) -> torch.Tensor:
+    """Frobenius gradient R (skew) of O ↦ ½ d(point, θ·O)² along O ← O expm(Ω), with ξ = Log_point(θ·O).
+
+    By the first variation formula and the isometric action, d/dt ½d² = ⟨ξ, vert(Ω)⟩ = ⟨R, Ω⟩_F with
+    R = skew(½(Uᵀξ_U + Vᵀξ_V)) + ξ_B B⁻¹ − B⁻¹ξ_B: the right-hand side of the §2 Ω equation.
+    """
+    lam, p = spd.eigh_spd(point.B, "B")
+    bt = p.mT @ spd.sym(xi.B) @ p
+    inv = 1.0 / lam
+    spd_part = p @ (bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))) @ p.mT
+    return stiefel.skew(0.5 * (point.U.mT @ xi.U + point.V.mT @ xi.V) + spd_part)
+
+
+def _lbfgs_direction(grad, history, precondition, dot) -> torch.Tensor:
+    """−H grad by the L-BFGS two-loop recursion (batched; pairs with sᵀy ≤ 0 are skipped per entry),
+    initial H = γ c⁻¹ with γ = sᵀy / yᵀc⁻¹y from the newest pair (c⁻¹ alone, i.e. Gauss–Newton, without)."""
+    q = grad
+    alphas = []
+    for s_k, y_k, sy in reversed(history):
+        rho = torch.where(sy > 0, 1.0 / torch.where(sy > 0, sy, 1.0), 0.0)
+        a = rho * dot(s_k, q)
+        alphas.append(a)
+        q = q - a[:, None, None] * y_k
+    r = precondition(q)
+    if history:
+        s_k, y_k, sy = history[-1]
+        yhy = dot(y_k, precondition(y_k))
+        gamma = torch.where((sy > 0) & (yhy > 0), sy / torch.where(yhy > 0, yhy, 1.0), 1.0)
+        r = gamma[:, None, None] * r
+    for (s_k, y_k, sy), a in zip(history, reversed(alphas)):
+        rho = torch.where(sy > 0, 1.0 / torch.where(sy > 0, sy, 1.0), 0.0)
+        b = rho * dot(y_k, r)
+        r = r + (a - b)[:, None, None] * s_k
+    return -stiefel.skew(r)
+
+
+def align(
+    point: Polar,
+    other: Polar,
+    *,
+    warm_start: bool = False,
+    tol: float = ALIGN_TOL,
+    max_iter: int = ALIGN_MAX_ITER,
+    log_tol: float = stiefel.LOG_TOL,
+    log_max_iter: int = stiefel.LOG_MAX_ITER,
+) -> Alignment:
+    """Orbit minimization O* = argmin_O d(point, other·O)² (eq. 2 / eq. 10), batched over ``other``'s leading axis.
+
+    ``point`` is one (unbatched) Polar, ``other`` a batch ``[N, ...]``. The start is the best of the
+    closed-form candidates (module doc), plus the identity when ``warm_start`` (``other`` already
+    aligned to a nearby point, e.g. the previous Fréchet iterate). Then Gauss–Newton steps
+    O ← O expm(−Ω) with Ω the vertical generator of Log_point(other·O), halved while they increase d,
+    until ‖vert(Ω)‖ < ``tol`` for every entry or ``max_iter`` steps.
+    """
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ParameterError(f"alignment tol must be a positive number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ParameterError(f"alignment max_iter must be a non-negative int, got {max_iter!r}")
+    n, r = other.U.shape[0], other.U.shape[-1]
+    eye = torch.eye(r, dtype=F64, device=other.U.device).expand(n, r, r)
+    candidates = _closed_form_candidates(point, other) + ([eye] if warm_start else [])
+    logp = dict(tol=log_tol, max_iter=log_max_iter)
+
+    best_o = best_rep = best_log = best_f = None
+    for o in candidates:
+        rep = act(other, o)
+        lg = log(point, rep, **logp)
+        f = inner(point, lg, lg)
+        if best_o is None:
+            best_o, best_rep, best_log, best_f = o, rep, lg, f
+        else:
+            better = f < best_f
+            best_o = _batch_select(better, o, best_o)
+            best_rep = _batch_select(better, rep, best_rep)
+            best_log = _batch_select(better, lg, best_log)
+            best_f = torch.where(better, f, best_f)
+
+    o, rep, lg, f = best_o, best_rep, best_log, best_f
+    lam, p_mu = spd.eigh_spd(point.B, "B")
+    coef = lam.unsqueeze(-1) / lam.unsqueeze(-2) + lam.unsqueeze(-2) / lam.unsqueeze(-1) - 1.0
+
+    def precondition(x: torch.Tensor) -> torch.Tensor:  # the inverse of the vertical metric, c⁻¹ (module doc)
+        return p_mu @ ((p_mu.mT @ x @ p_mu) / coef) @ p_mu.mT
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).sum(dim=(-2, -1))
+
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    grad = _orbit_gradient(point, lg)
+    iterations = 0
+    while True:
+        residual = dot(grad, precondition(grad)).clamp_min(0).sqrt()  # = ‖vert part of the log‖
+        active = residual >= tol
+        if not bool(active.any()) or iterations >= max_iter:
+            break
+        iterations += 1
+        direction = _lbfgs_direction(grad, history, precondition, dot) * active[:, None, None]
+        slope = dot(grad, direction)
+        step = torch.ones(n, dtype=F64, device=o.device)
+        pending = active.clone()
+        for _ in range(LINE_SEARCH_HALVINGS):
+            trial_o = o @ torch.linalg.matrix_exp((step * pending)[:, None, None] * direction)
+            trial_rep = act(other, trial_o)
+            trial_log = log(point, trial_rep, **logp)
+            trial_f = inner(point, trial_log, trial_log)
+            # Armijo on ½d², with slack for rounding of f once the decrease is below its last digits
+            accept = pending & (0.5 * trial_f <= 0.5 * f + 1e-4 * step * slope + 1e-13 * (1.0 + f))
+            if bool(accept.any()):
+                new_grad = _orbit_gradient(point, trial_log)
+                s_k = step[:, None, None] * direction * accept[:, None, None]
+                y_k = (new_grad - grad) * accept[:, None, None]
+                history.append((s_k, y_k, dot(s_k, y_k)))
+                del history[:-LBFGS_MEMORY]
+                o = _batch_select(accept, trial_o, o)
+                rep = _batch_select(accept, trial_rep, rep)
+                lg = _batch_select(accept, trial_log, lg)
+                f = torch.where(accept, trial_f, f)
+                grad = torch.where(accept[:, None, None], new_grad, grad)
+                pending = pending & ~accept
+            if not bool(pending.any()):
+                break
+            step = torch.where(pending, 0.5 * step, step)
+    return Alignment(O=o, aligned=rep, log=lg, iterations=iterations, residuals=residual, tol=float(tol))
+
+
+def quotient_dist(point: Polar, other: Polar, **align_params) -> torch.Tensor:
+    """Quotient distance d([point], [other]) = min_O d(point, other·O) (eq. 1), per entry of ``other``'s batch.
+
+    Raises ConvergenceError if the alignment did not reach its tolerance.
+    """
+    al = align(point, other, **align_params)
+    if not al.converged:
+        raise ConvergenceError(
+            f"alignment did not converge: vertical residual {float(al.residuals.max()):.3g} ≥ tol {al.tol:g} "
+            f"after {al.iterations} iterations (raise max_iter or tol)"
+        )
+    return norm(point, al.log)

@@ -1,0 +1,253 @@
+"""The Stiefel manifold St(n, p) = {U ∈ ℝ^{n×p} : UᵀU = I_p} with the canonical metric (GeoMerge paper §2, eq. 5).
+
+A point is a ``[..., n, p]`` tensor with orthonormal columns (p ≤ n); leading axes are batch axes.
+Tangent vectors at U are Δ with UᵀΔ + ΔᵀU = 0.
+
+- canonical inner product ⟨Δ, Δ̃⟩_U = tr(Δᵀ (I − ½ U Uᵀ) Δ̃); for Δ = U A + Q B (A skew, QᵀU = 0)
+  ‖Δ‖² = ½‖A‖²_F + ‖B‖²_F;
+- tangent projection Z ↦ Z − U sym(UᵀZ) (the normal space {U S : S symmetric} is the same for the
+  Euclidean and the canonical metric, so this is the orthogonal projection for both);
+- Exp (Edelman, Arias & Smith 1998; the paper's eq. 5): A = UᵀΔ, Q R = (I − U Uᵀ) Δ (thin QR),
+  [M; N] = expm([[A, −Rᵀ], [R, 0]])[:, :p], Exp_U(Δ) = U M + Q N;
+- Log (Zimmermann, SIMAX 2017, Algorithm 1, as used by Mataigne, Zimmermann & Miolane 2024 for the
+  canonical metric): M = UᵀY, Q N = Y − U M (thin QR); complete [M; N] to an orthogonal V₀ ∈ SO(2p);
+  iterate L_k = logm(V_k) = [[A, −Bᵀ], [B, C]], stop when ‖C‖_F < tol, else
+  V_{k+1} = V_k diag(I, expm(X)) with X = −C (Zimmermann) or, as here, the Sylvester-corrected X of
+  Zimmermann & Hüper 2022 that cancels C to third order (:func:`_trailing_update`); then
+  Log_U(Y) = U A + Q B. Locally linear convergence; the stopping test does not depend on the update,
+  so the result is the same.
+  The completion [X₀; Y₀] (trailing columns of a full QR of [M; N]) is rotated so that Y₀ is
+  symmetric positive semidefinite (a Procrustes step, Zimmermann & Hüper 2022 §5), which starts V₀
+  as close to the identity as the completion allows; a column is flipped if needed so that det V₀ = +1;
+- d(U, Y) = ‖Log_U(Y)‖ (canonical norm).
+
+The complement basis Q is taken from a QR of [U, (I − U Uᵀ) Δ] (its trailing p columns), so QᵀU = 0
+holds to rounding also when (I − U Uᵀ)Δ is rank-deficient (a thin QR of a rank-deficient matrix can
+return columns that are not orthogonal to U). The logarithm of an orthogonal matrix uses the Cayley
+transform C = (V + I)⁻¹(V − I) (skew, eigenvalues i tan(θ/2)) and logm V = 2 atan(C) = C · h(CᵀC) with
+h(τ²) = 2 atan(τ)/τ, evaluated through a symmetric eigendecomposition: no complex arithmetic, exact on
+repeated eigenvalues; it requires no rotation angle at π (the cut locus).
+
+Everything is computed in float64 and returned in the inputs' dtype promoted to at least float32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ParameterError, ShapeMismatchError
+
+ORTHONORMALITY_TOL = 1e-5
+"""Largest accepted max|UᵀU − I| for a point (float32 orthonormalization leaves ~1e-7 per entry)."""
+
+LOG_TOL = 1e-11
+"""Default stopping threshold on ‖C‖_F in :func:`log` (float64; the exp of the result matches Y to ~tol)."""
+
+LOG_MAX_ITER = 200
+"""Default iteration cap of :func:`log` (typical counts: see the module tests and the report)."""
+
+
+@dataclass(frozen=True)
+class LogInfo:
+    """How :func:`log`'s iteration ended: per batch entry ``iterations`` taken and final ``residuals`` ‖C‖_F."""
+
+    iterations: torch.Tensor
+    residuals: torch.Tensor
+    tol: float
+    max_iter: int
+
+    @property
+    def converged(self) -> bool:
+        """Every batch entry reached ‖C‖_F < tol."""
+        return bool((self.residuals < self.tol).all())
+
+    @property
+    def residual(self) -> float:
+        """Largest final residual over the batch."""
+        return float(self.residuals.max()) if self.residuals.numel() else 0.0
+
+
+def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return torch.promote_types(dtype, torch.float32)
+
+
+def skew(x: torch.Tensor) -> torch.Tensor:
+    """Skew-symmetric part (X − Xᵀ)/2 over the last two axes."""
+    return 0.5 * (x - x.mT)
+
+
+def check_point(u: torch.Tensor, name: str = "U") -> None:
+    """Raise unless ``u`` is a finite ``[..., n, p]`` tensor (p ≤ n) with max|UᵀU − I| ≤ ORTHONORMALITY_TOL."""
+    if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+        raise ManifoldError(f"{name} must be a floating-point tensor, got {type(u).__name__}")
+    if u.ndim < 2 or u.shape[-1] == 0 or u.shape[-1] > u.shape[-2]:
+        raise ShapeMismatchError(f"{name} must be [..., n, p] with 1 ≤ p ≤ n, got shape {tuple(u.shape)}")
+    if not bool(torch.isfinite(u).all()):
+        raise NonFiniteError(f"{name} contains NaN or Inf")
+    u64 = u.to(torch.float64)
+    eye = torch.eye(u.shape[-1], dtype=torch.float64, device=u.device)
+    err = float((u64.mT @ u64 - eye).abs().max())
+    if err > ORTHONORMALITY_TOL:
+        raise ManifoldError(f"{name} does not have orthonormal columns: max|UᵀU − I| = {err:.3g} > {ORTHONORMALITY_TOL:g}")
+
+
+def _check_like(x: torch.Tensor, u: torch.Tensor, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor) or x.shape[-2:] != u.shape[-2:]:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ShapeMismatchError(f"{name} must have the point's shape {tuple(u.shape[-2:])}, got {shape}")
+    if not bool(torch.isfinite(x).all()):
+        raise NonFiniteError(f"{name} contains NaN or Inf")
+    return x.to(torch.float64)
+
+
+def inner(u: torch.Tensor, delta: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """Canonical metric ⟨Δ, Δ̃⟩_U = tr(ΔᵀΔ̃) − ½ tr((UᵀΔ)ᵀ(UᵀΔ̃)) (eq. of §2), over the batch axes."""
+    check_point(u)
+    u64 = u.to(torch.float64)
+    d, e = _check_like(delta, u, "delta"), _check_like(other, u, "other")
+    out = (d * e).sum(dim=(-2, -1)) - 0.5 * ((u64.mT @ d) * (u64.mT @ e)).sum(dim=(-2, -1))
+    return out.to(_out_dtype(u, delta, other))
+
+
+def norm(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """‖Δ‖_U under the canonical metric."""
+    return inner(u, delta, delta).clamp_min(0).sqrt()
+
+
+def project(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Orthogonal projection of an ambient Z onto T_U St: Z − U sym(UᵀZ)."""
+    check_point(u)
+    u64, z64 = u.to(torch.float64), _check_like(z, u, "z")
+    uz = u64.mT @ z64
+    return (z64 - u64 @ (0.5 * (uz + uz.mT))).to(_out_dtype(u, z))
+
+
+def _complement(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q (orthonormal, QᵀU = 0) and R with (I − U Uᵀ) W = Q R, from a QR of [U, (I − U Uᵀ) W]."""
+    p = u.shape[-1]
+    perp = w - u @ (u.mT @ w)
+    q, r = torch.linalg.qr(torch.cat([u, perp], dim=-1))
+    return q[..., p:], r[..., p:, p:]
+
+
+def exp(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Exp_U(Δ) = U M + Q N with [M; N] = expm([[A, −Rᵀ], [R, 0]])[:, :p], A = UᵀΔ, Q R = (I − UUᵀ)Δ (eq. 5)."""
+    check_point(u)
+    u64, d = u.to(torch.float64), _check_like(delta, u, "delta")
+    p = u.shape[-1]
+    a = skew(u64.mT @ d)
+    q, r = _complement(u64, d)
+    block = torch.cat([torch.cat([a, -r.mT], dim=-1), torch.cat([r, torch.zeros_like(r)], dim=-1)], dim=-2)
+    mn = torch.linalg.matrix_exp(block)[..., :p]
+    return (u64 @ mn[..., :p, :] + q @ mn[..., p:, :]).to(_out_dtype(u, delta))
+
+
+def logm_orthogonal(v: torch.Tensor) -> torch.Tensor:
+    """Principal logarithm of a rotation V ∈ SO(k) (no eigenvalue −1): the skew L with expm(L) = V.
+
+    Cayley: C = (V + I)⁻¹(V − I) is skew with eigenvalues i tan(θ/2) for V's eigenvalues e^{iθ}; then
+    logm V = 2 atan(C) = C · h(CᵀC), h(τ²) = 2 atan(τ)/τ (→ 2 at τ = 0), with CᵀC = Z diag(τ²) Zᵀ.
+    """
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    c = skew(torch.linalg.solve(v + eye, v - eye))
+    tau2, z = torch.linalg.eigh(c.mT @ c)
+    tau = tau2.clamp_min(0).sqrt()
+    h = torch.where(tau > 1e-8, 2.0 * torch.atan(tau) / torch.where(tau > 1e-8, tau, 1.0), 2.0 - tau2 * (2.0 / 3.0))
+    return skew(c @ ((z * h.unsqueeze(-2)) @ z.mT))
+
+
+def _start_rotation(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
+    """V₀ ∈ SO(2p) whose first p columns are [M; N], trailing block rotated to be symmetric PSD."""
+    p = m.shape[-1]
+    mn = torch.cat([m, n], dim=-2)
+    full, _ = torch.linalg.qr(mn, mode="complete")
+    xy = full[..., p:]
+    left, _, right_t = torch.linalg.svd(xy[..., p:, :])  # Y₀ = P S Rᵀ; rotate by R Pᵀ → Y = P S Pᵀ
+    rot = right_t.mT @ left.mT
+    v = torch.cat([mn, xy @ rot], dim=-1)
+    flip = torch.linalg.det(v) < 0  # flip the trailing column along the smallest singular direction
+    if bool(flip.any()):
+        sign = torch.ones(*v.shape[:-2], p, dtype=v.dtype, device=v.device)
+        sign[..., -1] = torch.where(flip, -1.0, 1.0)
+        rot = (right_t.mT * sign.unsqueeze(-2)) @ left.mT
+        v = torch.cat([mn, xy @ rot], dim=-1)
+    return v
+
+
+def _trailing_update(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """The skew X of the update V ← V diag(I, expm(X)) that cancels the block C of logm(V) to third order.
+
+    By the Baker–Campbell–Hausdorff series, the trailing block of logm(V diag(I, expm(X))) is
+    C + X − (1/12)(BBᵀX + XBBᵀ) + O(‖C‖², ‖X‖²‖L‖). Setting it to zero gives the Sylvester equation
+    (½I − BBᵀ/12) X + X (½I − BBᵀ/12) = −C (Zimmermann & Hüper 2022, §5), solved in the eigenbasis of
+    BBᵀ = W diag(β) Wᵀ: X̃_ij = −C̃_ij / (1 − (β_i + β_j)/12). Where a denominator falls below ¼
+    (‖B‖₂² > 4.5, very far points) Zimmermann's plain update X = −C is used for that entry. Measured on
+    random points of St(576, 16) (distance ≈ 6.3): 20–23 iterations instead of 53–62 for X = −C.
+    """
+    beta, w = torch.linalg.eigh(b @ b.mT)
+    denom = 1.0 - (beta.unsqueeze(-1) + beta.unsqueeze(-2)) / 12.0
+    safe = (denom.amin(dim=(-2, -1)) > 0.25)[..., None, None]
+    x = w @ ((w.mT @ -c @ w) / torch.where(safe, denom, 1.0)) @ w.mT
+    return skew(torch.where(safe, x, -c))
+
+
+def log(
+    u: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    tol: float = LOG_TOL,
+    max_iter: int = LOG_MAX_ITER,
+    return_info: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, LogInfo]:
+    """Log_U(Y): the tangent Δ at U with Exp_U(Δ) = Y, by Zimmermann's algorithm (see the module docstring).
+
+    Batched over the leading axes (each entry stops on its own). Stops once ‖C‖_F < ``tol`` or after
+    ``max_iter`` iterations. With ``return_info`` returns (Δ, :class:`LogInfo`) and leaves judging
+    convergence to the caller; otherwise raises ConvergenceError when an entry did not converge (the
+    points are too far apart: beyond the iteration's convergence radius, or near the cut locus).
+    """
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ParameterError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    check_point(u, "U")
+    check_point(y, "Y")
+    if y.shape[-2:] != u.shape[-2:]:
+        raise ShapeMismatchError(f"U and Y must have the same [n, p], got {tuple(u.shape)} and {tuple(y.shape)}")
+    u64, y64 = torch.broadcast_tensors(u.to(torch.float64), y.to(torch.float64))
+    p = u.shape[-1]
+    m = u64.mT @ y64
+    q, n = _complement(u64, y64)
+    v = _start_rotation(m, n)
+    batch = v.shape[:-2]
+    iterations = torch.zeros(batch, dtype=torch.int64, device=v.device)
+    for _ in range(max_iter + 1):
+        gen = logm_orthogonal(v)
+        c = gen[..., p:, p:]
+        residuals = c.norm(dim=(-2, -1))
+        moving = residuals >= tol
+        if not bool(moving.any()) or int(iterations.max()) >= max_iter:
+            break
+        phi = torch.linalg.matrix_exp(_trailing_update(gen[..., p:, :p], c) * moving[..., None, None])
+        v = torch.cat([v[..., :p], v[..., p:] @ phi], dim=-1)
+        iterations += moving
+    a, b = gen[..., :p, :p], gen[..., p:, :p]
+    delta = (u64 @ a + q @ b).to(_out_dtype(u, y))
+    info = LogInfo(iterations=iterations.cpu(), residuals=residuals.cpu(), tol=float(tol), max_iter=int(max_iter))
+    if return_info:
+        return delta, info
+    if not info.converged:
+        raise ConvergenceError(
+            f"Stiefel log did not converge: ‖C‖ = {info.residual:.3g} ≥ tol {tol:g} after {max_iter} iterations "
+            "(the points are too far apart for Zimmermann's iteration; raise max_iter or tol, or move them closer)"
+        )
+    return delta
+
+
+def dist(u: torch.Tensor, y: torch.Tensor, *, tol: float = LOG_TOL, max_iter: int = LOG_MAX_ITER) -> torch.Tensor:
+    """Geodesic distance d(U, Y) = ‖Log_U(Y)‖ under the canonical metric (raises ConvergenceError like :func:`log`)."""
+    return norm(u, log(u, y, tol=tol, max_iter=max_iter))

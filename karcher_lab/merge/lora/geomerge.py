@@ -1,0 +1,195 @@
+"""GeoMerge for LoRA: the quotient Fréchet mean of rank-r updates (GeoMerge paper §2.2, §3.6, eq. 10–11).
+
+Each adapter's update ΔW_i = G_i H_iᵀ (G_i: d1×r, H_i: d2×r) is a point of the fixed-rank quotient
+manifold, represented by its polar factors θ_i = (U_i, B_i, V_i) ∈ St(d1, r) × S++(r) × St(d2, r)
+modulo O(r) (:mod:`karcher_lab.geometry.lowrank`). The merge is the weighted Fréchet mean on the
+quotient,
+
+    [μ*] = argmin_[μ] ½ Σ_i w_i d([μ], [θ_i])²,     d([μ], [θ]) = min_{O ∈ O(r)} d(μ, θ·O),
+
+computed as in the paper's algorithm by alternating (1) alignment of every input to the current
+iterate, θ_i* = θ_i·O_i* (eq. 10, :func:`karcher_lab.geometry.lowrank.align`), and (2) a horizontal
+Riemannian gradient step μ ← Exp_μ(η · hor(Σ_i w_i Log_μ θ_i*)) on the product manifold (eq. 11),
+until ‖hor(Σ_i w_i Log_μ θ_i*)‖ < tol (:func:`karcher_lab.geometry.frechet.frechet_mean`).
+
+Because only polar factors enter, and both the metric and the alignment are O(r)-invariant, the merged
+ΔW does not depend on how each ΔW_i is factored: (G_i A⁻¹, H_i Aᵀ) for any A ∈ GL(r) gives the same
+merge (the paper's core claim; tested). The merged update has rank r.
+
+Start (``init``): ``"mean"`` (default) is the rank-r truncated SVD of the weighted Euclidean mean
+Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
+depends only on the ΔW_i, so it keeps the invariance. If that mean has rank < r (updates that cancel),
+the start falls back to ``"first"``: the input with the largest weight (first among ties). The trace
+records which start was used.
+
+All geometry is float64; the output factors have the inputs' dtype promoted to at least float32 and are
+balanced, G = U_s √Σ and H = V_s √Σ with U_s Σ V_sᵀ the SVD of the merged ΔW (columns by decreasing
+singular value).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from karcher_lab.errors import EmptyInputError, ParameterError, ShapeMismatchError
+from karcher_lab.geometry import lowrank
+from karcher_lab.geometry.frechet import FrechetTrace, Geometry, check_solver_params, check_weights, frechet_mean
+from karcher_lab.geometry.lowrank import Polar
+
+GEOMERGE_INITS: tuple[str, ...] = ("mean", "first")
+"""Starting points: 'mean' = rank-r truncation of the weighted mean ΔW (default), 'first' = the heaviest input."""
+
+
+@dataclass(frozen=True)
+class GeoMergeTrace:
+    """What geomerge did: the outer Fréchet iteration (``frechet``: gradient norms and objective per
+    iterate), per outer iterate the alignment steps taken (``align_iterations``, the first entry is the
+    cold alignment to the start) and the largest alignment residual (``align_residuals``), the start
+    used (``init``) and the inputs kept (``kept``: indices with non-zero weight)."""
+
+    frechet: FrechetTrace
+    align_iterations: list[int]
+    align_residuals: list[float]
+    init: str
+    kept: list[int]
+
+    @property
+    def converged(self) -> bool:
+        return self.frechet.converged
+
+    @property
+    def iterations(self) -> int:
+        return self.frechet.iterations
+
+    @property
+    def residual(self) -> float:
+        return self.frechet.residual
+
+
+def _check_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
+        raise ShapeMismatchError(f"pairs must be a sequence of (G, H) tuples, got {type(pairs).__name__}")
+    if len(pairs) == 0:
+        raise EmptyInputError("geomerge needs at least one (G, H) pair")
+    gs, hs = [], []
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ShapeMismatchError(f"adapter {i}: expected a (G, H) pair, got {type(pair).__name__}")
+        g, h = pair
+        for label, x in (("G", g), ("H", h)):
+            if not isinstance(x, torch.Tensor) or x.ndim != 2:
+                shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+                raise ShapeMismatchError(f"adapter {i}: {label} must be a 2-D tensor [d, r], got {shape}")
+        lowrank.check_factors(g, h, f"adapter {i}")
+        if (g.shape, h.shape) != (pairs[0][0].shape, pairs[0][1].shape):
+            raise ShapeMismatchError(
+                f"adapter {i} has G {tuple(g.shape)}, H {tuple(h.shape)} but adapter 0 has "
+                f"G {tuple(pairs[0][0].shape)}, H {tuple(pairs[0][1].shape)} (same d1, d2 and rank r needed)"
+            )
+        if g.device != pairs[0][0].device or h.device != pairs[0][0].device:
+            raise ShapeMismatchError(f"adapter {i} is on {g.device}/{h.device}, adapter 0 on {pairs[0][0].device}")
+        gs.append(g)
+        hs.append(h)
+    return torch.stack([g.to(torch.float64) for g in gs]), torch.stack([h.to(torch.float64) for h in hs])
+
+
+def _check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter) -> None:
+    check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
+    if init not in GEOMERGE_INITS:
+        raise ParameterError(f"unknown init {init!r}; choose one of {list(GEOMERGE_INITS)}")
+    if isinstance(align_tol, bool) or not (isinstance(align_tol, (int, float)) and align_tol > 0):
+        raise ParameterError(f"align_tol must be a positive number, got {align_tol!r}")
+    if isinstance(align_max_iter, bool) or not isinstance(align_max_iter, int) or align_max_iter < 0:
+        raise ParameterError(f"align_max_iter must be a non-negative int, got {align_max_iter!r}")
+
+
+def _truncated_mean(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> Polar | None:
+    """Polar factors of the rank-r truncated SVD of Σ_i w_i G_i H_iᵀ, or None if it has rank < r.
+
+    Σ_i w_i G_i H_iᵀ = [w_1 G_1 … w_N G_N] [H_1 … H_N]ᵀ: thin QRs of the stacked d×(N r) factors and an
+    SVD of the (N r)×(N r) core.
+    """
+    n, d1, r = g.shape
+    stacked_g = (g * w[:, None, None]).permute(1, 0, 2).reshape(d1, n * r)
+    stacked_h = h.permute(1, 0, 2).reshape(h.shape[1], n * r)
+    qg, rg = torch.linalg.qr(stacked_g)
+    qh, rh = torch.linalg.qr(stacked_h)
+    p, sigma, zt = torch.linalg.svd(rg @ rh.mT)
+    if not float(sigma[r - 1]) > lowrank.RANK_RTOL * float(sigma[0]):
+        return None
+    return Polar(qg @ p[:, :r], torch.diag(sigma[:r]), qh @ zt[:r].mT)
+
+
+def geomerge_factors(
+    pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    weights: Sequence[float] | torch.Tensor | None = None,
+    *,
+    eta: float = 1.0,
+    max_iter: int = 200,
+    tol: float = 1e-8,
+    init: str = "mean",
+    align_tol: float = 1e-9,
+    align_max_iter: int = lowrank.ALIGN_MAX_ITER,
+    return_trace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, GeoMergeTrace]:
+    """Merge LoRA updates ΔW_i = G_i H_iᵀ into one rank-r update ΔW = G Hᵀ by the quotient Fréchet mean.
+
+    ``pairs``: [(G_1, H_1), …] with G_i [d1, r], H_i [d2, r] (for a PEFT adapter, G = lora_B · scaling
+    and H = lora_Aᵀ); ``weights``: w_i ≥ 0 (default equal; renormalized; zero-weight adapters are left
+    out). ``eta`` ∈ (0, 1] is the step size of eq. 9/11, ``max_iter`` and ``tol`` the outer iteration's
+    cap and its stopping threshold on the horizontal gradient norm; ``align_tol`` / ``align_max_iter``
+    are the orbit alignment's (:func:`karcher_lab.geometry.lowrank.align`); ``init`` the start (module
+    doc). Returns balanced (G, H) with ΔW = G Hᵀ of rank r, plus a :class:`GeoMergeTrace` with
+    ``return_trace``. Warns (RuntimeWarning) if the iteration stops at ``max_iter`` without converging.
+
+    Raises before any work: EmptyInputError (no pairs), ShapeMismatchError (not 2-D, mismatched d1, d2
+    or r, r > min(d1, d2)), NonFiniteError, WeightError (wrong length, negative, non-finite, all zero),
+    StepSizeError / ParameterError (bad solver parameters); ManifoldError if some ΔW_i has rank < r.
+    """
+    _check_params(eta=eta, max_iter=max_iter, tol=tol, init=init, align_tol=align_tol, align_max_iter=align_max_iter)
+    g, h = _check_pairs(pairs)
+    w_all = check_weights(weights, g.shape[0]).to(g.device)
+    kept = [i for i in range(g.shape[0]) if float(w_all[i]) > 0]
+    points = [lowrank.polar_from_factors(g[i], h[i], name=f"adapter {i}") for i in kept]
+    points = Polar(*(torch.stack(parts) for parts in zip(*points)))
+    w = w_all[kept] / w_all[kept].sum()
+    out_dtype = torch.promote_types(torch.promote_types(pairs[0][0].dtype, pairs[0][1].dtype), torch.float32)
+
+    start = _truncated_mean(g[kept], h[kept], w) if init == "mean" else None
+    used_init = "mean" if start is not None else "first"
+    if start is None:
+        heaviest = int(torch.argmax(w))
+        start = Polar(points.U[heaviest], points.B[heaviest], points.V[heaviest])
+
+    align_iterations: list[int] = []
+    align_residuals: list[float] = []
+
+    def align(mu: Polar, xs: Polar, *, warm_start: bool = True) -> tuple[Polar, lowrank.PolarTangent]:
+        result = lowrank.align(mu, xs, warm_start=warm_start, tol=align_tol, max_iter=align_max_iter)
+        align_iterations.append(result.iterations)
+        align_residuals.append(float(result.residuals.max()))
+        return result.aligned, result.log
+
+    aligned, _ = align(start, points, warm_start=False)  # cold: only O(r)-equivariant candidates
+    geometry = Geometry(
+        exp=lowrank.exp, log=lowrank.log, inner=lowrank.inner, align=align, horizontal=lowrank.horizontal
+    )
+    mean, ftrace = frechet_mean(geometry, aligned, w, start, eta=eta, max_iter=max_iter, tol=tol)
+    if not ftrace.converged:
+        warnings.warn(
+            f"geomerge stopped after {ftrace.iterations} iterations with gradient norm {ftrace.residual:.3g} "
+            f"≥ tol {tol:g}; the result is the last iterate (raise max_iter or tol)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    g_out, h_out = lowrank.factors_from_polar(mean)
+    g_out, h_out = g_out.to(out_dtype), h_out.to(out_dtype)
+    if not return_trace:
+        return g_out, h_out
+    trace = GeoMergeTrace(
+        frechet=ftrace, align_iterations=align_iterations, align_residuals=align_residuals, init=used_init, kept=kept
+    )
+    return g_out, h_out, trace
