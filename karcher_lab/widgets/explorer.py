@@ -55,6 +55,7 @@ from karcher_lab.diagnostics import (
 from karcher_lab.errors import CheckpointError, EmptyInputError, ModelCountError, ParameterError, WeightError
 from karcher_lab.merge.registry import get_method, list_methods
 from karcher_lab.pipeline import MergeSession
+from karcher_lab.pipeline.plan import BASE_MODE_PARAMETERS
 from karcher_lab.plots import layer_curves, task_bars
 from karcher_lab.widgets.controls import STYLE, method_controls
 from karcher_lab.widgets.figure_sync import sync_figure
@@ -80,8 +81,8 @@ class MergeExplorer(widgets.VBox):
     ``quality_examples``: held-out examples per checked task for exact match, NLL and KL.
     ``activation_examples``: probe sequences per pool task for the layer metrics (one fixed batch).
     ``draws``: bootstrap draws for the layer metrics' ± std (≥ 2). ``exact_match``: greedy decoding
-    for exact match (the slowest metric; off: NLL and KL only). ``use_base``: merge with the pool's
-    base model (methods that need one fail in the panel without it). ``debounce``: seconds of quiet
+    for exact match (the slowest metric; off: NLL and KL only). ``use_base``: give the pool's base
+    model to methods that use one (methods that need one fail in the panel without it). ``debounce``: seconds of quiet
     after a control change before an update starts. ``initial_update``: run one update now, so the
     figures hold data when the panel is first shown.
     """
@@ -177,7 +178,7 @@ class MergeExplorer(widgets.VBox):
         self.method_dropdown = widgets.Dropdown(options=list_methods(), value=method, description="method", style=STYLE)
         self.method_dropdown.observe(self._on_method, "value")
         self.use_base_box = widgets.Checkbox(value=use_base and self.base_model is not None, indent=False,
-                                             description="merge with the pool's base model θ₀",
+                                             description="give the pool's base model θ₀ to methods that use one",
                                              disabled=self.base_model is None)
         self.use_base_box.observe(self._on_change, "value")
         self.method_info = widgets.HTML("")
@@ -286,7 +287,8 @@ class MergeExplorer(widgets.VBox):
     # ----------------------------------------------------------------- one update
     def request(self) -> dict[str, Any]:
         """What the controls ask for, checked before any work: ``method``, checked expert indices
-        ``members``, normalized ``alpha`` (over the members), ``params``, ``use_base``."""
+        ``members``, normalized ``alpha`` (over the members), ``params``, ``use_base`` (whether the
+        merge gets the pool's base model)."""
         method = get_method(self.method_dropdown.value)
         members = [i for i, c in enumerate(self.checkboxes) if c.value]
         if not members:
@@ -303,7 +305,16 @@ class MergeExplorer(widgets.VBox):
         for name, value in params.items():
             method.param(name).coerce(value, method.name)
         return dict(method=method.name, members=members, alpha=alpha, params=params,
-                    use_base=bool(self.use_base_box.value))
+                    use_base=self._gives_base(method, params))
+
+    def _gives_base(self, method, params: dict[str, Any]) -> bool:
+        """Whether the merge gets the pool's base as ``base_model``: only for a method that uses one
+        (required, or optional and, for karcher, with ``task_vectors`` on). A method that ignores the
+        base would take it as one more input (mergekit's rule, see :mod:`karcher_lab.pipeline.plan`)."""
+        if not self.use_base_box.value or method.base == "unused":
+            return False
+        mode = BASE_MODE_PARAMETERS.get(method.name)
+        return mode is None or bool(params.get(mode))
 
     def _session(self, members: tuple[int, ...], use_base: bool) -> MergeSession:
         key = (members, use_base)
