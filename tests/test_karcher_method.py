@@ -44,8 +44,9 @@ def test_registry_contract_and_defaults():
     defaults = {p.name: p.default for p in m.params}
     assert defaults == {
         "max_iter": 1000, "tol": 1e-7, "eta": 1.0, "block": "tensor", "init": "chord",
-        "task_vectors": False, "norm_average": "contributing",
+        "task_vectors": False, "norm_average": "contributing", "fisher": None, "fisher_floor": 1e-6,
     }
+    assert m.param("fisher").per_model and m.checks_finite
 
 
 @pytest.mark.parametrize("a2", [0.5, 0.2, 0.85])

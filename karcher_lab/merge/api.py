@@ -37,9 +37,10 @@ def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
 
 
 def check_tensors(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, name: str | None = None
+    tensors: Sequence[torch.Tensor], base: torch.Tensor | None, name: str | None = None, *, finite: bool = True
 ) -> None:
-    """Raise a specific InputError for an empty list, non-tensors, shape mismatches or NaN/Inf."""
+    """Raise a specific InputError for an empty list, non-tensors, shape mismatches or (unless
+    ``finite`` is false: the method finds them in its own pass, see :func:`check_finite`) NaN/Inf."""
     where = _where(name)
     if tensors is None or len(tensors) == 0:
         raise EmptyInputError(f"{where}no tensors to merge (got an empty list)")
@@ -59,6 +60,13 @@ def check_tensors(
             raise InputError(f"{where}base must be a floating-point torch.Tensor")
         if base.shape != shape:
             raise ShapeMismatchError(f"{where}base has shape {tuple(base.shape)} but the models have {tuple(shape)}")
+    if finite:
+        check_finite(tensors, base, name)
+
+
+def check_finite(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, name: str | None = None) -> None:
+    """NonFiniteError naming the first model (or the base) that holds NaN or Inf values."""
+    where = _where(name)
     labelled = [(f"model {i}", t) for i, t in enumerate(tensors)]
     if base is not None:
         labelled.append(("base", base))
@@ -133,14 +141,16 @@ def merge_tensors(
     """Merge one tensor from N models with a registered method.
 
     Inputs are validated before any work (errors from :mod:`karcher_lab.errors` name ``name``, the
-    tensor's name, when given). Computation runs in float32 (float64 if any input is float64); the
-    result has the first input's dtype unless ``out_dtype`` is given. ``weights`` are the per-model
-    ``weight`` of mergekit's YAML (1.0 each by default). Randomized methods use ``seed`` (the same seed
-    gives bit-identical output). With ``return_trace=True`` a :class:`MergeResult` is returned, whose
-    ``trace`` is the solver trace for iterative methods (None for closed-form ones).
+    tensor's name, when given; a method registered with ``checks_finite`` finds NaN/Inf in its own
+    first pass over the data, before writing any output). Computation runs in float32 (float64 if any
+    input is float64); the result has the first input's dtype unless ``out_dtype`` is given.
+    ``weights`` are the per-model ``weight`` of mergekit's YAML (1.0 each by default). Randomized
+    methods use ``seed`` (the same seed gives bit-identical output). With ``return_trace=True`` a
+    :class:`MergeResult` is returned, whose ``trace`` is the solver trace for iterative methods (None
+    for closed-form ones).
     """
     m = get_method(method)
-    check_tensors(tensors, base, name)
+    check_tensors(tensors, base, name, finite=not m.checks_finite)
     n = len(tensors)
     if n < m.min_models or (m.max_models is not None and n > m.max_models):
         expected = (

@@ -48,18 +48,22 @@ Differences from mergekit 0.1.5's ``karcher`` (checked by reading and running it
   ``init`` ('chord' as mergekit, or 'first'), ``task_vectors`` (mergekit has no base for karcher).
 
 Fisher preconditioning (the paper's §3.4: diagonal Fisher estimates "as a natural-gradient-style
-preconditioning inside the log map"), :func:`fisher_karcher`, with per-model diagonal Fishers F_i (e.g.
-from :func:`karcher_lab.diagnostics.diagonal_fisher`): per block, with F̄ = Σ α_i max(F_i, floor) / Σ α_i,
-map x ↦ √F̄ ⊙ x, take steps 1–3 there (the sphere of the Fisher-weighted norm ‖x‖_F̄ = √(Σ F̄ x²),
-whose norm is preserved), and map back by √F̄⁻¹. The mean there is a combination Σ_j k_j √F̄ ⊙ x_j, so
-mapping back gives Σ_j k_j x_j: only the Gram changes, to G_ij = Σ_e F̄_e x_ie x_je (:func:`fisher_gram`).
-A uniform F̄ gives plain karcher exactly. Not in mergekit; a Python function, not yet a recipe option.
+preconditioning inside the log map"), the option ``fisher`` (one diagonal Fisher per model, e.g. from
+:func:`karcher_lab.diagnostics.diagonal_fisher`, as for the ``fisher`` method): per block, with
+F̄ = Σ α_i max(F_i, fisher_floor) / Σ α_i, map x ↦ √F̄ ⊙ x, take steps 1–3 there (the sphere of the
+Fisher-weighted norm ‖x‖_F̄ = √(Σ F̄ x²), whose norm is preserved), and map back by √F̄⁻¹. The mean
+there is a combination Σ_j k_j √F̄ ⊙ x_j, so mapping back gives Σ_j k_j x_j: only the Gram changes,
+to G_ij = Σ_e F̄_e x_ie x_je (:func:`fisher_metric`, the ``metric`` of
+:func:`~karcher_lab.geometry.karcher_mean.gram_matrix`). A uniform F̄ gives plain karcher exactly.
+As F̄ is linear in α, so is that Gram: G(α) = Σ_k ᾱ_k G^(k) with G^(k) the Gram under max(F_k, floor)
+(:func:`fisher_grams`, :func:`mix_fisher_grams`), which lets a cache re-weight without the data.
+Not in mergekit.
 """
 from __future__ import annotations
 
 import torch
 
-from karcher_lab.errors import MissingBaseError, ParameterError
+from karcher_lab.errors import InputError, MissingBaseError, ParameterError
 from karcher_lab.geometry.blocks import BLOCK_GRANULARITIES
 from karcher_lab.geometry.karcher_mean import (
     KARCHER_INITS,
@@ -71,9 +75,9 @@ from karcher_lab.geometry.karcher_mean import (
     gram_matrix,
     karcher_coefficients,
 )
-from karcher_lab.merge.api import _where, check_tensors, check_weights, compute_dtype, resolve_params
+from karcher_lab.merge.api import _where, check_finite
 from karcher_lab.merge.fisher import check_fishers
-from karcher_lab.merge.registry import Param, get_method, register
+from karcher_lab.merge.registry import Param, register
 
 NORM_AVERAGES: tuple[str, ...] = ("contributing", "all")
 """Output norm: weighted mean over experts with a direction (default) or over all experts (mergekit)."""
@@ -102,11 +106,15 @@ def output_norms(gram: torch.Tensor, weights: torch.Tensor, norm_average: str) -
         Param("task_vectors", bool, False, doc="merge δ_i = θ_i − θ_0 and add the base back (needs a base)"),
         Param("norm_average", str, "contributing", choices=NORM_AVERAGES,
               doc="output norm averaged over experts with a direction, or over all (mergekit)"),
+        Param("fisher", object, None, per_model=True,
+              doc="per-model diagonal Fisher tensors (the tensor's shape): Fisher-preconditioned karcher (§3.4)"),
+        Param("fisher_floor", float, 1e-6, doc="lower bound applied to every Fisher entry (> 0)"),
     ),
     base="optional",
     weights="nonnegative",
     min_models=1,
     returns_trace=True,
+    checks_finite=True,
     paper="Functionality-Oriented LLM Merging on the Fisher–Rao Manifold (arXiv:2603.04972), §3",
 )
 def karcher(
@@ -123,18 +131,25 @@ def karcher(
     init: str,
     task_vectors: bool,
     norm_average: str,
+    fisher: list[torch.Tensor] | None,
+    fisher_floor: float,
 ) -> tuple[torch.Tensor, KarcherTrace]:
     """θ* = (Σ α̂_i n_i) · KarcherMean_α(x_i/n_i) per block (x_i = θ_i, or δ_i = θ_i − θ_0 plus θ_0
-    in task-vector mode). Returns the merged tensor and the solver's :class:`KarcherTrace`.
+    in task-vector mode); with ``fisher``, norms and angles are those of ‖·‖_F̄ (module docstring).
+    Returns the merged tensor and the solver's :class:`KarcherTrace`.
 
     With two experts and η = 1 (chord start) this is SLERP at t = α_2 with the norm interpolated
-    linearly; a base is used only when ``task_vectors`` is true.
+    linearly; a base is used only when ``task_vectors`` is true. NaN/Inf in the models (or the base in
+    task-vector mode) are found through the Gram diagonal (:func:`checked_gram`), not a pass of their own.
     """
     check_solver_params(eta=eta, max_iter=max_iter, tol=tol, init=init)
     if task_vectors and base is None:
         raise MissingBaseError(f"{_where(name)}karcher with task_vectors: true needs a base model")
+    metric = fisher_metric(fisher, weights, tensors[0], fisher_floor, name) if fisher is not None else None
+    if base is not None and not task_vectors:
+        check_finite([], base, name)  # given but unused: still refused when broken, as for other methods
     center = base if task_vectors else None
-    gram = gram_matrix(tensors, block, center=center)
+    gram = checked_gram(tensors, block, center=center, metric=metric, name=name)
     return karcher_from_gram(
         tensors, gram, weights, center=center, block=block, eta=eta, max_iter=max_iter, tol=tol,
         init=init, norm_average=norm_average, name=name,
@@ -171,56 +186,72 @@ def karcher_from_gram(
     return combine([*tensors, center], with_base, block), trace
 
 
-def fisher_gram(
+def checked_gram(
     tensors: list[torch.Tensor],
-    fisher: list[torch.Tensor],
-    weights: torch.Tensor,
     block: str,
     *,
     center: torch.Tensor | None = None,
-    fisher_floor: float = 1e-6,
+    metric: torch.Tensor | None = None,
     name: str | None = None,
 ) -> torch.Tensor:
-    """The Fisher-weighted Gram Σ_e F̄_e x_ie x_je per block (of x_i − θ_0 with ``center``), with
-    F̄ = Σ α_i max(F_i, fisher_floor) / Σ α_i. The Fishers are checked (shape, finite, non-negative)."""
-    if not fisher_floor > 0:
-        raise ParameterError(f"{_where(name)}karcher: fisher_floor must be > 0, got {fisher_floor}")
-    check_fishers(list(fisher), tensors[0].shape, name)
-    mean_fisher = torch.zeros_like(tensors[0])
-    for f, alpha in zip(fisher, weights.tolist()):
-        mean_fisher.add_(f.to(mean_fisher).clamp_min(fisher_floor), alpha=alpha)
-    return gram_matrix(tensors, block, center=center, metric=mean_fisher.div_(float(weights.sum())))
+    """:func:`~karcher_lab.geometry.karcher_mean.gram_matrix` with the NaN/Inf check of the inputs
+    folded in: G_ii = Σ_e m_e (x_ie − θ_0e)² is finite exactly when every entry of x_i (and θ_0) is
+    (the metric m is checked finite and positive beforehand; float32/bf16/fp16 values cannot overflow
+    its float64 sum), so the exact per-model check, which names the culprit, runs only when G is not
+    finite. One read of the data instead of two."""
+    gram = gram_matrix(tensors, block, center=center, metric=metric)
+    if not bool(torch.isfinite(gram).all()):
+        check_finite(tensors, center, name)
+        raise InputError(f"{_where(name)}the Gram matrix of finite inputs overflows float64 (values near 1e154)")
+    return gram
 
 
-def fisher_karcher(
+def _fisher_weights(weights: torch.Tensor, n: int, name: str | None) -> torch.Tensor:
+    """ᾱ = α / Σ α as float64 [n] (per-model weights only: F̄ is one tensor)."""
+    w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
+    if w.numel() != n:
+        raise ParameterError(f"{_where(name)}karcher: got {n} Fishers for {w.numel()} models")
+    return w / w.sum()
+
+
+def _checked_fishers(fisher: list, like: torch.Tensor, floor: float, name: str | None) -> None:
+    if not floor > 0:
+        raise ParameterError(f"{_where(name)}karcher: parameter 'fisher_floor' must be > 0, got {floor}")
+    check_fishers(list(fisher), like.shape, name)
+
+
+def fisher_metric(
+    fisher: list[torch.Tensor], weights: torch.Tensor, like: torch.Tensor, floor: float = 1e-6, name: str | None = None
+) -> torch.Tensor:
+    """F̄ = Σ α_i max(F_i, floor) / Σ α_i, in ``like``'s dtype and device: the diagonal metric of the
+    Fisher-preconditioned karcher. The Fishers are checked first (count, shape, finite, non-negative)."""
+    alpha = _fisher_weights(weights, len(fisher), name)
+    _checked_fishers(fisher, like, floor, name)
+    mean = torch.zeros_like(like)
+    for f, a in zip(fisher, alpha.tolist()):
+        if a > 0:
+            mean.add_(f.to(like).clamp_min(floor), alpha=a)
+    return mean
+
+
+def fisher_grams(
     tensors: list[torch.Tensor],
     fisher: list[torch.Tensor],
+    block: str,
     *,
-    weights: list[float] | torch.Tensor | None = None,
-    base: torch.Tensor | None = None,
-    fisher_floor: float = 1e-6,
+    center: torch.Tensor | None = None,
+    floor: float = 1e-6,
     name: str | None = None,
-    **params,
-) -> tuple[torch.Tensor, KarcherTrace]:
-    """Fisher-preconditioned karcher of one tensor (see the module docstring): ``fisher`` holds one
-    diagonal Fisher per model, ``params`` are karcher's (``block``, ``eta``, ``task_vectors`` ...,
-    defaults as ``merge_tensors("karcher", ...)``). Inputs are validated as there. Returns the merged
-    tensor (in the inputs' dtype) and the solver trace."""
-    method = get_method("karcher")
-    check_tensors(tensors, base, name)
-    w = check_weights(weights, len(tensors), method, name)
-    p = resolve_params(method, len(tensors), params)
-    check_solver_params(eta=p["eta"], max_iter=p["max_iter"], tol=p["tol"], init=p["init"])
-    if p["task_vectors"] and base is None:
-        raise MissingBaseError(f"{_where(name)}karcher with task_vectors: true needs a base model")
-    if len(fisher) != len(tensors):
-        raise ParameterError(f"{_where(name)}karcher: got {len(fisher)} Fishers for {len(tensors)} models")
-    dtype = compute_dtype(list(tensors) + ([base] if base is not None else []))
-    xs = [t.to(dtype) for t in tensors]
-    center = base.to(dtype) if p["task_vectors"] else None
-    gram = fisher_gram(xs, fisher, w, p["block"], center=center, fisher_floor=fisher_floor, name=name)
-    merged, trace = karcher_from_gram(
-        xs, gram, w, center=center, block=p["block"], eta=p["eta"], max_iter=p["max_iter"], tol=p["tol"],
-        init=p["init"], norm_average=p["norm_average"], name=name,
-    )
-    return merged.to(tensors[0].dtype), trace
+) -> torch.Tensor:
+    """G^(k)[b, i, j] = Σ_e max(F_k, floor)_e x_ie x_je per block, one Gram per Fisher: ``[N, B, N, N]``
+    float64 (N data passes). :func:`mix_fisher_grams` turns them into the Gram of F̄ for any weights."""
+    _checked_fishers(fisher, tensors[0], floor, name)
+    return torch.stack([
+        checked_gram(tensors, block, center=center, metric=f.to(tensors[0]).clamp_min(floor), name=name) for f in fisher
+    ])
+
+
+def mix_fisher_grams(grams: torch.Tensor, weights: torch.Tensor, name: str | None = None) -> torch.Tensor:
+    """Σ_k ᾱ_k G^(k) = the Gram under F̄ = Σ_k ᾱ_k max(F_k, floor): the metric is linear in the weights."""
+    alpha = _fisher_weights(weights, grams.shape[0], name).to(grams.device)
+    return torch.tensordot(alpha, grams, dims=1)

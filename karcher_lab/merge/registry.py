@@ -97,6 +97,8 @@ class MergeMethod:
     base: whether a base tensor is required, optional (e.g. task-vector modes) or unused (ignored
     when given, as mergekit ignores ``base_model`` for such methods). weights: whether per-model
     weights must be non-negative, may be negative (task arithmetic) or are not used at all.
+    checks_finite: the method itself raises NonFiniteError for NaN/Inf inputs, found in a pass over the
+    data it makes anyway (karcher's Gram diagonal), so ``merge_tensors`` skips its own NaN/Inf pass.
     """
 
     name: str
@@ -109,6 +111,7 @@ class MergeMethod:
     max_models: int | None = None
     randomized: bool = False
     returns_trace: bool = False
+    checks_finite: bool = False
     paper: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -135,6 +138,7 @@ def register(
     max_models: int | None = None,
     randomized: bool = False,
     returns_trace: bool = False,
+    checks_finite: bool = False,
     paper: str = "",
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as merge method ``name`` (names are mergekit's ``merge_method``)."""
@@ -153,6 +157,7 @@ def register(
             max_models=max_models,
             randomized=randomized,
             returns_trace=returns_trace,
+            checks_finite=checks_finite,
             paper=paper,
         )
         return fn

@@ -40,6 +40,9 @@ BASE_FIRST_METHODS = ("slerp",)
 BASE_MODE_PARAMETERS = {"karcher": "task_vectors"}
 """Methods that use a base only in an opt-in mode: without it, the base is an input as in mergekit."""
 
+PROBE_SHAPE = (2, 3)
+"""Shape of the small tensors each distinct parameter set is tried on before any real tensor is read."""
+
 
 @dataclass(frozen=True)
 class TensorTask:
@@ -155,12 +158,13 @@ def plan_merge(
     sources: Mapping[ModelRef, Source],
     *,
     seed: int | None = None,
-    open_tensor_source: Callable[[ModelRef], Source] | None = None,
+    open_tensor_source: Callable[..., Source] | None = None,
 ) -> MergePlan:
     """Validate ``recipe`` against the opened ``sources`` and resolve every tensor's task (no data read).
 
-    ``open_tensor_source`` opens checkpoints named by tensor-valued parameters (e.g. ``fisher``: each
-    model's Fisher given as a checkpoint with the same tensor names).
+    ``open_tensor_source(value, label)`` opens what tensor-valued parameters give (e.g. ``fisher``: each
+    model's Fisher, as a checkpoint with the same tensor names, a ModelRef, or an in-memory state dict),
+    returning the same source for the same value (see :meth:`MergeSession.open_tensor_source`).
     """
     method = get_method(recipe.merge_method)
     warnings: list[str] = []
@@ -186,7 +190,9 @@ def plan_merge(
     tensor_refs: dict[str, list[Source]] = {}
     for p in method.params:
         if p.kind is object and p.per_model:
-            tensor_refs[p.name] = _tensor_parameter_sources(p, entries, recipe, open_tensor_source)
+            refs = _tensor_parameter_sources(p, entries, recipe, open_tensor_source)
+            if refs is not None:
+                tensor_refs[p.name] = refs
 
     tasks = []
     probed: set[str] = set()
@@ -199,8 +205,9 @@ def plan_merge(
         weights = None
         tensor_params: dict[str, list[tuple[Source, str]]] = {}
         for p in method.params:
-            if p.name in tensor_refs:
-                tensor_params[p.name] = _tensor_parameter(p, name, layout.shapes[name], tensor_refs[p.name])
+            if p.kind is object and p.per_model:  # tensor-valued: given for every model, or optional and absent
+                if p.name in tensor_refs:
+                    tensor_params[p.name] = _tensor_parameter(p, name, layout.shapes[name], tensor_refs[p.name])
                 continue
             coerce = _coerce(p, method)
             if p.per_model:
@@ -257,7 +264,7 @@ def _probe(method: MergeMethod, task: TensorTask, n: int, has_base: bool, probed
     if key in probed:
         return
     probed.add(key)
-    shape = (2, 3)
+    shape = PROBE_SHAPE
     ramp = torch.arange(1, 7, dtype=torch.float32).reshape(shape) / 6
     tensors = [1 + 0.25 * (i + 1) * ramp.roll(i) for i in range(n)]
     params = {**task.params, **{k: [torch.ones(shape)] * n for k in task.tensor_params}}
@@ -268,16 +275,22 @@ def _probe(method: MergeMethod, task: TensorTask, n: int, has_base: bool, probed
 
 
 def _tensor_parameter_sources(
-    param: Param, entries: list[ModelEntry], recipe: Recipe, open_tensor_source: Callable[[ModelRef], Source] | None
-) -> list[Source]:
-    """Per model, the checkpoint holding a tensor-valued parameter (given as a model reference)."""
+    param: Param, entries: list[ModelEntry], recipe: Recipe, open_tensor_source: Callable[..., Source] | None
+) -> list[Source] | None:
+    """Per model, the checkpoint holding a tensor-valued parameter (given as a model reference or an
+    in-memory state dict). None when the parameter is optional (e.g. karcher's ``fisher``) and no model
+    gives it; a required one, or an optional one given for some models only, must be given for all."""
+    values = [e.parameters.get(param.name, recipe.parameters.get(param.name)) for e in entries]
+    if param.default is not REQUIRED and all(v is None for v in values):
+        return None
     out = []
-    for i, e in enumerate(entries):
-        value = e.parameters.get(param.name, recipe.parameters.get(param.name))
+    for i, (e, value) in enumerate(zip(entries, values)):
         if value is None:
-            raise ParameterError(f"parameter {param.name!r} is required for model {e.model}: a checkpoint with one tensor per weight")
+            role = "required" if param.default is REQUIRED else "given for some models, so it is needed"
+            raise ParameterError(f"parameter {param.name!r} is {role} for model {e.model}: a checkpoint with one tensor per weight")
         if isinstance(value, Mapping) or hasattr(value, "state_dict"):
-            out.append(StateDictSource(value, f"{param.name} of model {e.model}"))
+            label = f"{param.name} of model {e.model}"
+            out.append(open_tensor_source(value, label) if open_tensor_source else StateDictSource(value, label))
             continue
         if not isinstance(value, str) or open_tensor_source is None:
             raise ParameterError(f"models[{i}].parameters.{param.name}: expected the path of a checkpoint of per-tensor values, got {value!r}")

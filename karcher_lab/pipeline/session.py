@@ -77,6 +77,7 @@ class MergeSession:
         self.relative_to = relative_to
         self.sources: dict[ModelRef, Source] = {}
         self._in_memory: dict[int, ModelRef] = {}
+        self._tensor_parameters: dict[int, tuple[Any, Source]] = {}
         self.model_refs = [self._add(m, f"model {i}") for i, m in enumerate(models)]
         self.base_ref = self._add(base, "base") if base is not None else None
         self.cache = TensorCache() if keep_inputs else None
@@ -95,11 +96,18 @@ class MergeSession:
             self.sources[ref] = open_model(ref if isinstance(model, (str, Path)) else model, str(ref), self.relative_to)
         return ref
 
-    def open_tensor_source(self, ref: ModelRef) -> Source:
-        """Open (once) a checkpoint named by a tensor-valued parameter such as ``fisher``."""
-        if ref not in self.sources:
-            self.sources[ref] = open_model(ref, str(ref), self.relative_to)
-        return self.sources[ref]
+    def open_tensor_source(self, value: ModelRef | Any, label: str = "") -> Source:
+        """Open (once per session) what a tensor-valued parameter such as ``fisher`` gives: a checkpoint
+        (a ModelRef) or an in-memory ``{name: tensor}`` dict / model. In-memory values are held by the
+        session, so the same object always maps to the same source (caches key on it)."""
+        if isinstance(value, ModelRef):
+            if value not in self.sources:
+                self.sources[value] = open_model(value, str(value), self.relative_to)
+            return self.sources[value]
+        if id(value) not in self._tensor_parameters:
+            label = label or f"<in-memory tensor parameter {len(self._tensor_parameters)}>"
+            self._tensor_parameters[id(value)] = (value, open_model(value, label))
+        return self._tensor_parameters[id(value)][1]
 
     def recipe(
         self,
