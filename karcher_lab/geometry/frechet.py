@@ -41,7 +41,9 @@ class Geometry:
     - ``inner(μ, u, v)``: ⟨u, v⟩_μ, broadcasting over a leading batch axis of u and v;
     - ``align(μ, xs)`` (quotients only): ``(aligned xs, Log_μ of them)``, the orbit minimization of eq. 10
       (it computes the logs anyway, so they are returned rather than recomputed);
-    - ``horizontal(μ, v)`` (quotients only): the projection of v onto the horizontal space at μ.
+    - ``horizontal(μ, v)`` (quotients only): the projection of v onto the horizontal space at μ;
+    - ``transport(μ, ν, v)`` (only for ``memory`` > 0): a vector transport of v from T_μ to T_ν (e.g. the
+      orthogonal projection onto T_ν, then onto the horizontal space at ν).
     """
 
     exp: Callable[[Point, Point], Point]
@@ -49,6 +51,7 @@ class Geometry:
     inner: Callable[[Point, Point, Point], torch.Tensor]
     align: Callable[[Point, Point], tuple[Point, Point]] | None = None
     horizontal: Callable[[Point, Point], Point] | None = None
+    transport: Callable[[Point, Point, Point], Point] | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,15 @@ def check_solver_params(*, eta: float, max_iter: int, tol: float) -> None:
         raise ParameterError(f"tol must be a non-negative number, got {tol!r}")
 
 
+def _dot(geometry: Geometry, mu: Point, u: Point, v: Point) -> float:
+    return float(geometry.inner(mu, u, v))
+
+
+def _axpy(a: float, x: Point, y: Point) -> Point:
+    """a x + y, leafwise."""
+    return tree_map(lambda xi, yi: a * xi + yi, x, y)
+
+
 def frechet_mean(
     geometry: Geometry,
     points: Point,
@@ -125,34 +137,53 @@ def frechet_mean(
     eta: float = 1.0,
     max_iter: int = 100,
     tol: float = 1e-10,
+    memory: int = 0,
 ) -> tuple[Point, FrechetTrace]:
     """Weighted Fréchet mean by Riemannian gradient descent (eq. 9), with alignment on quotients (eq. 10–11).
 
-    ``points`` is a batch (leading axis N), ``init`` the starting point μ_0. Returns the mean (the last
-    iterate) and a :class:`FrechetTrace`; whether it converged is ``trace.converged`` (the caller
-    decides whether non-convergence is an error).
+    ``points`` is a batch (leading axis N), ``init`` the starting point μ_0. With ``memory`` = 0 (the
+    paper's iteration) every step is μ ← Exp_μ(η v), v = hor(Σ w_i Log_μ x_i) = −grad F. With
+    ``memory`` = m > 0 the step direction is the Riemannian L-BFGS direction built from the last m
+    (step, gradient change) pairs, carried along by ``geometry.transport``, with Armijo backtracking
+    on F (the first step, and any step whose direction is not a descent direction, is η v). Same fixed
+    point, same stopping rule ‖v‖ < tol; L-BFGS needs far fewer iterations where F is flat in some
+    directions (far-apart points on a positively curved manifold). Returns the mean (the last iterate)
+    and a :class:`FrechetTrace`; whether it converged is ``trace.converged`` (the caller decides
+    whether non-convergence is an error).
     """
     check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+        raise ParameterError(f"memory must be a non-negative int, got {memory!r}")
+    if memory > 0 and geometry.transport is None:
+        raise ParameterError("memory > 0 (L-BFGS) needs a geometry with a vector transport")
     n = tree_leaves(points)[0].shape[0]
     w = check_weights(weights, n).to(tree_leaves(points)[0].device)
-    mu = init
-    residuals, objectives = [], []
-    iterations = 0
-    while True:
+
+    def evaluate(mu: Point, xs: Point) -> tuple[Point, Point, float]:
+        """Aligned points, v = hor(Σ w_i Log_μ x_i) and F(μ) = ½ Σ w_i ‖Log_μ x_i‖²."""
         if geometry.align is not None:
-            points, logs = geometry.align(mu, points)
+            xs, logs = geometry.align(mu, xs)
         else:
-            logs = geometry.log(mu, points)
+            logs = geometry.log(mu, xs)
         v = weighted_sum(w, logs)
         if geometry.horizontal is not None:
             v = geometry.horizontal(mu, v)
-        residual = float(geometry.inner(mu, v, v).clamp_min(0).sqrt())
-        objectives.append(0.5 * float((w * geometry.inner(mu, logs, logs).to(w.dtype)).sum()))
-        residuals.append(residual)
-        if residual < tol or residual == 0.0 or iterations >= max_iter:
-            break
-        mu = geometry.exp(mu, tree_map(lambda t: eta * t, v))
+        return xs, v, 0.5 * float((w * geometry.inner(mu, logs, logs).to(w.dtype)).sum())
+
+    mu = init
+    points, v, value = evaluate(mu, points)
+    residuals, objectives = [float(geometry.inner(mu, v, v).clamp_min(0).sqrt())], [value]
+    history: list[tuple[Point, Point, float]] = []  # (s, y, ⟨s, y⟩) at the current μ
+    iterations = 0
+    while residuals[-1] >= tol and residuals[-1] != 0.0 and iterations < max_iter:
         iterations += 1
+        if memory == 0:
+            mu = geometry.exp(mu, tree_map(lambda t: eta * t, v))
+            points, v, value = evaluate(mu, points)
+        else:
+            mu, points, v, value, history = _lbfgs_step(geometry, evaluate, mu, points, v, value, history, eta, memory)
+        residuals.append(float(geometry.inner(mu, v, v).clamp_min(0).sqrt()))
+        objectives.append(value)
     trace = FrechetTrace(
         residuals=torch.tensor(residuals, dtype=torch.float64),
         objectives=torch.tensor(objectives, dtype=torch.float64),
@@ -162,6 +193,58 @@ def frechet_mean(
         max_iter=int(max_iter),
     )
     return mu, trace
+
+
+ARMIJO = 1e-4
+"""Sufficient-decrease constant of the L-BFGS line search."""
+
+MAX_HALVINGS = 30
+"""Backtracking halvings of one L-BFGS step before it falls back to the plain step η v."""
+
+
+def _lbfgs_step(geometry, evaluate, mu, points, v, value, history, eta, memory):
+    """One Riemannian L-BFGS step on F (gradient −v) with Armijo backtracking; returns the new state."""
+    g = tree_map(lambda t: -t, v)
+    q, alphas = g, []
+    for s, y, sy in reversed(history):
+        a = _dot(geometry, mu, s, q) / sy
+        alphas.append(a)
+        q = _axpy(-a, y, q)
+    if history:
+        s, y, sy = history[-1]
+        q = tree_map(lambda t: (sy / _dot(geometry, mu, y, y)) * t, q)
+    else:
+        q = tree_map(lambda t: eta * t, q)
+    for (s, y, sy), a in zip(history, reversed(alphas)):
+        q = _axpy(a - _dot(geometry, mu, y, q) / sy, s, q)
+    direction = tree_map(lambda t: -t, q)
+    if geometry.horizontal is not None:
+        direction = geometry.horizontal(mu, direction)
+    slope = _dot(geometry, mu, g, direction)
+    if not slope < 0:  # not a descent direction: restart from the plain step
+        history, direction = [], tree_map(lambda t: eta * t, v)
+        slope = _dot(geometry, mu, g, direction)
+    step = 1.0
+    for _ in range(MAX_HALVINGS):
+        trial = geometry.exp(mu, tree_map(lambda t: step * t, direction))
+        trial_points, trial_v, trial_value = evaluate(trial, points)
+        if trial_value <= value + ARMIJO * step * slope + 1e-14 * (1.0 + abs(value)):
+            break
+        step *= 0.5
+    else:  # no decrease found along the L-BFGS direction: take the plain step and forget the history
+        trial = geometry.exp(mu, tree_map(lambda t: eta * t, v))
+        trial_points, trial_v, trial_value = evaluate(trial, points)
+        return trial, trial_points, trial_v, trial_value, []
+    move = lambda t: geometry.transport(mu, trial, t)  # noqa: E731
+    s_new = move(tree_map(lambda t: step * t, direction))
+    y_new = _axpy(1.0, move(v), tree_map(lambda t: -t, trial_v))  # g_new − T(g) = −v_new + T(v)
+    history = [(move(s), move(y), sy) for s, y, sy in history]
+    history = [(s, y, _dot(geometry, trial, s, y)) for s, y, _ in history]
+    sy_new = _dot(geometry, trial, s_new, y_new)
+    if sy_new > 0:
+        history.append((s_new, y_new, sy_new))
+    history = [entry for entry in history if entry[2] > 0][-memory:]
+    return trial, trial_points, trial_v, trial_value, history
 
 
 def tree_leaves(tree: Point) -> list[torch.Tensor]:

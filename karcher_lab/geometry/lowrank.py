@@ -174,6 +174,16 @@ def horizontal(point: Polar, xi: PolarTangent) -> PolarTangent:
     return PolarTangent(xi.U - v.U, xi.B - v.B, xi.V - v.V)
 
 
+def transport(point: Polar, target: Polar, xi: PolarTangent) -> PolarTangent:
+    """Vector transport from T_point to the horizontal space at ``target`` by orthogonal projection:
+    the Stiefel parts onto T St at target.U / target.V, the (symmetric) SPD part unchanged, then
+    :func:`horizontal` at ``target``. Used by the L-BFGS variant of the Fréchet solver."""
+    moved = PolarTangent(
+        stiefel.project(target.U, xi.U).to(F64), spd.sym(xi.B), stiefel.project(target.V, xi.V).to(F64)
+    )
+    return horizontal(target, moved)
+
+
 def exp(point: Polar, xi: PolarTangent) -> Polar:
     """Product exponential (Stiefel Exp of eq. 5 on U and V, SPD Exp of eq. 4a on B)."""
     return Polar(
@@ -202,9 +212,11 @@ def dist(point: Polar, other: Polar, **log_params) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Alignment:
-    """Result of :func:`align`: per batch entry the rotation ``O``, the aligned representative
-    ``aligned`` = other·O, its total-space log from the reference point (horizontal to ``residuals``),
-    the iterations taken and the final ``residuals`` ‖vert part of the log‖."""
+    """Result of :func:`align`, per batch entry: the rotation ``O``, the aligned representative
+    ``aligned`` = other·O, its total-space log from the reference point (``log``, horizontal to
+    ``residuals`` = ‖vert part of the log‖), the alignment steps taken (``iterations``, max over the
+    batch) and ``log_starts``: the Stiefel logs' final completions (for U and V), a warm start for the
+    next alignment of ``aligned`` to a nearby point."""
 
     O: torch.Tensor
     aligned: Polar
@@ -212,11 +224,19 @@ class Alignment:
     iterations: int
     residuals: torch.Tensor
     tol: float
+    log_starts: tuple[torch.Tensor, torch.Tensor]
 
     @property
     def converged(self) -> bool:
         """Every entry reached ‖vert part of the log‖ < tol."""
         return bool((self.residuals < self.tol).all())
+
+
+LBFGS_MEMORY = 8
+"""Pairs kept by the alignment's L-BFGS."""
+
+LINE_SEARCH_HALVINGS = 30
+"""Backtracking halvings tried per alignment step before giving up on that step."""
 
 
 def _polar_of(k: torch.Tensor) -> torch.Tensor:
@@ -235,31 +255,14 @@ def _closed_form_candidates(point: Polar, other: Polar) -> list[torch.Tensor]:
     return [_polar_of(cross), (p_th * signs.unsqueeze(-2)) @ p_mu.mT]
 
 
-def _batch_select(mask: torch.Tensor, a, b):
-    """Entrywise (over the leading batch axis) choice between two tensors / named tuples of tensors."""
+def _select(mask: torch.Tensor, a, b):
+    """Entrywise (over the leading batch axis) choice between tensors or tuples of tensors."""
     if isinstance(a, tuple):
-        return type(a)(*(_batch_select(mask, x, y) for x, y in zip(a, b)))
+        parts = [_select(mask, x, y) for x, y in zip(a, b)]
+        return type(a)(*parts) if hasattr(a, "_fields") else tuple(parts)
+    if not isinstance(a, torch.Tensor):
+        return a
     return torch.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b)
-
-
-LBFGS_MEMORY = 8
-"""Pairs kept by the alignment's L-BFGS."""
-
-LINE_SEARCH_HALVINGS = 30
-"""Backtracking halvings tried per alignment step before giving up on that step."""
-
-
-def _orbit_gradient(point: Polar, xi: PolarTangent) -> torch.Tensor:
-    """Frobenius gradient R (skew) of O ↦ ½ d(point, θ·O)² along O ← O expm(Ω), with ξ = Log_point(θ·O).
-
-    By the first variation formula and the isometric action, d/dt ½d² = ⟨ξ, vert(Ω)⟩ = ⟨R, Ω⟩_F with
-    R = skew(½(Uᵀξ_U + Vᵀξ_V)) + ξ_B B⁻¹ − B⁻¹ξ_B: the right-hand side of the §2 Ω equation.
-    """
-    lam, p = spd.eigh_spd(point.B, "B")
-    bt = p.mT @ spd.sym(xi.B) @ p
-    inv = 1.0 / lam
-    spd_part = p @ (bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))) @ p.mT
-    return stiefel.skew(0.5 * (point.U.mT @ xi.U + point.V.mT @ xi.V) + spd_part)
 
 
 def _lbfgs_direction(grad, history, precondition, dot) -> torch.Tensor:
@@ -285,11 +288,55 @@ def _lbfgs_direction(grad, history, precondition, dot) -> torch.Tensor:
     return -stiefel.skew(r)
 
 
+class _OrbitObjective:
+    """O ↦ ½ d(μ, θ·O)² and its gradient, in r×r coordinates only.
+
+    With (M, Q, N) = stiefel.coordinates(U_μ, U_θ), the frame Q also serves U_θ O, with (M O, N O), so
+    Log_{U_μ}(U_θ O) = U_μ A + Q B comes from :func:`stiefel.log_coordinates` on r×r blocks; then
+    U_μᵀ ξ_U = A and ‖ξ_U‖² = ½‖A‖² + ‖B‖². The Frobenius gradient along O ← O expm(Ω) is, by the first
+    variation formula and the isometric action, ⟨ξ, vert(Ω)⟩ = ⟨R, Ω⟩_F with
+    R = skew(½(A_U + A_V)) + ξ_B B⁻¹ − B⁻¹ ξ_B: the right-hand side of the §2 Ω equation.
+    """
+
+    def __init__(self, point: Polar, other: Polar, log_tol: float, log_max_iter: int):
+        self.point, self.other = point, other
+        self.cu = stiefel.coordinates(point.U, other.U)
+        self.cv = stiefel.coordinates(point.V, other.V)
+        self.lam, self.p = spd.eigh_spd(point.B, "B")
+        self.log_params = dict(tol=log_tol, max_iter=log_max_iter)
+
+    def __call__(self, o: torch.Tensor, starts=(None, None)):
+        """(½ d², gradient R, state) at O; state = (A_U, B_U, A_V, B_V, ξ_B, completions)."""
+        logs = []
+        for (m, _, n), start in zip((self.cu, self.cv), starts):
+            a, b, completion, info = stiefel.log_coordinates(m @ o, n @ o, start=start, **self.log_params)
+            if not info.converged:
+                raise stiefel.not_converged_error(info)
+            logs.append((a, b, completion))
+        (a_u, b_u, c_u), (a_v, b_v, c_v) = logs
+        xi_b = spd.log(self.point.B, spd.sym(o.mT @ self.other.B @ o)).to(F64)
+        bt = self.p.mT @ xi_b @ self.p
+        inv = 1.0 / self.lam
+        sq = lambda x: (x * x).sum(dim=(-2, -1))  # noqa: E731
+        spd_sq = (bt * bt * inv.unsqueeze(-1) * inv.unsqueeze(-2)).sum(dim=(-2, -1))
+        half_d2 = 0.5 * (0.5 * sq(a_u) + sq(b_u) + 0.5 * sq(a_v) + sq(b_v) + spd_sq)
+        spd_grad = self.p @ (bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))) @ self.p.mT
+        grad = stiefel.skew(0.5 * (a_u + a_v) + spd_grad)
+        return half_d2, grad, (a_u, b_u, a_v, b_v, xi_b, (c_u, c_v))
+
+    def tangent(self, state) -> PolarTangent:
+        """Log_μ(θ·O) = (U_μ A_U + Q_U B_U, ξ_B, V_μ A_V + Q_V B_V)."""
+        a_u, b_u, a_v, b_v, xi_b, _ = state
+        u, v = self.point.U.to(F64), self.point.V.to(F64)
+        return PolarTangent(u @ a_u + self.cu[1] @ b_u, xi_b, v @ a_v + self.cv[1] @ b_v)
+
+
 def align(
     point: Polar,
     other: Polar,
     *,
     warm_start: bool = False,
+    log_starts: tuple[torch.Tensor, torch.Tensor] | None = None,
     tol: float = ALIGN_TOL,
     max_iter: int = ALIGN_MAX_ITER,
     log_tol: float = stiefel.LOG_TOL,
@@ -297,47 +344,42 @@ def align(
 ) -> Alignment:
     """Orbit minimization O* = argmin_O d(point, other·O)² (eq. 2 / eq. 10), batched over ``other``'s leading axis.
 
-    ``point`` is one (unbatched) Polar, ``other`` a batch ``[N, ...]``. The start is the best of the
-    closed-form candidates (module doc), plus the identity when ``warm_start`` (``other`` already
-    aligned to a nearby point, e.g. the previous Fréchet iterate). Then Gauss–Newton steps
-    O ← O expm(−Ω) with Ω the vertical generator of Log_point(other·O), halved while they increase d,
-    until ‖vert(Ω)‖ < ``tol`` for every entry or ``max_iter`` steps.
+    ``point`` is one (unbatched) Polar, ``other`` a batch ``[N, ...]``. Cold (default): the start is
+    the better (by the true d) of the two closed-form candidates of the module doc, both equivariant
+    under other ↦ other·O'. ``warm_start``: ``other`` is already aligned to a nearby point (e.g. the
+    previous Fréchet iterate) and the start is the identity, with the Stiefel logs warm-started from
+    ``log_starts`` (the previous :attr:`Alignment.log_starts`). Then L-BFGS on O(r) (steps
+    O ← O expm(Ω), Ω skew; initial inverse Hessian the inverse vertical metric c⁻¹, which makes the
+    first step the Gauss–Newton step that removes the vertical part of the log in a flat space;
+    Armijo backtracking), until ‖vert part of Log_point(other·O)‖ < ``tol`` for every entry or
+    ``max_iter`` steps. Raises ConvergenceError if a Stiefel log does not converge.
     """
-    if not (isinstance(tol, (int, float)) and tol > 0):
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
         raise ParameterError(f"alignment tol must be a positive number, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ParameterError(f"alignment max_iter must be a non-negative int, got {max_iter!r}")
     n, r = other.U.shape[0], other.U.shape[-1]
-    eye = torch.eye(r, dtype=F64, device=other.U.device).expand(n, r, r)
-    candidates = _closed_form_candidates(point, other) + ([eye] if warm_start else [])
-    logp = dict(tol=log_tol, max_iter=log_max_iter)
+    objective = _OrbitObjective(point, other, log_tol, log_max_iter)
+    if warm_start:
+        o = torch.eye(r, dtype=F64, device=other.U.device).expand(n, r, r)
+        f, grad, state = objective(o, log_starts or (None, None))
+    else:
+        first, second = _closed_form_candidates(point, other)
+        o, (f, grad, state) = first, objective(first)
+        cf, cg, cs = objective(second)
+        better = cf < f
+        o, f, grad, state = _select(better, second, o), _select(better, cf, f), _select(better, cg, grad), _select(better, cs, state)
 
-    best_o = best_rep = best_log = best_f = None
-    for o in candidates:
-        rep = act(other, o)
-        lg = log(point, rep, **logp)
-        f = inner(point, lg, lg)
-        if best_o is None:
-            best_o, best_rep, best_log, best_f = o, rep, lg, f
-        else:
-            better = f < best_f
-            best_o = _batch_select(better, o, best_o)
-            best_rep = _batch_select(better, rep, best_rep)
-            best_log = _batch_select(better, lg, best_log)
-            best_f = torch.where(better, f, best_f)
+    coef = objective.lam.unsqueeze(-1) / objective.lam.unsqueeze(-2) + objective.lam.unsqueeze(-2) / objective.lam.unsqueeze(-1) - 1.0
+    p_mu = objective.p
 
-    o, rep, lg, f = best_o, best_rep, best_log, best_f
-    lam, p_mu = spd.eigh_spd(point.B, "B")
-    coef = lam.unsqueeze(-1) / lam.unsqueeze(-2) + lam.unsqueeze(-2) / lam.unsqueeze(-1) - 1.0
-
-    def precondition(x: torch.Tensor) -> torch.Tensor:  # the inverse of the vertical metric, c⁻¹ (module doc)
+    def precondition(x: torch.Tensor) -> torch.Tensor:  # the inverse vertical metric c⁻¹ (module doc)
         return p_mu @ ((p_mu.mT @ x @ p_mu) / coef) @ p_mu.mT
 
     def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * b).sum(dim=(-2, -1))
 
     history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    grad = _orbit_gradient(point, lg)
     iterations = 0
     while True:
         residual = dot(grad, precondition(grad)).clamp_min(0).sqrt()  # = ‖vert part of the log‖
@@ -351,27 +393,29 @@ def align(
         pending = active.clone()
         for _ in range(LINE_SEARCH_HALVINGS):
             trial_o = o @ torch.linalg.matrix_exp((step * pending)[:, None, None] * direction)
-            trial_rep = act(other, trial_o)
-            trial_log = log(point, trial_rep, **logp)
-            trial_f = inner(point, trial_log, trial_log)
-            # Armijo on ½d², with slack for rounding of f once the decrease is below its last digits
-            accept = pending & (0.5 * trial_f <= 0.5 * f + 1e-4 * step * slope + 1e-13 * (1.0 + f))
+            trial_f, trial_grad, trial_state = objective(trial_o, state[-1])
+            # Armijo on ½d², with slack for the rounding of f once the decrease is below its last digits
+            accept = pending & (trial_f <= f + 1e-4 * step * slope + 1e-13 * (1.0 + f))
             if bool(accept.any()):
-                new_grad = _orbit_gradient(point, trial_log)
                 s_k = step[:, None, None] * direction * accept[:, None, None]
-                y_k = (new_grad - grad) * accept[:, None, None]
+                y_k = (trial_grad - grad) * accept[:, None, None]
                 history.append((s_k, y_k, dot(s_k, y_k)))
                 del history[:-LBFGS_MEMORY]
-                o = _batch_select(accept, trial_o, o)
-                rep = _batch_select(accept, trial_rep, rep)
-                lg = _batch_select(accept, trial_log, lg)
-                f = torch.where(accept, trial_f, f)
-                grad = torch.where(accept[:, None, None], new_grad, grad)
+                o, f = _select(accept, trial_o, o), _select(accept, trial_f, f)
+                grad, state = _select(accept, trial_grad, grad), _select(accept, trial_state, state)
                 pending = pending & ~accept
             if not bool(pending.any()):
                 break
             step = torch.where(pending, 0.5 * step, step)
-    return Alignment(O=o, aligned=rep, log=lg, iterations=iterations, residuals=residual, tol=float(tol))
+    return Alignment(
+        O=o,
+        aligned=act(other, o),
+        log=objective.tangent(state),
+        iterations=iterations,
+        residuals=residual,
+        tol=float(tol),
+        log_starts=state[-1],
+    )
 
 
 def quotient_dist(point: Polar, other: Polar, **align_params) -> torch.Tensor:

@@ -127,11 +127,17 @@ def project(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 
 def _complement(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q (orthonormal, QᵀU = 0) and R with (I − U Uᵀ) W = Q R, from a QR of [U, (I − U Uᵀ) W]."""
+    """Q (orthonormal, QᵀU = 0) and QᵀW, with (I − U Uᵀ) W = Q (QᵀW): Q from a QR of [U, (I − U Uᵀ) W].
+
+    Q's column signs are fixed so that QᵀW has a non-negative diagonal, which makes Q a continuous
+    function of W away from rank deficiency (warm starts of :func:`log_coordinates` rely on it).
+    """
     p = u.shape[-1]
     perp = w - u @ (u.mT @ w)
-    q, r = torch.linalg.qr(torch.cat([u, perp], dim=-1))
-    return q[..., p:], r[..., p:, p:]
+    q = torch.linalg.qr(torch.cat([u, perp], dim=-1))[0][..., p:]
+    qw = q.mT @ w
+    signs = torch.where(torch.diagonal(qw, dim1=-2, dim2=-1) < 0, -1.0, 1.0).to(q.dtype)
+    return q * signs.unsqueeze(-2), qw * signs.unsqueeze(-1)
 
 
 def exp(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -140,7 +146,7 @@ def exp(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     u64, d = u.to(torch.float64), _check_like(delta, u, "delta")
     p = u.shape[-1]
     a = skew(u64.mT @ d)
-    q, r = _complement(u64, d)
+    q, r = _complement(u64, d)  # (I − UUᵀ)Δ = Q R
     block = torch.cat([torch.cat([a, -r.mT], dim=-1), torch.cat([r, torch.zeros_like(r)], dim=-1)], dim=-2)
     mn = torch.linalg.matrix_exp(block)[..., :p]
     return (u64 @ mn[..., :p, :] + q @ mn[..., p:, :]).to(_out_dtype(u, delta))
@@ -160,21 +166,30 @@ def logm_orthogonal(v: torch.Tensor) -> torch.Tensor:
     return skew(c @ ((z * h.unsqueeze(-2)) @ z.mT))
 
 
-def _start_rotation(m: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """V₀ ∈ SO(2p) whose first p columns are [M; N], trailing block rotated to be symmetric PSD."""
+def _start_rotation(m: torch.Tensor, n: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
+    """V₀ ∈ SO(2p) whose first p columns are [M; N].
+
+    Cold (``start`` None): the trailing columns of a full QR of [M; N], rotated so that the trailing
+    block is symmetric positive semidefinite. Warm: ``start`` (trailing columns of a previous V for
+    nearby M, N) with [M; N] projected out and re-orthonormalized (closest orthonormal frame). In both
+    cases a trailing column is flipped where needed so that det V₀ = +1.
+    """
     p = m.shape[-1]
     mn = torch.cat([m, n], dim=-2)
-    full, _ = torch.linalg.qr(mn, mode="complete")
-    xy = full[..., p:]
-    left, _, right_t = torch.linalg.svd(xy[..., p:, :])  # Y₀ = P S Rᵀ; rotate by R Pᵀ → Y = P S Pᵀ
-    rot = right_t.mT @ left.mT
-    v = torch.cat([mn, xy @ rot], dim=-1)
+    if start is None:
+        xy = torch.linalg.qr(mn, mode="complete")[0][..., p:]
+        left, _, right_t = torch.linalg.svd(xy[..., p:, :])  # Y₀ = P S Rᵀ; rotate by R Pᵀ → Y = P S Pᵀ
+    else:
+        w = start - mn @ (mn.mT @ start)
+        left_w, _, right_w = torch.linalg.svd(w, full_matrices=False)
+        xy = left_w @ right_w  # closest orthonormal frame to w
+        left = right_t = torch.eye(p, dtype=m.dtype, device=m.device).expand(*xy.shape[:-2], p, p)
+    sign = torch.ones(*mn.shape[:-2], p, dtype=m.dtype, device=m.device)
+    v = torch.cat([mn, xy @ right_t.mT @ left.mT], dim=-1)
     flip = torch.linalg.det(v) < 0  # flip the trailing column along the smallest singular direction
     if bool(flip.any()):
-        sign = torch.ones(*v.shape[:-2], p, dtype=v.dtype, device=v.device)
         sign[..., -1] = torch.where(flip, -1.0, 1.0)
-        rot = (right_t.mT * sign.unsqueeze(-2)) @ left.mT
-        v = torch.cat([mn, xy @ rot], dim=-1)
+        v = torch.cat([mn, xy @ (right_t.mT * sign.unsqueeze(-2)) @ left.mT], dim=-1)
     return v
 
 
@@ -195,6 +210,65 @@ def _trailing_update(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return skew(torch.where(safe, x, -c))
 
 
+def coordinates(u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(M, Q, N) with M = UᵀY, Q ⟂ U orthonormal and Y = U M + Q N: Y in the 2p-dimensional frame [U, Q].
+
+    Every quantity of :func:`log_coordinates` lives in this frame; for Y·O (O ∈ O(p)) the same Q serves,
+    with (M O, N O), since span((I − UUᵀ) Y O) = span((I − UUᵀ) Y).
+    """
+    check_point(u, "U")
+    check_point(y, "Y")
+    if y.shape[-2:] != u.shape[-2:]:
+        raise ShapeMismatchError(f"U and Y must have the same [n, p], got {tuple(u.shape)} and {tuple(y.shape)}")
+    u64, y64 = torch.broadcast_tensors(u.to(torch.float64), y.to(torch.float64))
+    q, n = _complement(u64, y64)
+    return u64.mT @ y64, q, n
+
+
+def log_coordinates(
+    m: torch.Tensor,
+    n: torch.Tensor,
+    *,
+    start: torch.Tensor | None = None,
+    tol: float = LOG_TOL,
+    max_iter: int = LOG_MAX_ITER,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LogInfo]:
+    """Zimmermann's iteration on the frame coordinates: (A, B) with Log_U(Y) = U A + Q B (module doc).
+
+    ``m``, ``n``: [..., p, p] from :func:`coordinates`. ``start``: the trailing columns of a previous
+    run's final rotation (returned here as ``completion``) for a warm start at nearby (M, N).
+    Returns (A, B, completion [..., 2p, p], :class:`LogInfo`); convergence is for the caller to judge.
+    """
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ParameterError(f"tol must be a positive number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
+    p = m.shape[-1]
+    v = _start_rotation(m, n, start)
+    iterations = torch.zeros(v.shape[:-2], dtype=torch.int64, device=v.device)
+    while True:
+        gen = logm_orthogonal(v)
+        c = gen[..., p:, p:]
+        residuals = c.norm(dim=(-2, -1))
+        moving = residuals >= tol
+        if not bool(moving.any()) or int(iterations.max()) >= max_iter:
+            break
+        phi = torch.linalg.matrix_exp(_trailing_update(gen[..., p:, :p], c) * moving[..., None, None])
+        v = torch.cat([v[..., :p], v[..., p:] @ phi], dim=-1)
+        iterations += moving
+    info = LogInfo(iterations=iterations.cpu(), residuals=residuals.cpu(), tol=float(tol), max_iter=int(max_iter))
+    return gen[..., :p, :p], gen[..., p:, :p], v[..., p:], info
+
+
+def not_converged_error(info: LogInfo) -> ConvergenceError:
+    """The error raised when a Stiefel log did not converge."""
+    return ConvergenceError(
+        f"Stiefel log did not converge: ‖C‖ = {info.residual:.3g} ≥ tol {info.tol:g} after {info.max_iter} "
+        "iterations (the points are too far apart for Zimmermann's iteration; raise max_iter or tol, or "
+        "move them closer)"
+    )
+
+
 def log(
     u: torch.Tensor,
     y: torch.Tensor,
@@ -210,41 +284,13 @@ def log(
     convergence to the caller; otherwise raises ConvergenceError when an entry did not converge (the
     points are too far apart: beyond the iteration's convergence radius, or near the cut locus).
     """
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ParameterError(f"tol must be a positive number, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    check_point(u, "U")
-    check_point(y, "Y")
-    if y.shape[-2:] != u.shape[-2:]:
-        raise ShapeMismatchError(f"U and Y must have the same [n, p], got {tuple(u.shape)} and {tuple(y.shape)}")
-    u64, y64 = torch.broadcast_tensors(u.to(torch.float64), y.to(torch.float64))
-    p = u.shape[-1]
-    m = u64.mT @ y64
-    q, n = _complement(u64, y64)
-    v = _start_rotation(m, n)
-    batch = v.shape[:-2]
-    iterations = torch.zeros(batch, dtype=torch.int64, device=v.device)
-    for _ in range(max_iter + 1):
-        gen = logm_orthogonal(v)
-        c = gen[..., p:, p:]
-        residuals = c.norm(dim=(-2, -1))
-        moving = residuals >= tol
-        if not bool(moving.any()) or int(iterations.max()) >= max_iter:
-            break
-        phi = torch.linalg.matrix_exp(_trailing_update(gen[..., p:, :p], c) * moving[..., None, None])
-        v = torch.cat([v[..., :p], v[..., p:] @ phi], dim=-1)
-        iterations += moving
-    a, b = gen[..., :p, :p], gen[..., p:, :p]
-    delta = (u64 @ a + q @ b).to(_out_dtype(u, y))
-    info = LogInfo(iterations=iterations.cpu(), residuals=residuals.cpu(), tol=float(tol), max_iter=int(max_iter))
+    m, q, n = coordinates(u, y)
+    a, b, _, info = log_coordinates(m, n, tol=tol, max_iter=max_iter)
+    delta = (u.to(torch.float64) @ a + q @ b).to(_out_dtype(u, y))
     if return_info:
         return delta, info
     if not info.converged:
-        raise ConvergenceError(
-            f"Stiefel log did not converge: ‖C‖ = {info.residual:.3g} ≥ tol {tol:g} after {max_iter} iterations "
-            "(the points are too far apart for Zimmermann's iteration; raise max_iter or tol, or move them closer)"
-        )
+        raise not_converged_error(info)
     return delta
 
 
