@@ -110,13 +110,13 @@ class CollapseViewer(widgets.VBox):
         if rows.empty:
             raise InputError(f"no rows for methods {methods} at m = {self.m_dropdown.value}, "
                              f"site {self.site_dropdown.value!r}, metric {self.metric_dropdown.value!r}")
-        twice = rows[rows.duplicated(["method", "experts", "layer"])]
+        # one curve per method; the experts (method "expert", m = 1) one curve each
+        rows = rows.assign(series=rows["method"].where(rows["method"] != "expert", "expert:" + rows["experts"]))
+        twice = rows[rows.duplicated(["series", "layer"])]
         if not twice.empty:
-            raise InputError(f"several rows per layer for {sorted(set(twice['method']))}: the results mix runs; "
-                             f"pick a pool and an order")
-        # experts (method "expert") are one curve per expert
-        series = rows["method"].where(~(rows["method"] == "expert"), "expert:" + rows["experts"])
-        return rows.assign(series=series)
+            raise InputError(f"several rows per layer for {sorted(set(twice['series']))}: the results mix runs "
+                             f"(experts {sorted(set(twice['experts']))})")
+        return rows
 
     def update(self) -> bool:
         """Redraw the figure in place from the current controls; False (error shown) on failure."""
