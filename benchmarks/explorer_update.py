@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""How long one MergeExplorer update takes, next to a from-scratch merge and the in-place floor.
+
+    .venv/bin/python benchmarks/explorer_update.py [--pools tiny smollm2] [--experts 5] [--repeats 5]
+
+For each pool, a :class:`karcher_lab.widgets.MergeExplorer` over the pool with its first ``--experts``
+experts checked runs three kinds of update, ``--repeats`` times each, through its synchronous
+``update()`` (no debounce): a weight change, an η change, and a subset change (one expert unchecked or
+checked again). Printed side by side, medians:
+
+- ours, merge: the karcher fast path (re-solve from the cached Grams, one combine pass) plus
+  ``load_state_dict`` into the one preallocated model;
+- from scratch, merge: ``karcher_lab.merge(paths, "karcher", weights=...)`` (reads the checkpoints,
+  Gram pass, solve, combine) plus instantiating a model and loading the state;
+- floor: a plain weighted sum Σ α_i θ_i written in place into the preallocated model's parameters
+  (one read of the inputs, one write);
+- evaluation: what every update then measures (quality, KL, weight metrics, activations), the same for
+  both paths; ours, full update = ours merge + evaluation, from scratch + evaluate likewise.
+
+Targets (issue 7): a full update on the tiny pool ≤ 0.5 s; on the SmolLM2 pool (5 experts) ≤ 10 s on
+2 CPU cores. A pool that is not built is skipped with a message.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+import karcher_lab  # noqa: E402
+from karcher_lab.widgets import MergeExplorer  # noqa: E402
+from karcher_lab.zoo import PoolNotBuiltError, find_pool, load  # noqa: E402
+
+TARGETS = {"tiny": 0.5, "smollm2": 10.0}
+EVALUATION_STAGES = ("weights", "quality", "activations")
+
+
+def weighted_sum_in_place(model: torch.nn.Module, experts: list[torch.nn.Module], alpha: list[float]) -> None:
+    """θ ← Σ α_i θ_i written into ``model``'s own parameters (the floor of any merge update)."""
+    states = [e.state_dict() for e in experts]
+    with torch.no_grad():
+        for name, target in model.state_dict().items():
+            target.zero_()
+            for a, state in zip(alpha, states):
+                target.add_(state[name], alpha=a)
+
+
+def changes(explorer: MergeExplorer, members: list[int]):
+    """The three kinds of update, each a function that moves one control."""
+    state = {"w": 0, "eta": 0, "subset": 0}
+
+    def weight():
+        state["w"] += 1
+        explorer.sliders[members[0]].value = 0.3 if state["w"] % 2 else 0.8
+
+    def eta():
+        state["eta"] += 1
+        explorer.param_controls["eta"].value = 0.6 if state["eta"] % 2 else 1.0
+
+    def subset():
+        state["subset"] += 1
+        explorer.checkboxes[members[-1]].value = not explorer.checkboxes[members[-1]].value
+
+    return {"weight": weight, "eta": eta, "subset": subset}
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def run_pool(name: str, args) -> None:
+    try:
+        pool = find_pool(name)
+    except PoolNotBuiltError as exc:
+        print(f"\npool {name}: SKIPPED, not built ({exc})")
+        return
+    members = list(range(min(args.experts, len(pool.experts))))
+    selected = [pool.experts[i]["task"] for i in members]
+    start = time.perf_counter()
+    explorer = MergeExplorer(pool, selected=selected, quality_examples=args.quality_examples,
+                             activation_examples=args.activation_examples, draws=args.draws,
+                             exact_match=not args.no_exact_match, initial_update=True)
+    if explorer.error:
+        raise SystemExit(f"the explorer failed on pool {name}: {explorer.error}")
+    print(f"\npool {name}: {len(selected)} experts checked of {len(pool.experts)} ({', '.join(selected)}); "
+          f"{sum(p.numel() for p in explorer.model.parameters()):,} parameters/model; panel built and first "
+          f"update (Gram pass, expert-side caches) in {time.perf_counter() - start:.1f} s")
+    print(f"evaluation: {args.quality_examples} examples/task (exact match {'off' if args.no_exact_match else 'on'}), "
+          f"activations on {explorer._probe_batch()[0].shape[0]} probe sequences, {args.draws} bootstrap draws")
+
+    paths = [e["path"] for e in pool.experts]
+    rows = []
+    for kind, change in changes(explorer, members).items():
+        ours_merge, evaluation, totals, scratch, floor = [], [], [], [], []
+        for _ in range(args.repeats):
+            change()
+            if not explorer.update():
+                raise SystemExit(f"update failed: {explorer.error}")
+            t = explorer.timings
+            ours_merge.append(t["merge"] + t["load"])
+            evaluation.append(sum(t[s] for s in EVALUATION_STAGES))
+            totals.append(t["total"])
+            request = explorer.request()
+            chosen = [paths[i] for i in request["members"]]
+            begin = time.perf_counter()
+            state = karcher_lab.merge(chosen, "karcher", weights=request["alpha"], params=request["params"])
+            fresh, _ = load(str(pool.base_path))
+            fresh.load_state_dict(state, strict=False)
+            scratch.append(time.perf_counter() - begin)
+            begin = time.perf_counter()
+            weighted_sum_in_place(explorer.model, [explorer.expert_models[i] for i in request["members"]], request["alpha"])
+            floor.append(time.perf_counter() - begin)
+            explorer.load_state(explorer.state)  # back to the merged model
+        rows.append((kind, median(ours_merge), median(scratch), median(floor), median(evaluation), median(totals),
+                     median(scratch) + median(evaluation)))
+    print(f"{'update':<8} {'ours merge':>11} {'scratch merge':>14} {'floor (sum)':>12} {'evaluation':>11} "
+          f"{'ours full':>10} {'scratch+eval':>13}   (medians of {args.repeats}, seconds)")
+    for kind, ours, scratch, floor, evaluation, total, scratch_total in rows:
+        print(f"{kind:<8} {ours:>11.3f} {scratch:>14.3f} {floor:>12.3f} {evaluation:>11.3f} {total:>10.3f} {scratch_total:>13.3f}")
+    stages = {k: round(v, 3) for k, v in explorer.timings.items()}
+    print(f"last update by stage: {stages}")
+    target = TARGETS.get(name)
+    if target is not None:
+        worst = max(r[5] for r in rows)
+        print(f"target: full update <= {target} s -> worst median {worst:.3f} s: {'met' if worst <= target else 'NOT met'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pools", nargs="+", default=["tiny", "smollm2"])
+    parser.add_argument("--experts", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the SmolLM2 target is for 2 cores)")
+    parser.add_argument("--quality-examples", type=int, default=16)
+    parser.add_argument("--activation-examples", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--no-exact-match", action="store_true", help="skip greedy decoding (NLL and KL only)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    for name in args.pools:
+        run_pool(name, args)
+
+
+if __name__ == "__main__":
+    main()
