@@ -1,0 +1,128 @@
+"""The Stiefel manifold with the canonical metric (karcher_lab.geometry.stiefel) against closed forms and identities."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from karcher_lab.errors import ConvergenceError, ManifoldError, ShapeMismatchError
+from karcher_lab.geometry import sphere, stiefel
+
+F64 = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """r×r iterations gain nothing from intra-op threads, and on a loaded 2-core box they stall (~50×)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _point(n, p, *batch, seed=0):
+    return torch.linalg.qr(torch.randn(*batch, n, p, dtype=F64, generator=_gen(seed)))[0]
+
+
+def _tangent(u, seed=0, length=1.0):
+    d = stiefel.project(u, torch.randn(u.shape, dtype=F64, generator=_gen(seed)))
+    return d * (length / stiefel.norm(u, d))[..., None, None]
+
+
+def _orthonormality(u):
+    return float((u.mT @ u - torch.eye(u.shape[-1], dtype=F64)).abs().max())
+
+
+@pytest.mark.parametrize("length", [0.1, 1.0, 2.5, 6.0])
+def test_exp_stays_on_the_manifold(length):
+    u = _point(40, 5, 3, seed=1)
+    y = stiefel.exp(u, _tangent(u, seed=2, length=length))
+    assert _orthonormality(y) < 1e-13
+
+
+@pytest.mark.parametrize("n, p, length", [(10, 3, 0.5), (30, 4, 1.5), (60, 8, 2.0)])
+def test_log_inverts_exp_near_the_point(n, p, length):
+    u = _point(n, p, seed=3)
+    delta = _tangent(u, seed=4, length=length)
+    back, info = stiefel.log(u, stiefel.exp(u, delta), return_info=True)
+    assert info.converged
+    assert torch.allclose(back, delta, rtol=0, atol=1e-10)
+
+
+def test_exp_of_log_reaches_random_far_points():
+    u, y = _point(30, 4, 3, seed=5), _point(30, 4, 3, seed=6)
+    delta, info = stiefel.log(u, y, return_info=True)
+    assert info.converged
+    assert float((u.mT @ delta + delta.mT @ u).abs().max()) < 1e-12  # tangent: UᵀΔ skew
+    assert torch.allclose(stiefel.exp(u, delta), y, rtol=0, atol=1e-10)
+
+
+def test_distance_is_symmetric_and_the_norm_of_log():
+    u, y = _point(25, 3, 4, seed=7), _point(25, 3, 4, seed=8)
+    d = stiefel.dist(u, y)
+    assert torch.allclose(d, stiefel.dist(y, u), rtol=1e-9)
+    assert torch.allclose(d, stiefel.norm(u, stiefel.log(u, y)), rtol=1e-12)
+
+
+def test_distance_is_invariant_under_both_orthogonal_actions():
+    u, y = _point(20, 3, seed=9), _point(20, 3, seed=10)
+    q = _point(20, 20, seed=11)  # O(n) on the left
+    o = _point(3, 3, seed=12)  # O(p) on the right
+    d = stiefel.dist(u, y)
+    assert float(stiefel.dist(q @ u, q @ y)) == pytest.approx(float(d), rel=1e-9)
+    assert float(stiefel.dist(u @ o, y @ o)) == pytest.approx(float(d), rel=1e-9)
+
+
+def test_p_equal_one_is_the_unit_sphere():
+    """On St(n, 1) the canonical metric is the round metric: Exp, Log and d are the sphere's."""
+    x, y = _point(12, 1, seed=13), _point(12, 1, seed=14)
+    v = sphere.log(x[:, 0], y[:, 0])
+    assert torch.allclose(stiefel.log(x, y)[:, 0], v, atol=1e-11)
+    assert torch.allclose(stiefel.exp(x, 0.7 * v[:, None])[:, 0], sphere.exp(x[:, 0], 0.7 * v), atol=1e-13)
+    assert float(stiefel.dist(x, y)) == pytest.approx(float(sphere.dist(x[:, 0], y[:, 0])), rel=1e-10)
+
+
+def test_inner_product_is_the_canonical_formula():
+    u = _point(15, 4, seed=15)
+    a, b = _tangent(u, seed=16), _tangent(u, seed=17)
+    expected = torch.trace(a.T @ (torch.eye(15, dtype=F64) - 0.5 * u @ u.T) @ b)
+    assert float(stiefel.inner(u, a, b)) == pytest.approx(float(expected), rel=1e-12)
+
+
+def test_projection_is_idempotent_and_tangent():
+    u = _point(15, 4, seed=18)
+    z = torch.randn(15, 4, dtype=F64, generator=_gen(19))
+    t = stiefel.project(u, z)
+    assert float((u.T @ t + t.T @ u).abs().max()) < 1e-13
+    assert torch.allclose(stiefel.project(u, t), t, atol=1e-14)
+    # the residual Z − P(Z) = U sym(UᵀZ) is normal for the canonical metric too
+    assert abs(float(stiefel.inner(u, z - t, _tangent(u, seed=20)))) < 1e-12
+
+
+def test_logm_orthogonal_inverts_the_matrix_exponential():
+    x = torch.randn(3, 8, 8, dtype=F64, generator=_gen(21))
+    skew = 0.5 * (x - x.mT)
+    skew = skew * (2.5 / torch.linalg.matrix_norm(skew, ord=2))[:, None, None]  # rotation angles ≤ 2.5 < π
+    assert torch.allclose(stiefel.logm_orthogonal(torch.linalg.matrix_exp(skew)), skew, atol=1e-11)
+
+
+def test_non_convergence_is_reported_or_raised():
+    u, y = _point(30, 4, seed=22), _point(30, 4, seed=23)
+    _, info = stiefel.log(u, y, max_iter=1, return_info=True)
+    assert not info.converged and int(info.iterations.max()) == 1 and info.residual >= info.tol
+    with pytest.raises(ConvergenceError, match="did not converge"):
+        stiefel.log(u, y, max_iter=1)
+
+
+def test_bad_points_are_rejected():
+    with pytest.raises(ManifoldError, match="orthonormal"):
+        stiefel.exp(2.0 * _point(6, 2, seed=24), torch.zeros(6, 2, dtype=F64))
+    with pytest.raises(ShapeMismatchError):
+        stiefel.check_point(torch.zeros(2, 3, dtype=F64))  # p > n
+    with pytest.raises(ShapeMismatchError):
+        stiefel.log(_point(6, 2, seed=25), _point(7, 2, seed=26))
