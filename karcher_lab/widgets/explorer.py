@@ -38,6 +38,7 @@ from __future__ import annotations
 import html
 import threading
 import time
+from contextlib import contextmanager
 from typing import Any, Sequence
 
 import ipywidgets as widgets
@@ -71,6 +72,21 @@ NARROW = dict(width=400, height=330, margin=dict(l=50, r=10, t=50, b=40))
 WIDE = dict(width=600, height=330, margin=dict(l=60, r=10, t=50, b=40))
 DEFAULT_SELECTED = 4
 """Experts checked at start when ``selected`` is not given (the first ones of the pool)."""
+
+
+@contextmanager
+def quiet_loading():
+    """transformers' per-checkpoint progress bars off while models load (in a notebook each one is
+    a widget output), restored afterwards."""
+    from transformers.utils import logging
+
+    was_disabled = logging.is_progress_bar_enabled() is False
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if not was_disabled:
+            logging.enable_progress_bar()
 
 
 class MergeExplorer(widgets.VBox):
@@ -122,13 +138,14 @@ class MergeExplorer(widgets.VBox):
         self.exact_match, self.sites, self.seed, self.debounce = exact_match, tuple(sites), seed, debounce
 
         self.expert_models: list[torch.nn.Module] = []
-        for expert in self.pool.experts:
-            model, self.tokenizer = load(expert["path"])
-            self.expert_models.append(model)
         base_record = self.pool.record.get("base")
-        self.base_model = load(str(self.pool.base_path))[0] if base_record else None
-        self.model = load(str(self.pool.base_path) if base_record else self.pool.experts[0]["path"])[0]
-        """The one model every merged state is loaded into."""
+        with quiet_loading():
+            for expert in self.pool.experts:
+                model, self.tokenizer = load(expert["path"])
+                self.expert_models.append(model)
+            self.base_model = load(str(self.pool.base_path))[0] if base_record else None
+            self.model = load(str(self.pool.base_path) if base_record else self.pool.experts[0]["path"])[0]
+            """The one model every merged state is loaded into."""
 
         self._sessions: dict[tuple, MergeSession] = {}
         self._examples: dict[str, list] = {}
