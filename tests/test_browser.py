@@ -1,0 +1,183 @@
+"""The real-browser test: JupyterLab on 127.0.0.1 with a token, driven by Debian's chromium through playwright.
+
+Opens notebooks/01_merge_explorer.ipynb (a temporary copy, pointed at the micro pool through
+$KARCHER_LAB_NOTEBOOK_POOL), runs all cells, waits for MergeExplorer's weight sliders and the plotly
+figures, moves a weight slider and then the η slider with the keyboard, and checks after each move that
+the figures' data changed in the browser and that the panel shows no error. Screenshots are written to
+$KARCHER_LAB_ARTIFACTS (or the test's tmp_path) and their paths printed.
+
+Skipped only when /usr/bin/chromium is missing (.ci/run installs it); `playwright install` is never used.
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from karcher_lab.zoo import cache_root
+
+CHROMIUM = Path("/usr/bin/chromium")
+NOTEBOOK = "01_merge_explorer.ipynb"
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+SERVER_START_S = 120
+FIRST_RENDER_S = 420   # kernel start, imports, MergeExplorer's first update on a loaded 2-core machine
+UPDATE_S = 240          # one debounced update after a slider move
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium (/usr/bin/chromium) is not installed; "
+                                "install it with `apt-get install chromium` (.ci/run does)")
+
+PLOT_DATA_JS = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
+    gd => JSON.stringify((gd.data || []).map(t => [t.name, Array.from(t.x || []), Array.from(t.y || [])])))"""
+KERNEL_IDLE_JS = """() => {
+    const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
+    return !!k && k.status === 'idle';
+}"""
+BUSY_JS = """() => Array.from(document.querySelectorAll('.kl-busy')).some(e => e.textContent.trim() !== '')"""
+ERROR_JS = """() => Array.from(document.querySelectorAll('.kl-error')).map(e => e.textContent.trim()).join(' | ')"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + SERVER_START_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"jupyter lab exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise AssertionError(f"jupyter lab did not answer within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture()
+def jupyter_lab(tmp_path, micro_pool):
+    """(base URL, token) of a JupyterLab serving a copy of notebooks/ with the micro pool configured."""
+    port, token = _free_port(), secrets.token_hex(16)
+    root = tmp_path / "notebooks"
+    shutil.copytree(NOTEBOOK_DIR, root)
+    env = dict(os.environ, KARCHER_LAB_CACHE=str(cache_root()), KARCHER_LAB_NOTEBOOK_POOL=str(micro_pool.path),
+               KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL=str(micro_pool.path))
+    for name in ("HOME", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
+        env[name] = str(tmp_path / name.lower())
+        Path(env[name]).mkdir()
+    # no "receive Jupyter news?" toast over the screenshots
+    labconfig = Path(env["JUPYTER_CONFIG_DIR"]) / "labconfig"
+    labconfig.mkdir()
+    (labconfig / "page_config.json").write_text(json.dumps(
+        {"disabledExtensions": {"@jupyterlab/apputils-extension:announcements": True}}))
+    log = tmp_path / "jupyter_lab.log"
+    command = [sys.executable, "-m", "jupyter", "lab", "--allow-root", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
+               f"--IdentityProvider.token={token}", "--LabApp.expose_app_in_browser=True", f"--ServerApp.root_dir={root}",
+               "--ServerApp.open_browser=False", "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=root)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        _wait_for_server(f"{base}/api/status?token={token}", process, log)
+        yield base, token
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture()
+def artifacts(tmp_path) -> Path:
+    folder = Path(os.environ.get("KARCHER_LAB_ARTIFACTS") or tmp_path / "artifacts") / "browser"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _settle(page, before: list[str] | None, timeout_s: float) -> list[str]:
+    """Wait until no update runs and (when ``before`` is given) the figures' data differ from ``before``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        data = page.evaluate(PLOT_DATA_JS)
+        if not page.evaluate(BUSY_JS) and (before is None or data != before):
+            page.wait_for_timeout(1500)  # let the rest of the update's figures arrive
+            if not page.evaluate(BUSY_JS):
+                return page.evaluate(PLOT_DATA_JS)
+        page.wait_for_timeout(500)
+    raise AssertionError(f"the figures did not change within {timeout_s} s; panel error: {page.evaluate(ERROR_JS)!r}")
+
+
+def _nudge(page, css: str, presses: int) -> str:
+    """Focus the first slider handle inside ``css`` and press an arrow key ``presses`` times: ArrowRight,
+    or ArrowLeft when the slider sits at its maximum. Returns the key pressed."""
+    handle = page.locator(f"{css} .noUi-handle").first
+    handle.scroll_into_view_if_needed()
+    at_max = float(handle.get_attribute("aria-valuenow")) >= float(handle.get_attribute("aria-valuemax"))
+    key = "ArrowLeft" if at_max else "ArrowRight"
+    handle.focus()
+    for _ in range(presses):
+        handle.press(key)
+    return key
+
+
+def _shoot(page, folder: Path, name: str) -> Path:
+    """A screenshot of the page with the MergeExplorer panel scrolled to the top of the notebook."""
+    page.evaluate("""() => document.querySelector('.jp-OutputArea-output .kl-weight-slider')
+        .closest('.jp-OutputArea-output').scrollIntoView({block: 'start'})""")
+    page.wait_for_timeout(500)
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path))
+    print(f"screenshot: {path}")
+    return path
+
+
+def test_merge_explorer_in_jupyterlab(jupyter_lab, artifacts):
+    from playwright.sync_api import sync_playwright
+
+    base, token = jupyter_lab
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 3000})
+            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", timeout=120_000)
+            page.wait_for_function(KERNEL_IDLE_JS, timeout=180_000, polling=500)
+            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            page.wait_for_selector(".kl-weight-slider", timeout=FIRST_RENDER_S * 1000)
+            page.wait_for_selector(".js-plotly-plot", timeout=FIRST_RENDER_S * 1000)
+            page.wait_for_function(KERNEL_IDLE_JS, timeout=FIRST_RENDER_S * 1000, polling=1000)
+            initial = _settle(page, None, UPDATE_S)
+            assert any(any(len(x) for _, x, _ in json.loads(d)) for d in initial), "the figures hold no data"
+            _shoot(page, artifacts, "1_initial")
+            assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
+
+            print("weight slider:", _nudge(page, ".kl-weight-slider", 5))
+            after_weight = _settle(page, initial, UPDATE_S)
+            _shoot(page, artifacts, "2_after_weight")
+            assert after_weight != initial
+            assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
+
+            print("eta slider:", _nudge(page, ".kl-eta-slider", 3))
+            after_eta = _settle(page, after_weight, UPDATE_S)
+            _shoot(page, artifacts, "3_after_eta")
+            assert after_eta != after_weight
+            assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
+            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+            assert not [e for e in errors if "Traceback" in e], f"a cell printed a traceback: {errors}"
+        finally:
+            browser.close()
