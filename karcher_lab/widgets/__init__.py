@@ -6,5 +6,6 @@
 """
 from karcher_lab.widgets.collapse_viewer import CollapseViewer
 from karcher_lab.widgets.explorer import MergeExplorer
+from karcher_lab.widgets.playground import GeometryPlayground, ScalingToyPlayground
 
 __all__ = ["CollapseViewer", "MergeExplorer"]
