@@ -1,0 +1,162 @@
+"""geomerge_factors: the quotient Fréchet mean of LoRA updates (GeoMerge paper §3.6), its symmetry claim and input checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from karcher_lab.errors import (
+    EmptyInputError,
+    ManifoldError,
+    NonFiniteError,
+    ParameterError,
+    ShapeMismatchError,
+    StepSizeError,
+    WeightError,
+)
+from karcher_lab.geometry import lowrank
+from karcher_lab.merge.lora.geomerge import geomerge_factors
+
+F64 = torch.float64
+D1, D2, R = 12, 10, 3
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The lowrank checks below run r×r iterations, which stall under intra-op threads on a loaded box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _pair(seed, d1=D1, d2=D2, r=R):
+    g = _gen(seed)
+    return torch.randn(d1, r, dtype=F64, generator=g), torch.randn(d2, r, dtype=F64, generator=g)
+
+
+def _gl(seed, r=R):
+    """A random well-conditioned A ∈ GL(r)."""
+    return torch.randn(r, r, dtype=F64, generator=_gen(seed)) + 3 * torch.eye(r, dtype=F64)
+
+
+def _reparametrize(pair, a):
+    g, h = pair
+    return g @ torch.linalg.inv(a), h @ a.T
+
+
+def _dw(g, h):
+    return g @ h.T
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_one_adapter_comes_back():
+    pair = _pair(1)
+    g, h = geomerge_factors([pair])
+    assert _rel(_dw(g, h), _dw(*pair)) < 1e-12
+
+
+def test_copies_of_one_update_in_different_factorizations_come_back():
+    pair = _pair(2)
+    copies = [pair] + [_reparametrize(pair, _gl(10 + k)) for k in range(3)]
+    g, h, trace = geomerge_factors(copies, [1.0, 2.0, 3.0, 4.0], init="first", return_trace=True)
+    assert trace.converged
+    assert _rel(_dw(g, h), _dw(*pair)) < 1e-10
+
+
+def test_the_merge_does_not_depend_on_the_factorization_but_factor_averaging_does():
+    """The paper's core claim: (G A⁻¹, H Aᵀ) is the same adapter, and geomerge gives the same ΔW."""
+    pairs = [_pair(3), _pair(4), _pair(5)]
+    changed = [_reparametrize(pairs[0], _gl(6))] + pairs[1:]
+    merged = _dw(*geomerge_factors(pairs))
+    merged_changed = _dw(*geomerge_factors(changed))
+    assert _rel(merged_changed, merged) < 1e-8
+
+    def factor_average(ps):
+        return _dw(sum(p[0] for p in ps) / len(ps), sum(p[1] for p in ps) / len(ps))
+
+    assert _rel(factor_average(changed), factor_average(pairs)) > 0.1
+
+
+def test_every_adapter_reparametrized_and_reordered_gives_the_same_merge():
+    pairs = [_pair(7), _pair(8), _pair(9)]
+    w = [0.5, 0.3, 0.2]
+    merged = _dw(*geomerge_factors(pairs, w))
+    shuffled = [_reparametrize(pairs[k], _gl(20 + k)) for k in (2, 0, 1)]
+    assert _rel(_dw(*geomerge_factors(shuffled, [w[2], w[0], w[1]])), merged) < 1e-8
+
+
+def test_shared_subspaces_give_the_weighted_geometric_mean_of_the_spectra():
+    """ΔW_i = U diag(a_i) Vᵀ with one U, V and equally ordered spectra: the Stiefel parts coincide, the SPD
+    parts commute, so the quotient mean is U diag(Π_i a_i^{w_i}) Vᵀ (the affine-invariant mean)."""
+    u = torch.linalg.qr(torch.randn(D1, R, dtype=F64, generator=_gen(30)))[0]
+    v = torch.linalg.qr(torch.randn(D2, R, dtype=F64, generator=_gen(31)))[0]
+    spectra = torch.tensor([[9.0, 3.0, 1.0], [4.0, 2.0, 0.5], [6.0, 5.0, 0.1]], dtype=F64)
+    w = torch.tensor([0.2, 0.5, 0.3], dtype=F64)
+    pairs = [_reparametrize((u * s, v), _gl(32 + k)) for k, s in enumerate(spectra)]
+    g, h = geomerge_factors(pairs, w)
+    expected = u @ torch.diag((w[:, None] * spectra.log()).sum(0).exp()) @ v.T
+    assert _rel(_dw(g, h), expected) < 1e-10
+
+
+def test_output_has_rank_r_balanced_factors_and_lowers_the_objective():
+    pairs = [_pair(40), _pair(41), _pair(42)]
+    g, h, trace = geomerge_factors([(p[0].float(), p[1].float()) for p in pairs], return_trace=True)
+    assert g.dtype == torch.float32 and g.shape == (D1, R) and h.shape == (D2, R)
+    assert trace.converged and trace.residual < 1e-6
+    assert int(torch.linalg.matrix_rank(_dw(g.double(), h.double()))) == R
+    assert torch.allclose(g.T @ g, h.T @ h, rtol=1e-4, atol=1e-5)  # balanced: both are diag(σ)
+    objectives = trace.frechet.objectives
+    assert float(objectives[-1]) < float(objectives[0])
+    # no input is a better merge than the result: F(μ*) ≤ F(θ_i)
+    mu = lowrank.polar_from_factors(g.double(), h.double())
+    batch = lowrank.Polar(*(torch.stack(x) for x in zip(*(lowrank.polar_from_factors(*p) for p in pairs))))
+    for i in range(3):
+        ref = lowrank.Polar(*(x[i] for x in batch))
+        f_i = 0.5 * float((lowrank.quotient_dist(ref, batch) ** 2).mean())
+        assert float(objectives[-1]) <= f_i + 1e-9
+    assert float(objectives[-1]) == pytest.approx(0.5 * float((lowrank.quotient_dist(mu, batch) ** 2).mean()), rel=1e-6)
+
+
+def test_a_zero_weight_leaves_that_adapter_out():
+    pairs = [_pair(50), _pair(51)]
+    g, h, trace = geomerge_factors(pairs, [1.0, 0.0], return_trace=True)
+    assert trace.kept == [0]
+    assert _rel(_dw(g, h), _dw(*pairs[0])) < 1e-12
+
+
+def test_non_convergence_warns():
+    with pytest.warns(RuntimeWarning, match="stopped after 1 iterations"):
+        geomerge_factors([_pair(60), _pair(61), _pair(62)], max_iter=1, tol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "pairs, kwargs, error",
+    [
+        ([], {}, EmptyInputError),
+        ([_pair(1), _pair(2, d1=D1 + 1)], {}, ShapeMismatchError),
+        ([_pair(1), _pair(2, r=R + 1)], {}, ShapeMismatchError),
+        ([(torch.randn(4, 6, dtype=F64), torch.randn(5, 6, dtype=F64))], {}, ShapeMismatchError),  # r > min(d1, d2)
+        ([(torch.randn(D1, R, dtype=F64), torch.randn(D2, R + 1, dtype=F64))], {}, ShapeMismatchError),
+        ([(torch.randn(D1, dtype=F64), torch.randn(D2, dtype=F64))], {}, ShapeMismatchError),
+        ([(torch.full((D1, R), float("nan"), dtype=F64), torch.randn(D2, R, dtype=F64))], {}, NonFiniteError),
+        ([(torch.zeros(D1, R, dtype=F64), torch.randn(D2, R, dtype=F64))], {}, ManifoldError),  # ΔW = 0
+        ([_pair(1), _pair(2)], {"weights": [1.0, -1.0]}, WeightError),
+        ([_pair(1), _pair(2)], {"weights": [1.0]}, WeightError),
+        ([_pair(1), _pair(2)], {"weights": [float("inf"), 1.0]}, WeightError),
+        ([_pair(1), _pair(2)], {"eta": 0.0}, StepSizeError),
+        ([_pair(1), _pair(2)], {"max_iter": -1}, ParameterError),
+        ([_pair(1), _pair(2)], {"init": "median"}, ParameterError),
+        ([_pair(1), _pair(2)], {"align_tol": 0.0}, ParameterError),
+        ([_pair(1), _pair(2)], {"memory": -2}, ParameterError),
+    ],
+)
+def test_bad_input_raises_a_specific_error(pairs, kwargs, error):
+    with pytest.raises(error):
+        geomerge_factors(pairs, **kwargs)
