@@ -20,14 +20,6 @@ F64 = torch.float64
 D1, D2, R = 12, 10, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The lowrank checks below run r×r iterations, which stall under intra-op threads on a loaded box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

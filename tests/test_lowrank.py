@@ -11,14 +11,6 @@ from karcher_lab.geometry.lowrank import Polar, PolarTangent
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """r×r iterations gain nothing from intra-op threads, and on a loaded 2-core box they stall (~50×)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _gen(seed):
     return torch.Generator().manual_seed(seed)

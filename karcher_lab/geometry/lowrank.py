@@ -47,6 +47,7 @@ import torch
 
 from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ParameterError, ShapeMismatchError
 from karcher_lab.geometry import spd, stiefel
+from karcher_lab.geometry.numerics import single_threaded
 
 RANK_RTOL = 1e-10
 """A core with σ_r ≤ RANK_RTOL · σ_1 counts as rank-deficient (ΔW has rank < r)."""
@@ -331,6 +332,7 @@ class _OrbitObjective:
         return PolarTangent(u @ a_u + self.cu[1] @ b_u, xi_b, v @ a_v + self.cv[1] @ b_v)
 
 
+@single_threaded()  # r×r work: see karcher_lab.geometry.numerics
 def align(
     point: Polar,
     other: Polar,

@@ -22,16 +22,10 @@ from __future__ import annotations
 import torch
 
 from karcher_lab.errors import ManifoldError, NonFiniteError, ShapeMismatchError
+from karcher_lab.geometry.numerics import result_dtype
 
 SYMMETRY_RTOL = 1e-6
 """Largest accepted max|B − Bᵀ| / max|B| (float32 round trips of a symmetric matrix stay ~1e-7)."""
-
-
-def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.promote_types(dtype, torch.float32)
 
 
 def sym(x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +87,7 @@ def inner(b: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
     et = p.mT @ _tangent(eta, b, "eta") @ p
     inv = 1.0 / lam
     out = (xt * et * inv.unsqueeze(-1) * inv.unsqueeze(-2)).sum(dim=(-2, -1))
-    return out.to(_out_dtype(b, xi, eta))
+    return out.to(result_dtype(b, xi, eta))
 
 
 def norm(b: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
@@ -101,7 +95,7 @@ def norm(b: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     lam, p = eigh_spd(b)
     isq = lam.rsqrt()
     xt = (p.mT @ _tangent(xi, b, "xi") @ p) * isq.unsqueeze(-1) * isq.unsqueeze(-2)
-    return xt.norm(dim=(-2, -1)).to(_out_dtype(b, xi))
+    return xt.norm(dim=(-2, -1)).to(result_dtype(b, xi))
 
 
 def exp(b: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
@@ -111,24 +105,26 @@ def exp(b: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     ihalf = _from_eig(p, lam.rsqrt())
     mu, q = torch.linalg.eigh(sym(ihalf @ _tangent(xi, b, "xi") @ ihalf))
     out = sym(half @ _from_eig(q, mu.exp()) @ half)
-    return out.to(_out_dtype(b, xi))
+    return out.to(result_dtype(b, xi))
+
+
+def _relative_eig(b: torch.Tensor, c: torch.Tensor):
+    """(λ, P) of B and (μ, Q) of B^-½ C B^-½ (μ = the eigenvalues of B⁻¹C), after checking both points."""
+    lam, p = eigh_spd(b, "B")
+    eigh_spd(c, "C")
+    ihalf = _from_eig(p, lam.rsqrt())
+    mu, q = torch.linalg.eigh(sym(ihalf @ c.to(torch.float64) @ ihalf))
+    return lam, p, mu, q
 
 
 def log(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Log_B(C) = B^½ logm(B^-½ C B^-½) B^½ (eq. 4b), the symmetric tangent at B pointing to C, ‖·‖_B = d(B, C)."""
-    lam, p = eigh_spd(b, "B")
-    eigh_spd(c, "C")
+    lam, p, mu, q = _relative_eig(b, c)
     half = _from_eig(p, lam.sqrt())
-    ihalf = _from_eig(p, lam.rsqrt())
-    mu, q = torch.linalg.eigh(sym(ihalf @ c.to(torch.float64) @ ihalf))
-    out = sym(half @ _from_eig(q, mu.log()) @ half)
-    return out.to(_out_dtype(b, c))
+    return sym(half @ _from_eig(q, mu.log()) @ half).to(result_dtype(b, c))
 
 
 def dist(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """d(B, C) = ‖logm(B^-½ C B^-½)‖_F = (Σ_k log² μ_k(B⁻¹C))^½, over the batch axes."""
-    lam, p = eigh_spd(b, "B")
-    eigh_spd(c, "C")
-    ihalf = _from_eig(p, lam.rsqrt())
-    mu = torch.linalg.eigvalsh(sym(ihalf @ c.to(torch.float64) @ ihalf))
-    return mu.log().norm(dim=-1).to(_out_dtype(b, c))
+    mu = _relative_eig(b, c)[2]
+    return mu.log().norm(dim=-1).to(result_dtype(b, c))

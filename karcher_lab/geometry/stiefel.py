@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ParameterError, ShapeMismatchError
+from karcher_lab.geometry.numerics import result_dtype, single_threaded
 
 ORTHONORMALITY_TOL = 1e-5
 """Largest accepted max|UᵀU − I| for a point (float32 orthonormalization leaves ~1e-7 per entry)."""
@@ -66,13 +67,6 @@ class LogInfo:
     def residual(self) -> float:
         """Largest final residual over the batch."""
         return float(self.residuals.max()) if self.residuals.numel() else 0.0
-
-
-def _out_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    dtype = tensors[0].dtype
-    for t in tensors[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return torch.promote_types(dtype, torch.float32)
 
 
 def skew(x: torch.Tensor) -> torch.Tensor:
@@ -110,7 +104,7 @@ def inner(u: torch.Tensor, delta: torch.Tensor, other: torch.Tensor) -> torch.Te
     u64 = u.to(torch.float64)
     d, e = _check_like(delta, u, "delta"), _check_like(other, u, "other")
     out = (d * e).sum(dim=(-2, -1)) - 0.5 * ((u64.mT @ d) * (u64.mT @ e)).sum(dim=(-2, -1))
-    return out.to(_out_dtype(u, delta, other))
+    return out.to(result_dtype(u, delta, other))
 
 
 def norm(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -123,7 +117,7 @@ def project(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     check_point(u)
     u64, z64 = u.to(torch.float64), _check_like(z, u, "z")
     uz = u64.mT @ z64
-    return (z64 - u64 @ (0.5 * (uz + uz.mT))).to(_out_dtype(u, z))
+    return (z64 - u64 @ (0.5 * (uz + uz.mT))).to(result_dtype(u, z))
 
 
 def _complement(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,7 +143,7 @@ def exp(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     q, r = _complement(u64, d)  # (I − UUᵀ)Δ = Q R
     block = torch.cat([torch.cat([a, -r.mT], dim=-1), torch.cat([r, torch.zeros_like(r)], dim=-1)], dim=-2)
     mn = torch.linalg.matrix_exp(block)[..., :p]
-    return (u64 @ mn[..., :p, :] + q @ mn[..., p:, :]).to(_out_dtype(u, delta))
+    return (u64 @ mn[..., :p, :] + q @ mn[..., p:, :]).to(result_dtype(u, delta))
 
 
 def logm_orthogonal(v: torch.Tensor) -> torch.Tensor:
@@ -244,18 +238,19 @@ def log_coordinates(
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
     p = m.shape[-1]
-    v = _start_rotation(m, n, start)
-    iterations = torch.zeros(v.shape[:-2], dtype=torch.int64, device=v.device)
-    while True:
-        gen = logm_orthogonal(v)
-        c = gen[..., p:, p:]
-        residuals = c.norm(dim=(-2, -1))
-        moving = residuals >= tol
-        if not bool(moving.any()) or int(iterations.max()) >= max_iter:
-            break
-        phi = torch.linalg.matrix_exp(_trailing_update(gen[..., p:, :p], c) * moving[..., None, None])
-        v = torch.cat([v[..., :p], v[..., p:] @ phi], dim=-1)
-        iterations += moving
+    with single_threaded():
+        v = _start_rotation(m, n, start)
+        iterations = torch.zeros(v.shape[:-2], dtype=torch.int64, device=v.device)
+        while True:
+            gen = logm_orthogonal(v)
+            c = gen[..., p:, p:]
+            residuals = c.norm(dim=(-2, -1))
+            moving = residuals >= tol
+            if not bool(moving.any()) or int(iterations.max()) >= max_iter:
+                break
+            phi = torch.linalg.matrix_exp(_trailing_update(gen[..., p:, :p], c) * moving[..., None, None])
+            v = torch.cat([v[..., :p], v[..., p:] @ phi], dim=-1)
+            iterations += moving
     info = LogInfo(iterations=iterations.cpu(), residuals=residuals.cpu(), tol=float(tol), max_iter=int(max_iter))
     return gen[..., :p, :p], gen[..., p:, :p], v[..., p:], info
 
@@ -286,7 +281,7 @@ def log(
     """
     m, q, n = coordinates(u, y)
     a, b, _, info = log_coordinates(m, n, tol=tol, max_iter=max_iter)
-    delta = (u.to(torch.float64) @ a + q @ b).to(_out_dtype(u, y))
+    delta = (u.to(torch.float64) @ a + q @ b).to(result_dtype(u, y))
     if return_info:
         return delta, info
     if not info.converged:

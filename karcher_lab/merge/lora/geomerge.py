@@ -29,7 +29,6 @@ singular value).
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -39,6 +38,7 @@ from karcher_lab.errors import EmptyInputError, ParameterError, ShapeMismatchErr
 from karcher_lab.geometry import lowrank
 from karcher_lab.geometry.frechet import FrechetTrace, Geometry, check_solver_params, check_weights, frechet_mean
 from karcher_lab.geometry.lowrank import Polar
+from karcher_lab.geometry.numerics import single_threaded
 
 ALIGN_RELATIVE_TOL = 1e-2
 """Each alignment stops at max(align_tol, ALIGN_RELATIVE_TOL × the previous gradient norm): an inexact
@@ -111,22 +111,6 @@ def _check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter) -> Non
         raise ParameterError(f"align_max_iter must be a non-negative int, got {align_max_iter!r}")
 
 
-@contextmanager
-def _single_threaded():
-    """Run torch single-threaded for the duration (restored after).
-
-    The iteration is thousands of r×r operations (eigh, solve, matrix_exp on 2r×2r blocks), which
-    intra-op threads do not speed up; on a loaded 2-core machine their synchronization made them ~50×
-    slower (a batch of three St(30, 4) logs: 3.6 s with 2 threads, 0.07 s with 1).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def _truncated_mean(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> Polar | None:
     """Polar factors of the rank-r truncated SVD of Σ_i w_i G_i H_iᵀ, or None if it has rank < r.
 
@@ -176,7 +160,7 @@ def geomerge_factors(
         raise ParameterError(f"memory must be a non-negative int, got {memory!r}")
     g, h = _check_pairs(pairs)
     w_all = check_weights(weights, g.shape[0]).to(g.device)
-    with _single_threaded():
+    with single_threaded():  # r×r work: see karcher_lab.geometry.numerics
         return _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max_iter, memory, return_trace)
 
 
