@@ -21,7 +21,9 @@ Tangent vectors at U are Δ with UᵀΔ + ΔᵀU = 0.
   as close to the identity as the completion allows; a column is flipped if needed so that det V₀ = +1;
 - d(U, Y) = ‖Log_U(Y)‖ (canonical norm).
 
-The complement basis Q is taken from a QR of [U, (I − U Uᵀ) Δ] (its trailing p columns), so QᵀU = 0
+The iteration itself (:func:`log_coordinates`) works on the 2p×p coordinates (M, N) of Y in the frame
+[U, Q] from :func:`coordinates`, and can be warm-started from the completion of a previous run at
+nearby (M, N); :func:`log` chains the two. The complement basis Q is taken from a QR of [U, (I − U Uᵀ) Δ] (its trailing p columns), so QᵀU = 0
 holds to rounding also when (I − U Uᵀ)Δ is rank-deficient (a thin QR of a rank-deficient matrix can
 return columns that are not orthogonal to U). The logarithm of an orthogonal matrix uses the Cayley
 transform C = (V + I)⁻¹(V − I) (skew, eigenvalues i tan(θ/2)) and logm V = 2 atan(C) = C · h(CᵀC) with

@@ -16,6 +16,15 @@ Because only polar factors enter, and both the metric and the alignment are O(r)
 ΔW does not depend on how each ΔW_i is factored: (G_i A⁻¹, H_i Aᵀ) for any A ∈ GL(r) gives the same
 merge (the paper's core claim; tested). The merged update has rank r.
 
+Solver. The outer iteration is the paper's (align, then step along the horizontal gradient) with two
+additions that leave its fixed point and stopping rule unchanged: the step direction is a Riemannian
+L-BFGS direction (``memory`` pairs, vector transport by projection, Armijo backtracking on the Fréchet
+objective; ``memory=0`` gives the plain step μ ← Exp_μ(η v) of eq. 11), because the objective is
+nearly flat along directions where the inputs' column spaces are far apart (Hessian of ½d² ≈ θ cot θ
+→ 0 at principal angles θ → π/2), where plain steps converge at rates ~0.97 per iteration; and each
+alignment stops at max(align_tol, 1e-2 × the current gradient norm), since an inexact alignment only
+perturbs the gradient by about its residual. Alignments are warm-started from the previous iterate's.
+
 Start (``init``): ``"mean"`` (default) is the rank-r truncated SVD of the weighted Euclidean mean
 Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
 depends only on the ΔW_i, so it keeps the invariance. If that mean has rank < r (updates that cancel),
@@ -147,8 +156,8 @@ def geomerge_factors(
     and H = lora_Aᵀ); ``weights``: w_i ≥ 0 (default equal; renormalized; zero-weight adapters are left
     out). ``eta`` ∈ (0, 1] is the step size of eq. 9/11, ``max_iter`` and ``tol`` the outer iteration's
     cap and its stopping threshold on the horizontal gradient norm; ``align_tol`` / ``align_max_iter``
-    are the orbit alignment's (:func:`karcher_lab.geometry.lowrank.align`); ``init`` the start (module
-    doc). Returns balanced (G, H) with ΔW = G Hᵀ of rank r, plus a :class:`GeoMergeTrace` with
+    are the orbit alignment's (:func:`karcher_lab.geometry.lowrank.align`); ``init`` the start and
+    ``memory`` the L-BFGS memory of the outer iteration (0: the paper's plain gradient step; module doc). Returns balanced (G, H) with ΔW = G Hᵀ of rank r, plus a :class:`GeoMergeTrace` with
     ``return_trace``. Warns (RuntimeWarning) if the iteration stops at ``max_iter`` without converging.
 
     Raises before any work: EmptyInputError (no pairs), ShapeMismatchError (not 2-D, mismatched d1, d2
