@@ -126,11 +126,12 @@ def _color(index: int) -> str:
 
 def sweep_curves(
     summary: pd.DataFrame, metrics: Sequence[str] = ("avg_normalized_accuracy", "avg_nll"), *, title: str | None = None,
+    highlight: str | None = "karcher",
 ) -> go.Figure:
     """The paper's Figure 1 from a sweep's results (:mod:`karcher_lab.experiment`): a panel per metric
     (rows) and per expert order (columns), the number m of merged experts on x, a line per method.
     ``summary``: rows with columns order, method, m, metric, mean, std (e.g. the ``summary`` scope);
-    the std (over tasks or layers) shows on hover."""
+    the std (over tasks or layers) shows on hover. The ``highlight`` method's line is thick and black."""
     _require(summary, ["order", "method", "m", "metric", "mean", "std"], "sweep_curves")
     metrics = list(metrics)
     missing = [m for m in metrics if m not in set(summary["metric"])]
@@ -151,8 +152,8 @@ def sweep_curves(
                 fig.add_trace(go.Scatter(
                     x=group["m"].astype(int).tolist(), y=group["mean"].tolist(), name=method, legendgroup=method,
                     showlegend=row == 1 and col == 1, mode="lines+markers",
-                    line=dict(color=_color(index), width=3 if method == "karcher" else 1.5,
-                              dash="solid" if index < 10 else "dash"),
+                    line=dict(color="black", width=3.5) if method == highlight else
+                    dict(color=_color(index), width=1.5, dash="solid" if index < 10 else "dash"),
                     customdata=group["std"].fillna(0).tolist(),
                     hovertemplate=f"{method}<br>m=%{{x}}<br>%{{y:.3f}} ± %{{customdata:.3f}}<extra></extra>",
                 ), row=row, col=col)

@@ -1,7 +1,9 @@
 """`karcher-lab zoo`: build the expert pools and show what is in them.
 
     karcher-lab zoo build [--size tiny|small|medium] [--cache-dir DIR] [--workers N] [--force]
-    karcher-lab zoo info NAME [--json] [--cache-dir DIR]     # NAME: a size or a pool directory
+    karcher-lab zoo lora [--base tiny|small|medium|smollm2|POOL_DIR] [--rank R] [--alpha A] [--tasks T ...]
+                         [--steps N] [--lr LR] [--cache-dir DIR] [--force]   # LoRA experts (lora.py)
+    karcher-lab zoo info NAME [--json] [--cache-dir DIR]     # NAME: a size, tiny-lora, smollm2 or a pool directory
     karcher-lab zoo tasks                                      # the tasks, with one example each
     karcher-lab zoo smollm2 [--cache-dir DIR] [--ask QUESTION]  # SmolLM2-135M-Instruct from its wheel
 """
@@ -19,6 +21,18 @@ def _build(args: argparse.Namespace) -> int:
                       progress=not args.quiet)
     print(format_table(pool.record))
     print(f"pool: {pool.path}  (table and conflicts: {pool.path / 'pool.json'})")
+    return 0
+
+
+def _lora(args: argparse.Namespace) -> int:
+    from karcher_lab.zoo import format_table
+    from karcher_lab.zoo.lora import build_lora_pool, lora_config_for
+
+    config = lora_config_for(args.base, rank=args.rank, alpha=args.alpha, tasks=args.tasks, steps=args.steps,
+                             lr=args.lr, threads=args.threads)
+    pool = build_lora_pool(config, args.cache_dir, force=args.force, progress=not args.quiet)
+    print(format_table(pool.record))
+    print(f"pool: {pool.path}  (table: {pool.path / 'pool.json'}; adapters: {pool.path / 'adapters'})")
     return 0
 
 
@@ -73,8 +87,24 @@ def add_parser(sub) -> None:
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=_build)
 
+    lora = actions.add_parser("lora", help="LoRA experts (peft) on a pool's base or SmolLM2-135M-Instruct: "
+                                           "adapters and folded checkpoints, cached; print the expert-vs-base table")
+    lora.add_argument("--base", default="tiny",
+                      help="tiny, small, medium (that pool's base; build it first), smollm2, or a pool directory")
+    lora.add_argument("--rank", type=int, help="LoRA rank r (default: 8 on a zoo base, 16 on smollm2)")
+    lora.add_argument("--alpha", type=float, help="LoRA alpha (default: 2r)")
+    lora.add_argument("--tasks", nargs="+", help="tasks (default: all 13 on a zoo base, 6 on smollm2)")
+    lora.add_argument("--steps", type=int, help="training steps per expert")
+    lora.add_argument("--lr", type=float, help="peak learning rate")
+    lora.add_argument("--threads", type=int, help="torch threads (results depend on it at float rounding)")
+    lora.add_argument("--cache-dir", help=cache_help)
+    lora.add_argument("--force", action="store_true", help="rebuild even if the pool is cached")
+    lora.add_argument("--quiet", action="store_true", help="no progress bar")
+    lora.set_defaults(func=_lora)
+
     info = actions.add_parser("info", help="paths and expert-vs-base table of a built pool")
-    info.add_argument("name", help="a pool size (tiny, small, medium) or a pool directory")
+    info.add_argument("name", help="a pool size (tiny, small, medium), a LoRA pool (tiny-lora, smollm2) or a "
+                                   "pool directory")
     info.add_argument("--json", action="store_true", help="print the pool record (pool.json, absolute paths)")
     info.add_argument("--cache-dir", help=cache_help)
     info.set_defaults(func=_info)

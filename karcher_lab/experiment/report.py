@@ -17,7 +17,7 @@ import pandas as pd
 
 from karcher_lab import plots
 from karcher_lab.diagnostics import expert_angles
-from karcher_lab.experiment.grid import DEFAULT_METHODS
+from karcher_lab.experiment.grid import DEFAULT_METHODS, NAMED_ORDERS
 from karcher_lab.experiment.measure import EXPERT
 from karcher_lab.zoo import Pool
 
@@ -28,13 +28,25 @@ def summary_pivot(results: pd.DataFrame, metric: str = "avg_normalized_accuracy"
     """``metric`` per (order, method) × m from the summary rows."""
     rows = results[(results["scope"] == "summary") & (results["metric"] == metric)]
     table = rows.pivot_table(index=["order", "method"], columns="m", values="mean")
-    orders = list(dict.fromkeys(rows["order"]))
-    return table.loc[sorted(table.index, key=lambda key: (orders.index(key[0]), method_rank(key[1])))]
+    return table.loc[sorted(table.index, key=lambda key: (order_rank(key[0]), method_rank(key[1])))]
 
 
 def method_rank(method: str) -> tuple[int, str]:
     """Sort key: the paper's order of methods (:data:`DEFAULT_METHODS`), others after, by name."""
     return (DEFAULT_METHODS.index(method), "") if method in DEFAULT_METHODS else (len(DEFAULT_METHODS), method)
+
+
+def order_rank(order: str) -> tuple[int, str]:
+    """Sort key: near, far, pool, then explicit task lists by name."""
+    return (NAMED_ORDERS.index(order), "") if order in NAMED_ORDERS else (len(NAMED_ORDERS), order)
+
+
+def in_display_order(rows: pd.DataFrame) -> pd.DataFrame:
+    """``rows`` sorted by order, method (as :func:`order_rank`, :func:`method_rank`), m, site and layer."""
+    keys = pd.DataFrame({"order": rows["order"].map(order_rank), "method": rows["method"].map(method_rank)}, index=rows.index)
+    index = sorted(rows.index, key=lambda i: (keys.at[i, "order"], keys.at[i, "method"], rows.at[i, "m"],
+                                              rows.at[i, "site"], rows.at[i, "layer"]))
+    return rows.loc[index]
 
 
 def summary_table(results: pd.DataFrame) -> str:
@@ -53,7 +65,7 @@ def layer_profile(results: pd.DataFrame, order: str, m: int, site: str = "residu
     mean over the merged experts of their own values (std over those experts). Columns model, layer,
     metric, mean, std."""
     layers = results[(results["scope"] == "layer") & (results["site"] == site) & results["metric"].isin(FIGURE2_METRICS)]
-    cell = layers[(layers["order"] == order) & (layers["m"] == m) & (layers["method"] != EXPERT)]
+    cell = in_display_order(layers[(layers["order"] == order) & (layers["m"] == m) & (layers["method"] != EXPERT)])
     if cell.empty:
         return cell.assign(model=[])[["model", "layer", "metric", "mean", "std"]]
     tasks = cell["experts"].iloc[0].split("+")
@@ -86,7 +98,7 @@ def heterogeneity(pool: Pool) -> tuple[pd.DataFrame, pd.DataFrame]:
 def write_report(results: pd.DataFrame, pool: Pool, path: str | os.PathLike) -> Path:
     """Write the self-contained HTML report of a sweep's ``results`` on ``pool`` to ``path``."""
     path = Path(path)
-    merges = results[results["method"] != EXPERT]
+    merges = in_display_order(results[results["method"] != EXPERT])
     orders = list(dict.fromkeys(merges["order"]))
     summary = merges[merges["scope"] == "summary"]
     figures: list[tuple[str, object]] = []
