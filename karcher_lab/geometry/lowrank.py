@@ -165,16 +165,25 @@ def norm(point: Polar, xi: PolarTangent) -> torch.Tensor:
     return inner(point, xi, xi).clamp_min(0).sqrt()
 
 
+def _vertical_metric(lam: torch.Tensor) -> torch.Tensor:
+    """c_ij = λ_i/λ_j + λ_j/λ_i − 1 ≥ 1: ‖vert(Ω)‖² = Σ_ij c_ij Ω̃_ij² in the eigenbasis of B (module doc)."""
+    return lam.unsqueeze(-1) / lam.unsqueeze(-2) + lam.unsqueeze(-2) / lam.unsqueeze(-1) - 1.0
+
+
+def _omega_rhs(lam: torch.Tensor, p: torch.Tensor, ut_xi: torch.Tensor, vt_xi: torch.Tensor, xi_b: torch.Tensor):
+    """R = skew(½(Uᵀξ_U + Vᵀξ_V)) + ξ_B B⁻¹ − B⁻¹ξ_B, the right-hand side of the §2 Ω equation, from
+    Uᵀξ_U, Vᵀξ_V, ξ_B and B = P diag(λ) Pᵀ ((ξ_B B⁻¹ − B⁻¹ξ_B)~_ij = ξ̃_ij (1/λ_j − 1/λ_i)). It is also the
+    Frobenius gradient of O ↦ ½ d(μ, θ·O)² when ξ = Log_μ(θ·O) (see :class:`_OrbitObjective`)."""
+    bt = p.mT @ spd.sym(xi_b) @ p
+    inv = 1.0 / lam
+    return stiefel.skew(0.5 * (ut_xi + vt_xi) + p @ (bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))) @ p.mT)
+
+
 def vertical_generator(point: Polar, xi: PolarTangent) -> torch.Tensor:
     """The skew Ω with ξ − vert(Ω) horizontal: the solution of the §2 equation (closed form, module doc)."""
     lam, p = spd.eigh_spd(point.B, "B")
-    rhs = stiefel.skew(0.5 * (point.U.mT @ xi.U + point.V.mT @ xi.V))
-    rt = p.mT @ rhs @ p
-    bt = p.mT @ spd.sym(xi.B) @ p  # (ξ_B B⁻¹ − B⁻¹ ξ_B)~_ij = ξ̃_ij (1/λ_j − 1/λ_i)
-    inv = 1.0 / lam
-    rt = rt + bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))
-    coef = lam.unsqueeze(-1) / lam.unsqueeze(-2) + lam.unsqueeze(-2) / lam.unsqueeze(-1) - 1.0
-    return stiefel.skew(p @ (rt / coef) @ p.mT)
+    rhs = _omega_rhs(lam, p, point.U.mT @ xi.U, point.V.mT @ xi.V, xi.B)
+    return stiefel.skew(p @ ((p.mT @ rhs @ p) / _vertical_metric(lam)) @ p.mT)
 
 
 def horizontal(point: Polar, xi: PolarTangent) -> PolarTangent:
@@ -333,10 +342,9 @@ class _OrbitObjective:
         bt = self.p.mT @ xi_b @ self.p
         inv = 1.0 / self.lam
         sq = lambda x: (x * x).sum(dim=(-2, -1))  # noqa: E731
-        spd_sq = (bt * bt * inv.unsqueeze(-1) * inv.unsqueeze(-2)).sum(dim=(-2, -1))
+        spd_sq = (bt * bt * inv.unsqueeze(-1) * inv.unsqueeze(-2)).sum(dim=(-2, -1))  # ‖ξ_B‖²_B
         half_d2 = 0.5 * (0.5 * sq(a_u) + sq(b_u) + 0.5 * sq(a_v) + sq(b_v) + spd_sq)
-        spd_grad = self.p @ (bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))) @ self.p.mT
-        grad = stiefel.skew(0.5 * (a_u + a_v) + spd_grad)
+        grad = _omega_rhs(self.lam, self.p, a_u, a_v, xi_b)
         return half_d2, grad, (a_u, b_u, a_v, b_v, xi_b, completion)
 
     def tangent(self, state) -> PolarTangent:
@@ -386,7 +394,7 @@ def align(
         better = cf < f
         o, f, grad, state = _select(better, second, o), _select(better, cf, f), _select(better, cg, grad), _select(better, cs, state)
 
-    coef = objective.lam.unsqueeze(-1) / objective.lam.unsqueeze(-2) + objective.lam.unsqueeze(-2) / objective.lam.unsqueeze(-1) - 1.0
+    coef = _vertical_metric(objective.lam)
     p_mu = objective.p
 
     def precondition(x: torch.Tensor) -> torch.Tensor:  # the inverse vertical metric c⁻¹ (module doc)
