@@ -1,4 +1,5 @@
-"""geomerge_factors: the quotient Fréchet mean of LoRA updates (GeoMerge paper §3.6), its symmetry claim and input checks."""
+"""geomerge_factors: the quotient Fréchet mean of LoRA updates (GeoMerge paper §3.6), its symmetry claim and
+input checks."""
 from __future__ import annotations
 
 import pytest

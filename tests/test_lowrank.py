@@ -99,7 +99,8 @@ def test_horizontal_projection_is_orthogonal_to_the_orbit_and_solves_the_omega_e
 
 def test_the_action_is_an_isometry_and_exp_inverts_log():
     p, q, o = _point(11), _point(12), _orthogonal(3, seed=13)
-    assert float(lowrank.dist(lowrank.act(p, o), lowrank.act(q, o))) == pytest.approx(float(lowrank.dist(p, q)), rel=1e-9)
+    d = float(lowrank.dist(p, q))
+    assert float(lowrank.dist(lowrank.act(p, o), lowrank.act(q, o))) == pytest.approx(d, rel=1e-9)
     xi = lowrank.log(p, q)
     back = lowrank.exp(p, xi)
     assert all(torch.allclose(x, y, atol=1e-10) for x, y in zip(back, q))

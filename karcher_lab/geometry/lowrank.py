@@ -104,7 +104,9 @@ def check_factors(g: torch.Tensor, h: torch.Tensor, name: str = "factors") -> No
             raise NonFiniteError(f"{name}: {label} contains NaN or Inf")
 
 
-def polar_from_factors(g: torch.Tensor, h: torch.Tensor, *, rank_rtol: float = RANK_RTOL, name: str = "factors") -> Polar:
+def polar_from_factors(
+    g: torch.Tensor, h: torch.Tensor, *, rank_rtol: float = RANK_RTOL, name: str = "factors"
+) -> Polar:
     """Polar factors (U, B, V) of ΔW = G Hᵀ (eq. 3), computed from thin QRs and an r×r SVD (see module doc).
 
     B is returned diagonal (the singular values of ΔW, descending): one representative of the O(r) orbit.
@@ -392,7 +394,8 @@ def align(
         o, (f, grad, state) = first, objective(first)
         cf, cg, cs = objective(second)
         better = cf < f
-        o, f, grad, state = _select(better, second, o), _select(better, cf, f), _select(better, cg, grad), _select(better, cs, state)
+        o, f = _select(better, second, o), _select(better, cf, f)
+        grad, state = _select(better, cg, grad), _select(better, cs, state)
 
     coef = _vertical_metric(objective.lam)
     p_mu = objective.p

@@ -23,7 +23,8 @@ Tangent vectors at U are Δ with UᵀΔ + ΔᵀU = 0.
 
 The iteration itself (:func:`log_coordinates`) works on the 2p×p coordinates (M, N) of Y in the frame
 [U, Q] from :func:`coordinates`, and can be warm-started from the completion of a previous run at
-nearby (M, N); :func:`log` chains the two. The complement basis Q is taken from a QR of [U, (I − U Uᵀ) Δ] (its trailing p columns), so QᵀU = 0
+nearby (M, N); :func:`log` chains the two. The complement basis Q is taken from a QR of
+[U, (I − U Uᵀ) Δ] (its trailing p columns), so QᵀU = 0
 holds to rounding also when (I − U Uᵀ)Δ is rank-deficient (a thin QR of a rank-deficient matrix can
 return columns that are not orthogonal to U). The logarithm of an orthogonal matrix uses the Cayley
 transform C = (V + I)⁻¹(V − I) (skew, eigenvalues i tan(θ/2)) and logm V = 2 atan(C) = C · h(CᵀC) with
@@ -88,7 +89,9 @@ def check_point(u: torch.Tensor, name: str = "U") -> None:
     eye = torch.eye(u.shape[-1], dtype=torch.float64, device=u.device)
     err = float((u64.mT @ u64 - eye).abs().max())
     if err > ORTHONORMALITY_TOL:
-        raise ManifoldError(f"{name} does not have orthonormal columns: max|UᵀU − I| = {err:.3g} > {ORTHONORMALITY_TOL:g}")
+        raise ManifoldError(
+            f"{name} does not have orthonormal columns: max|UᵀU − I| = {err:.3g} > {ORTHONORMALITY_TOL:g}"
+        )
 
 
 def _check_like(x: torch.Tensor, u: torch.Tensor, name: str) -> torch.Tensor:

@@ -157,7 +157,8 @@ def geomerge_factors(
     out). ``eta`` ∈ (0, 1] is the step size of eq. 9/11, ``max_iter`` and ``tol`` the outer iteration's
     cap and its stopping threshold on the horizontal gradient norm; ``align_tol`` / ``align_max_iter``
     are the orbit alignment's (:func:`karcher_lab.geometry.lowrank.align`); ``init`` the start and
-    ``memory`` the L-BFGS memory of the outer iteration (0: the paper's plain gradient step; module doc). Returns balanced (G, H) with ΔW = G Hᵀ of rank r, plus a :class:`GeoMergeTrace` with
+    ``memory`` the L-BFGS memory of the outer iteration (0: the paper's plain gradient step; module doc).
+    Returns balanced (G, H) with ΔW = G Hᵀ of rank r, plus a :class:`GeoMergeTrace` with
     ``return_trace``. Warns (RuntimeWarning) if the iteration stops at ``max_iter`` without converging.
 
     Raises before any work: EmptyInputError (no pairs), ShapeMismatchError (not 2-D, mismatched d1, d2
