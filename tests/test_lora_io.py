@@ -134,6 +134,34 @@ def test_merge_lora_writes_adapter_and_folded_model(base_dir, adapters, tmp_path
         torch.testing.assert_close(folded[name] - base[name], result.delta(name), rtol=1e-5, atol=1e-5)
 
 
+def _reparametrized(adapter: LoraAdapter, seed: int) -> LoraAdapter:
+    """The same updates with factors (G A⁻¹, H Aᵀ) for a random well-conditioned A ∈ GL(r) per module."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, m in adapter.modules.items():
+        q, _ = torch.linalg.qr(torch.randn(m.rank, m.rank, generator=generator, dtype=torch.float64))
+        a = q @ torch.diag(torch.linspace(0.5, 2.0, m.rank, dtype=torch.float64))  # condition number 4
+        g, h = m.factors(torch.float64)
+        new_g, new_h = g @ torch.linalg.inv(a), h @ a.T
+        modules[name] = LoraModule(name, new_h.T.float(), new_g.float(), 1.0, m.fan_in_fan_out)
+    return LoraAdapter(None, adapter.config, modules, adapter.label + " (reparametrized)")
+
+
+def test_symmetry_of_the_whole_pipeline(adapters):
+    read = [read_adapter(a) for a in adapters[:2]]
+    moved = [read[0], _reparametrized(read[1], seed=11)]
+    for name, m in read[1].modules.items():  # the reparametrization keeps every update
+        torch.testing.assert_close(moved[1].modules[name].delta(), m.delta(), rtol=1e-4, atol=1e-5)
+    for method, invariant in (("geomerge", True), ("knots_ta", True), ("task_arithmetic", True),
+                              ("peft_linear", False)):
+        before, after = merge_lora(read, method), merge_lora(moved, method)
+        gaps = [float((after.delta(n) - before.delta(n)).norm() / before.delta(n).norm()) for n in before.factors]
+        if invariant:
+            assert max(gaps) < 1e-4, (method, max(gaps))
+        else:
+            assert min(gaps) > 1e-2, (method, min(gaps))
+
+
 def test_bad_input_is_refused_before_anything_is_written(base_dir, adapters, tmp_path):
     out = tmp_path / "out"
     with pytest.raises(UnknownMethodError, match="available"):

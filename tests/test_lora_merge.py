@@ -6,7 +6,7 @@ import torch
 
 from karcher_lab.errors import NonFiniteError, ParameterError, ShapeMismatchError, UnknownMethodError, WeightError
 from karcher_lab.merge import merge_tensors
-from karcher_lab.merge.lora import merge_factor_sets
+from karcher_lab.merge.lora import geomerge_factors, merge_factor_sets
 from karcher_lab.merge.lora.knots import joint_svd
 
 
@@ -113,3 +113,15 @@ def test_bad_input_is_refused():
         merge_factor_sets({"w": bad}, "task_arithmetic")
     with pytest.raises(ShapeMismatchError, match="different shapes"):
         merge_factor_sets({"w": pairs[:2] + _pairs(n=1, d1=5)}, "task_arithmetic")
+
+
+def test_geomerge_keeps_rank_r_and_returns_an_update_factored_twice():
+    (g, h), = _pairs(n=1, seed=7)
+    a = torch.tensor([[2.0, 1.0, 0.0], [0.0, 1.0, 0.5], [0.3, 0.0, 1.5]], dtype=torch.float64)
+    same = [(g, h), (g @ torch.linalg.inv(a), h @ a.T)]
+    torch.testing.assert_close(_merge(same, "geomerge"), g @ h.T, rtol=1e-6, atol=1e-8)
+    pairs = _pairs(seed=8)
+    merged_g, merged_h = merge_factor_sets({"w": pairs}, "geomerge", weights=[2, 1, 1])["w"]
+    assert merged_g.shape == (12, 3) and merged_h.shape == (9, 3)
+    direct_g, direct_h = geomerge_factors(pairs, [0.5, 0.25, 0.25])
+    torch.testing.assert_close(merged_g @ merged_h.T, direct_g @ direct_h.T)

@@ -83,11 +83,14 @@ class LoraModule:
         d_out, d_in = self.B.shape[0], self.A.shape[1]
         return (d_in, d_out) if self.fan_in_fan_out else (d_out, d_in)
 
-    def factors(self, dtype: torch.dtype = torch.float32) -> Factors:
-        """(G, H) = (s B, Aᵀ) in ``dtype``: ΔW = G Hᵀ, [d_out, d_in]."""
+    def factors(self, dtype: torch.dtype | None = None) -> Factors:
+        """(G, H) = (s B, Aᵀ): ΔW = G Hᵀ, [d_out, d_in]; in ``dtype``, by default float32 (float64 for
+        float64 factors; bf16/fp16 factors are upcast exactly)."""
+        if dtype is None:
+            dtype = torch.float64 if torch.float64 in (self.A.dtype, self.B.dtype) else torch.float32
         return self.B.to(dtype) * self.scaling, self.A.to(dtype).T.contiguous()
 
-    def delta(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def delta(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """ΔW in the base weight's layout: s B A, transposed with ``fan_in_fan_out``."""
         g, h = self.factors(dtype)
         return layout_delta(g, h, self.fan_in_fan_out)
@@ -110,8 +113,8 @@ class LoraAdapter:
     def fan_in_fan_out(self) -> bool:
         return bool(self.config.get("fan_in_fan_out", False))
 
-    def factors(self, dtype: torch.dtype = torch.float32) -> dict[str, Factors]:
-        """{base weight name: (G, H)} for every module (see the module docstring)."""
+    def factors(self, dtype: torch.dtype | None = None) -> dict[str, Factors]:
+        """{base weight name: (G, H)} for every module (see :meth:`LoraModule.factors`)."""
         return {name: m.factors(dtype) for name, m in self.modules.items()}
 
 

@@ -13,6 +13,10 @@ from karcher_lab.merge.lora import (  # noqa: F401  (imported for their @registe
     ties,
 )
 from karcher_lab.merge.lora.api import LoraMergeResult, merge_factor_sets, merge_lora
+from karcher_lab.merge.lora.geomerge import geomerge_factors
 from karcher_lab.merge.lora.registry import LoraMethod, get_lora_method, list_lora_methods
 
-__all__ = ["LoraMergeResult", "LoraMethod", "get_lora_method", "list_lora_methods", "merge_factor_sets", "merge_lora"]
+__all__ = [
+    "LoraMergeResult", "LoraMethod", "geomerge_factors", "get_lora_method", "list_lora_methods", "merge_factor_sets",
+    "merge_lora",
+]

@@ -1,0 +1,181 @@
+#!/usr/bin/env python3
+"""LoRA merging on the zoo's LoRA experts: the analog of the GeoMerge paper's Table 1.
+
+    .venv/bin/python benchmarks/lora_table.py [--pool tiny-lora] [--sizes 2 3 5] [--per-task 64] \
+        [--density 0.5] [--out results/lora_table.csv]
+
+For each pool (``--pool`` may be repeated: ``tiny-lora``, ``smollm2`` or a pool directory whose
+pool.json lists an ``adapter`` per expert) and each merge size m in ``--sizes``, the pool's first m
+experts (pool order) are merged, adapter by adapter, with every method of ``--methods``:
+
+- ``geomerge``: the quotient Fréchet mean (rank r);
+- ``knots_ta`` and ``knots_ties`` (KnOTS joint-SVD alignment, then TA / TIES on the aligned coefficients);
+- ``task_arithmetic`` (the mean of the ΔW_i; identical to knots_ta by construction) and
+  ``task_arithmetic_sum`` (λ = 1, weights 1: Σ ΔW_i, Ilharco et al.'s plain sum);
+- ``ties`` on the dense ΔW_i; ``peft_svd`` (peft's SVD of the mean ΔW truncated to rank r: the same rank
+  as geomerge) and ``peft_linear`` (peft's factor averaging, rank r).
+
+Weights are 1/m (the mean) unless a method's name says otherwise; TIES-type methods use
+``--density`` (not tuned). Each merged update is folded into the base model in memory (W + ΔW) and
+scored with :func:`karcher_lab.diagnostics.task_quality` (greedy exact match and answer NLL on
+``--per-task`` held-out examples of each merged task, the same examples for every model); the
+normalized accuracy is merged / expert accuracy on the expert's task (the paper's metric,
+:func:`karcher_lab.diagnostics.normalized_accuracy`), the expert being its own adapter folded into the
+base. The rank of each merged update is its numerical rank in float64 (σ_k > 1e-6 σ_1,
+:func:`karcher_lab.diagnostics.numerical_rank`), averaged over the adapted modules.
+
+The table is printed and written to ``--out`` in the sweep's tidy format
+(:data:`karcher_lab.experiment.RESULT_COLUMNS`; order = "first-m"): scope ``task`` rows (accuracy,
+nll, normalized_accuracy), scope ``weights`` rows (merged_rank, stored_rank: mean ± std over
+modules) and scope ``summary`` rows (avg_normalized_accuracy, avg_accuracy, avg_nll). Everything is
+seeded; nothing is tuned.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from karcher_lab.diagnostics import normalized_accuracy, numerical_rank, task_quality  # noqa: E402
+from karcher_lab.errors import InputError  # noqa: E402
+from karcher_lab.experiment import RESULT_COLUMNS  # noqa: E402
+from karcher_lab.io.lora import fold_into_state, read_adapter  # noqa: E402
+from karcher_lab.merge.lora import merge_lora  # noqa: E402
+from karcher_lab.zoo import find_pool, get_task, load  # noqa: E402
+
+METHODS = ("geomerge", "knots_ta", "knots_ties", "task_arithmetic", "task_arithmetic_sum", "ties", "peft_svd",
+           "peft_linear")
+RANK_RTOL = 1e-6
+ORDER = "first-m"
+
+
+def method_call(label: str, m: int, density: float) -> tuple[str, dict]:
+    """(registered LoRA method, keyword arguments) for a table row label."""
+    if label == "task_arithmetic_sum":
+        return "task_arithmetic", {"weights": [1.0] * m}
+    if label in ("ties", "knots_ties"):
+        return label, {"density": density}
+    return label, {}
+
+
+def lora_experts(pool) -> list[dict]:
+    """The pool's experts, each with an ``adapter`` directory (InputError if the pool has none)."""
+    missing = [e["task"] for e in pool.experts if not e.get("adapter")]
+    if missing:
+        raise InputError(f"pool {pool.name} ({pool.path}) has no LoRA adapter for {missing}: "
+                         "give a LoRA pool (tiny-lora, smollm2)")
+    return [dict(e, adapter=str(Path(pool.path) / e["adapter"])) for e in pool.experts]
+
+
+def rank_rows(result) -> list[tuple[str, float, float]]:
+    ranks = [numerical_rank(g.double() @ h.double().T, rtol=RANK_RTOL) for g, h in result.factors.values()]
+    stored = list(result.ranks.values())
+    return [("merged_rank", statistics.mean(ranks), statistics.pstdev(ranks)),
+            ("stored_rank", statistics.mean(stored), statistics.pstdev(stored))]
+
+
+def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_task: int, density: float,
+                   batch_size: int) -> pd.DataFrame:
+    pool = find_pool(pool_name)
+    experts = lora_experts(pool)
+    model, tokenizer = load(str(pool.base_path))
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+    adapters = {e["task"]: read_adapter(e["adapter"], label=e["task"]) for e in experts}
+    examples = {e["task"]: get_task(e["task"]).examples("eval", per_task, seed=0) for e in experts}
+    sizes = [m for m in sizes if m <= len(experts)]
+    used = [e["task"] for e in experts[: max(sizes)]]
+
+    def score(state, tasks, name):
+        model.load_state_dict(state)
+        return task_quality(model, tokenizer, {t: examples[t] for t in tasks}, model_name=name, batch_size=batch_size)
+
+    own = pd.concat([score(fold_into_state(base_state, adapters[t].factors()), [t], f"expert:{t}") for t in used])
+    rows = [dict(pool=pool.name, order="", method="expert", m=1, experts=t, scope="task", task=t, site="", layer=-1,
+                 metric=r.metric, mean=r.mean, std=r.std) for t in used for r in own[own.task == t].itertuples()
+            if r.metric in ("accuracy", "nll")]
+    for m in sizes:
+        tasks = used[:m]
+        for label in methods:
+            method, kwargs = method_call(label, m, density)
+            start = time.perf_counter()
+            result = merge_lora([adapters[t] for t in tasks], method, **kwargs)
+            seconds = time.perf_counter() - start
+            quality = score(fold_into_state(base_state, result.factors, result.like.fan_in_fan_out), tasks, label)
+            normalized = normalized_accuracy(quality, own[own.task.isin(tasks)])
+            frame = pd.concat([quality[quality.metric.isin(["accuracy", "nll"])], normalized])
+            cell = dict(pool=pool.name, order=ORDER, method=label, m=m, experts="+".join(tasks))
+            rows += [dict(cell, scope="task", task=r.task, site="", layer=-1, metric=r.metric, mean=r.mean, std=r.std)
+                     for r in frame.itertuples()]
+            rows += [dict(cell, scope="weights", task="", site="", layer=-1, metric=k, mean=v, std=s)
+                     for k, v, s in rank_rows(result)]
+            summary = {"avg_normalized_accuracy": normalized["mean"].mean(),
+                       "avg_accuracy": quality[quality.metric == "accuracy"]["mean"].mean(),
+                       "avg_nll": quality[quality.metric == "nll"]["mean"].mean(), "merge_seconds": seconds}
+            rows += [dict(cell, scope="summary", task="", site="", layer=-1, metric=k, mean=v, std=float("nan"))
+                     for k, v in summary.items()]
+            print(f"{pool.name} m={m} {label:<20} avg normalized accuracy {summary['avg_normalized_accuracy']:.3f}  "
+                  f"merge {seconds:.1f} s", flush=True)
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def print_table(table: pd.DataFrame) -> None:
+    """One block per (pool, m): methods × tasks normalized accuracy, the average, and the mean rank."""
+    pd.set_option("display.width", 220)
+    experts = table[table.method == "expert"]
+    for pool_name in table.pool.unique():
+        own = experts[(experts.pool == pool_name) & (experts.metric == "accuracy")].set_index("task")["mean"]
+        print(f"\n{pool_name}: expert accuracy on its own task: "
+              + ", ".join(f"{t} {100 * a:.1f}%" for t, a in own.items()))
+        merged = table[(table.pool == pool_name) & (table.method != "expert")]
+        for m in sorted(merged.m.unique()):
+            block = merged[merged.m == m]
+            norm = block[(block.scope == "task") & (block.metric == "normalized_accuracy")]
+            view = norm.pivot_table(index="method", columns="task", values="mean", sort=False) * 100
+            view = view[[t for t in block.experts.iloc[0].split("+") if t in view.columns]]
+            summary = block[block.scope == "summary"].pivot_table(index="method", columns="metric", values="mean",
+                                                                  sort=False)
+            ranks = block[block.scope == "weights"].pivot_table(index="method", columns="metric", values="mean",
+                                                                sort=False)
+            view["avg"] = summary["avg_normalized_accuracy"] * 100
+            view["avg NLL"] = summary["avg_nll"]
+            view["rank"] = ranks["merged_rank"]
+            print(f"\nm = {m} ({block.experts.iloc[0]}): normalized accuracy (%) = merged / expert exact match; "
+                  "rank = mean numerical rank of the merged ΔW")
+            print(view.round(2).to_string())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--pool", action="append", help="LoRA pool name or directory (repeatable; default tiny-lora)")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2, 3, 4, 5, 6])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--per-task", type=int, default=64)
+    parser.add_argument("--density", type=float, default=0.5, help="TIES / KnOTS-TIES density (default 0.5)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "lora_table.csv")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
+    start = time.perf_counter()
+    table = pd.concat([table_for_pool(p, args.sizes, args.methods, args.per_task, args.density, args.batch_size)
+                       for p in args.pool or ["tiny-lora"]], ignore_index=True)
+    print_table(table)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
+    table.to_csv(tmp, index=False)
+    tmp.replace(args.out)
+    print(f"\nwrote {len(table)} rows to {args.out} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
