@@ -18,7 +18,10 @@ checked again). Printed side by side, medians:
   both paths; ours, full update = ours merge + evaluation, from scratch + evaluate likewise.
 
 Targets (issue 7): a full update on the tiny pool ≤ 0.5 s; on the SmolLM2 pool (5 experts) ≤ 10 s on
-2 CPU cores. A pool that is not built is skipped with a message.
+2 CPU cores. A pool that is not built is skipped with a message. ``--smollm2-stand-in DIR`` then
+measures a stand-in of the same size instead, clearly labelled: SmolLM2-135M-Instruct as the base and
+five experts = base + a seeded random task vector of 5% of each tensor's norm (untrained: the timings
+are those of the SmolLM2 pool's sizes, the quality numbers mean nothing).
 """
 from __future__ import annotations
 
@@ -52,6 +55,36 @@ def weighted_sum_in_place(model: torch.nn.Module, experts: list[torch.nn.Module]
                 target.add_(state[name], alpha=a)
 
 
+STAND_IN_TASKS = ("addition", "reverse", "sort", "uppercase", "caesar")
+STAND_IN_SCALE = 0.05
+
+
+def smollm2_stand_in(directory: Path):
+    """A pool directory shaped like the SmolLM2 pool (base + 5 experts, pool.json), built once."""
+    from karcher_lab.zoo import load_pool, model_path
+    from karcher_lab.zoo.pool import POOL_FILE, write_record
+
+    if (directory / POOL_FILE).is_file():
+        return load_pool(directory)
+    base_dir = model_path("smollm2")
+    generator = torch.Generator().manual_seed(0)
+    experts = []
+    for task in STAND_IN_TASKS:
+        model, tokenizer = load(str(base_dir))
+        with torch.no_grad():
+            for parameter in model.parameters():
+                noise = torch.randn(parameter.shape, generator=generator)
+                parameter.add_(noise * (STAND_IN_SCALE * parameter.norm() / noise.norm()))
+        model.save_pretrained(directory / "experts" / task)
+        tokenizer.save_pretrained(directory / "experts" / task)
+        experts.append(dict(task=task, path=f"experts/{task}", accuracy=float("nan"), base_accuracy=float("nan"),
+                            nll=float("nan"), base_nll=float("nan"), level=0.0))
+    record = dict(name="smollm2-stand-in", base=dict(path=str(base_dir)), experts=experts)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_record(directory, record)
+    return load_pool(directory)
+
+
 def changes(explorer: MergeExplorer, members: list[int]):
     """The three kinds of update, each a function that moves one control."""
     state = {"w": 0, "eta": 0, "subset": 0}
@@ -80,7 +113,10 @@ def run_pool(name: str, args) -> None:
         pool = find_pool(name)
     except PoolNotBuiltError as exc:
         print(f"\npool {name}: SKIPPED, not built ({exc})")
-        return
+        if name != "smollm2" or args.smollm2_stand_in is None:
+            return
+        pool = smollm2_stand_in(args.smollm2_stand_in)
+        print(f"measuring the SmolLM2-sized STAND-IN pool at {pool.path} instead (random task vectors, untrained)")
     members = list(range(min(args.experts, len(pool.experts))))
     selected = [pool.experts[i]["task"] for i in members]
     start = time.perf_counter()
@@ -126,7 +162,7 @@ def run_pool(name: str, args) -> None:
         print(f"{kind:<8} {ours:>11.3f} {scratch:>14.3f} {floor:>12.3f} {evaluation:>11.3f} {total:>10.3f} {scratch_total:>13.3f}")
     stages = {k: round(v, 3) for k, v in explorer.timings.items()}
     print(f"last update by stage: {stages}")
-    target = TARGETS.get(name)
+    target = TARGETS.get(name)  # the stand-in has the SmolLM2 pool's sizes: same target
     if target is not None:
         worst = max(r[5] for r in rows)
         print(f"target: full update <= {target} s -> worst median {worst:.3f} s: {'met' if worst <= target else 'NOT met'}")
@@ -141,6 +177,8 @@ def main() -> None:
     parser.add_argument("--quality-examples", type=int, default=16)
     parser.add_argument("--activation-examples", type=int, default=4)
     parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--smollm2-stand-in", type=Path, metavar="DIR",
+                        help="when the smollm2 pool is not built, build (once) and measure a same-size stand-in here")
     parser.add_argument("--no-exact-match", action="store_true", help="skip greedy decoding (NLL and KL only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

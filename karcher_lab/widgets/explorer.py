@@ -154,7 +154,6 @@ class MergeExplorer(widgets.VBox):
         self._probes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lock = threading.Lock()
         self._timer: threading.Timer | None = None
-        self._holding = False  # True while controls are rebuilt: their events must not schedule updates
         self.timings: dict[str, float] = {}
         """Seconds spent in each stage of the last successful update (merge, load, weights, quality, activations, total)."""
         self.tables: dict[str, Any] = {}
@@ -211,12 +210,8 @@ class MergeExplorer(widgets.VBox):
     def _show_method_controls(self) -> None:
         method = get_method(self.method_dropdown.value)
         controls, unsettable = method_controls(method)
-        self._holding = True
-        try:
-            for control in controls.values():
-                control.observe(self._on_change, "value")
-        finally:
-            self._holding = False
+        for control in controls.values():
+            control.observe(self._on_change, "value")
         self.param_controls = controls
         self.param_box.children = list(controls.values())
         notes = [html.escape(method.summary)]
@@ -250,8 +245,7 @@ class MergeExplorer(widgets.VBox):
         self._on_change(change)
 
     def _on_change(self, change=None) -> None:
-        if not self._holding:
-            self.schedule()
+        self.schedule()
 
     # ----------------------------------------------------------------- scheduling
     def schedule(self) -> None:
