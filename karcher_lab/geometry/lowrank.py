@@ -154,12 +154,16 @@ def vertical(point: Polar, omega: torch.Tensor) -> PolarTangent:
 
 
 def inner(point: Polar, xi: PolarTangent, zeta: PolarTangent) -> torch.Tensor:
-    """Product metric ⟨ξ, ζ⟩ = ⟨ξ_U, ζ_U⟩_U^can + ⟨ξ_B, ζ_B⟩_B^AI + ⟨ξ_V, ζ_V⟩_V^can."""
+    """Product metric ⟨ξ, ζ⟩ = ⟨ξ_U, ζ_U⟩_U^can + ⟨ξ_B, ζ_B⟩_B^AI + ⟨ξ_V, ζ_V⟩_V^can.
+
+    Points and tangents here are float64 and produced by this module, so the Stiefel parts skip the
+    per-call checks (this runs inside the solver's inner loops); B is checked by its eigendecomposition.
+    """
     return (
-        stiefel.inner(point.U, xi.U, zeta.U)
-        + spd.inner(point.B, xi.B, zeta.B)
-        + stiefel.inner(point.V, xi.V, zeta.V)
-    ).to(F64)
+        stiefel.canonical_inner(point.U, xi.U, zeta.U)
+        + spd.inner(point.B, xi.B, zeta.B).to(F64)
+        + stiefel.canonical_inner(point.V, xi.V, zeta.V)
+    )
 
 
 def norm(point: Polar, xi: PolarTangent) -> torch.Tensor:
@@ -198,9 +202,7 @@ def transport(point: Polar, target: Polar, xi: PolarTangent) -> PolarTangent:
     """Vector transport from T_point to the horizontal space at ``target`` by orthogonal projection:
     the Stiefel parts onto T St at target.U / target.V, the (symmetric) SPD part unchanged, then
     :func:`horizontal` at ``target``. Used by the L-BFGS variant of the Fréchet solver."""
-    moved = PolarTangent(
-        stiefel.project(target.U, xi.U).to(F64), spd.sym(xi.B), stiefel.project(target.V, xi.V).to(F64)
-    )
+    moved = PolarTangent(stiefel.tangent_part(target.U, xi.U), spd.sym(xi.B), stiefel.tangent_part(target.V, xi.V))
     return horizontal(target, moved)
 
 

@@ -103,13 +103,17 @@ def _check_like(x: torch.Tensor, u: torch.Tensor, name: str) -> torch.Tensor:
     return x.to(torch.float64)
 
 
+def canonical_inner(u: torch.Tensor, delta: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """tr(ΔᵀΔ̃) − ½ tr((UᵀΔ)ᵀ(UᵀΔ̃)) without input checks (float64 tensors of matching shapes): for inner
+    loops over a point already checked, such as the L-BFGS recursion of the Fréchet solver."""
+    return (delta * other).sum(dim=(-2, -1)) - 0.5 * ((u.mT @ delta) * (u.mT @ other)).sum(dim=(-2, -1))
+
+
 def inner(u: torch.Tensor, delta: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """Canonical metric ⟨Δ, Δ̃⟩_U = tr(ΔᵀΔ̃) − ½ tr((UᵀΔ)ᵀ(UᵀΔ̃)) (eq. of §2), over the batch axes."""
     check_point(u)
-    u64 = u.to(torch.float64)
     d, e = _check_like(delta, u, "delta"), _check_like(other, u, "other")
-    out = (d * e).sum(dim=(-2, -1)) - 0.5 * ((u64.mT @ d) * (u64.mT @ e)).sum(dim=(-2, -1))
-    return out.to(result_dtype(u, delta, other))
+    return canonical_inner(u.to(torch.float64), d, e).to(result_dtype(u, delta, other))
 
 
 def norm(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -117,12 +121,16 @@ def norm(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return inner(u, delta, delta).clamp_min(0).sqrt()
 
 
+def tangent_part(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Z − U sym(UᵀZ) without input checks (float64 tensors of matching shapes); see :func:`project`."""
+    uz = u.mT @ z
+    return z - u @ (0.5 * (uz + uz.mT))
+
+
 def project(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """Orthogonal projection of an ambient Z onto T_U St: Z − U sym(UᵀZ)."""
     check_point(u)
-    u64, z64 = u.to(torch.float64), _check_like(z, u, "z")
-    uz = u64.mT @ z64
-    return (z64 - u64 @ (0.5 * (uz + uz.mT))).to(result_dtype(u, z))
+    return tangent_part(u.to(torch.float64), _check_like(z, u, "z")).to(result_dtype(u, z))
 
 
 def _complement(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
