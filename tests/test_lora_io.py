@@ -18,7 +18,7 @@ from karcher_lab.errors import (
     UnknownMethodError,
 )
 from karcher_lab.io.lora import LoraAdapter, LoraModule, fold_into_base, read_adapter, write_adapter
-from karcher_lab.merge.lora import merge_lora
+from karcher_lab.merge.lora import gauge_transform, merge_lora, random_gauge
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -136,14 +136,10 @@ def test_merge_lora_writes_adapter_and_folded_model(base_dir, adapters, tmp_path
 
 def _reparametrized(adapter: LoraAdapter, seed: int) -> LoraAdapter:
     """The same updates with factors (G A⁻¹, H Aᵀ) for a random well-conditioned A ∈ GL(r) per module."""
-    generator = torch.Generator().manual_seed(seed)
     modules = {}
-    for name, m in adapter.modules.items():
-        q, _ = torch.linalg.qr(torch.randn(m.rank, m.rank, generator=generator, dtype=torch.float64))
-        a = q @ torch.diag(torch.linspace(0.5, 2.0, m.rank, dtype=torch.float64))  # condition number 4
-        g, h = m.factors(torch.float64)
-        new_g, new_h = g @ torch.linalg.inv(a), h @ a.T
-        modules[name] = LoraModule(name, new_h.T.float(), new_g.float(), 1.0, m.fan_in_fan_out)
+    for i, (name, m) in enumerate(adapter.modules.items()):
+        g, h = gauge_transform(*m.factors(), random_gauge(m.rank, condition=4.0, seed=seed + i))
+        modules[name] = LoraModule(name, h.T.contiguous(), g, 1.0, m.fan_in_fan_out)
     return LoraAdapter(None, adapter.config, modules, adapter.label + " (reparametrized)")
 
 

@@ -6,7 +6,7 @@ import torch
 
 from karcher_lab.errors import NonFiniteError, ParameterError, ShapeMismatchError, UnknownMethodError, WeightError
 from karcher_lab.merge import merge_tensors
-from karcher_lab.merge.lora import geomerge_factors, merge_factor_sets
+from karcher_lab.merge.lora import gauge_transform, geomerge_factors, merge_factor_sets, random_gauge, symmetry_gap
 from karcher_lab.merge.lora.knots import joint_svd
 
 
@@ -125,3 +125,17 @@ def test_geomerge_keeps_rank_r_and_returns_an_update_factored_twice():
     assert merged_g.shape == (12, 3) and merged_h.shape == (9, 3)
     direct_g, direct_h = geomerge_factors(pairs, [0.5, 0.25, 0.25])
     torch.testing.assert_close(merged_g @ merged_h.T, direct_g @ direct_h.T)
+
+
+@pytest.mark.parametrize("method, invariant", [
+    ("geomerge", True), ("task_arithmetic", True), ("ties", True), ("knots_ta", True), ("knots_ties", True),
+    ("peft_cat", True), ("peft_svd", True), ("peft_linear", False), ("peft_ties", False),
+])
+def test_which_methods_depend_on_the_factors_chosen(method, invariant):
+    a = random_gauge(3, condition=4.0, seed=1)
+    torch.testing.assert_close(torch.linalg.svdvals(a), torch.tensor([2.0, 1.25, 0.5], dtype=torch.float64))
+    pairs = _pairs(seed=9)
+    g, h = gauge_transform(*pairs[0], a)
+    torch.testing.assert_close(g @ h.T, pairs[0][0] @ pairs[0][1].T)
+    gap = symmetry_gap(pairs, method, index=0)
+    assert (gap < 1e-6) if invariant else (gap > 1e-2), gap

@@ -15,8 +15,9 @@ from karcher_lab.merge.lora import (  # noqa: F401  (imported for their @registe
 from karcher_lab.merge.lora.api import LoraMergeResult, merge_factor_sets, merge_lora
 from karcher_lab.merge.lora.geomerge import geomerge_factors
 from karcher_lab.merge.lora.registry import LoraMethod, get_lora_method, list_lora_methods
+from karcher_lab.merge.lora.symmetry import gauge_transform, random_gauge, symmetry_gap
 
 __all__ = [
-    "LoraMergeResult", "LoraMethod", "geomerge_factors", "get_lora_method", "list_lora_methods", "merge_factor_sets",
-    "merge_lora",
+    "LoraMergeResult", "LoraMethod", "gauge_transform", "geomerge_factors", "get_lora_method", "list_lora_methods",
+    "merge_factor_sets", "merge_lora", "random_gauge", "symmetry_gap",
 ]
