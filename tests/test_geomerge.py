@@ -64,11 +64,13 @@ def test_copies_of_one_update_in_different_factorizations_come_back():
 
 
 def test_the_merge_does_not_depend_on_the_factorization_but_factor_averaging_does():
-    """The paper's core claim: (G A⁻¹, H Aᵀ) is the same adapter, and geomerge gives the same ΔW."""
+    """The paper's core claim: (G A⁻¹, H Aᵀ) is the same adapter, and geomerge gives the same ΔW (to the
+    solver's tolerance: the iterates differ by rounding, and the mean is fixed to about tol / curvature;
+    measured 1.6e-11 at tol 1e-9, 2.4e-9 at the default 1e-6)."""
     pairs = [_pair(3), _pair(4), _pair(5)]
     changed = [_reparametrize(pairs[0], _gl(6))] + pairs[1:]
-    merged = _dw(*geomerge_factors(pairs))
-    merged_changed = _dw(*geomerge_factors(changed))
+    merged = _dw(*geomerge_factors(pairs, tol=1e-9))
+    merged_changed = _dw(*geomerge_factors(changed, tol=1e-9))
     assert _rel(merged_changed, merged) < 1e-8
 
     def factor_average(ps):
@@ -80,9 +82,9 @@ def test_the_merge_does_not_depend_on_the_factorization_but_factor_averaging_doe
 def test_every_adapter_reparametrized_and_reordered_gives_the_same_merge():
     pairs = [_pair(7), _pair(8), _pair(9)]
     w = [0.5, 0.3, 0.2]
-    merged = _dw(*geomerge_factors(pairs, w))
+    merged = _dw(*geomerge_factors(pairs, w, tol=1e-9))
     shuffled = [_reparametrize(pairs[k], _gl(20 + k)) for k in (2, 0, 1)]
-    assert _rel(_dw(*geomerge_factors(shuffled, [w[2], w[0], w[1]])), merged) < 1e-8
+    assert _rel(_dw(*geomerge_factors(shuffled, [w[2], w[0], w[1]], tol=1e-9)), merged) < 1e-8
 
 
 def test_shared_subspaces_give_the_weighted_geometric_mean_of_the_spectra():
