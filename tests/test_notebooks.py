@@ -21,7 +21,10 @@ from karcher_lab.zoo import cache_root
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-SMALL_SIZES = {"KARCHER_LAB_NOTEBOOK_M_MAX": "3", "KARCHER_LAB_NOTEBOOK_PER_TASK": "4", "KARCHER_LAB_NOTEBOOK_DRAWS": "4"}
+SMALL_SIZES = {"KARCHER_LAB_NOTEBOOK_M_MAX": "2", "KARCHER_LAB_NOTEBOOK_PER_TASK": "4", "KARCHER_LAB_NOTEBOOK_DRAWS": "4",
+               "KARCHER_LAB_NOTEBOOK_PROBES": "2"}
+"""Sweep sizes for the tests. With one runs folder for the module, 04 (pointed at the micro pool too)
+resumes the cells 03 already measured, as a rerun of a sweep does."""
 CELL_TIMEOUT_S = 600
 
 
@@ -42,8 +45,13 @@ def test_notebook_is_stored_clean(path):
     assert "KARCHER_LAB_NOTEBOOK_POOL" in code[0].source
 
 
+@pytest.fixture(scope="module")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("notebook_runs")
+
+
 @pytest.fixture()
-def notebook_env(tmp_path, monkeypatch, micro_pool):
+def notebook_env(tmp_path, monkeypatch, micro_pool, runs_dir):
     """A fresh HOME / Jupyter / IPython state and the notebook variables; the kernel inherits this environment."""
     monkeypatch.setenv("KARCHER_LAB_CACHE", str(cache_root()))  # keep the real pool cache though HOME moves
     for name in ("HOME", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
@@ -52,7 +60,7 @@ def notebook_env(tmp_path, monkeypatch, micro_pool):
         monkeypatch.setenv(name, str(folder))
     monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_POOL", str(micro_pool.path))
     monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL", str(micro_pool.path))
-    monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_RUNS", str(runs_dir))
     for name, value in SMALL_SIZES.items():
         monkeypatch.setenv(name, value)
     work = tmp_path / "notebooks"
@@ -89,6 +97,8 @@ def test_notebook_executes_without_errors(name, notebook_env):
     tracebacks = [t for t in _texts(book) if "Traceback (most recent call last)" in t]
     assert not tracebacks, f"{name}: a traceback was printed:\n{tracebacks[0][:2000]}"
     assert "SKIPPED" not in "".join(_texts(book)), f"{name} skipped although the pool is built"
+    if name.startswith("01_"):
+        assert "no error: the last update succeeded" in "".join(_texts(book)), "MergeExplorer shows an error"
 
 
 def test_smollm2_notebook_skips_with_a_clear_message_when_the_pool_is_missing(notebook_env, monkeypatch, tmp_path):
