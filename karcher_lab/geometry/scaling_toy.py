@@ -28,7 +28,8 @@ from typing import Sequence
 
 import torch
 
-from karcher_lab.errors import InputError, ParameterError, WeightError
+from karcher_lab.errors import InputError, ParameterError
+from karcher_lab.geometry.teaching import normalized_weights
 
 
 def _points(theta, what: str = "theta") -> torch.Tensor:
@@ -50,13 +51,6 @@ def _tangent(eta, theta: torch.Tensor, what: str) -> torch.Tensor:
     if not bool(torch.isfinite(v).all()):
         raise InputError(f"{what} contains NaN or Inf")
     return v
-
-
-def _alpha(weights, n: int) -> torch.Tensor:
-    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
-        raise WeightError(f"need {n} finite non-negative weights with a positive sum, got {w.tolist()}")
-    return w / w.sum()
 
 
 def _rows(thetas) -> torch.Tensor:
@@ -140,13 +134,13 @@ def fisher_information(theta, s_xx: float = 1.0, sigma: float = 1.0) -> torch.Te
 def euclidean_mean(thetas, weights: Sequence[float] | None = None) -> torch.Tensor:
     """Σ αᵢ θᵢ: parameter averaging in the ambient coordinates (representative-dependent)."""
     t = _rows(thetas)
-    return _alpha(weights, t.shape[0]) @ t
+    return normalized_weights(weights, t.shape[0]) @ t
 
 
 def fisher_mean(thetas, weights: Sequence[float] | None = None, s_xx: float = 1.0, sigma: float = 1.0) -> torch.Tensor:
     """Fisher merging (Σ αᵢ Fᵢ ⊙ θᵢ) ⊘ (Σ αᵢ Fᵢ) with the diagonal Fisher Fᵢ = diag I(θᵢ) (§5; Matena & Raffel)."""
     t = _rows(thetas)
-    alpha = _alpha(weights, t.shape[0]).unsqueeze(-1)
+    alpha = normalized_weights(weights, t.shape[0]).unsqueeze(-1)
     diag = fisher_information(t, s_xx, sigma).diagonal(dim1=-2, dim2=-1)
     return (alpha * diag * t).sum(0) / (alpha * diag).sum(0)
 
@@ -158,7 +152,7 @@ def quotient_mean(thetas, weights: Sequence[float] | None = None, *, reference=N
     representative is the balanced one (sign(w*)√|w*|, √|w*|) or, with ``reference``, the point of the
     orbit with the reference's ratio θ₁/θ₂ (on the horizontal geodesic through the reference)."""
     t = _rows(thetas)
-    alpha = _alpha(weights, t.shape[0])
+    alpha = normalized_weights(weights, t.shape[0])
     w = predictor(t)
     signs = torch.sign(w[alpha > 0])
     if bool((signs != signs[0]).any()):

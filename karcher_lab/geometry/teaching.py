@@ -30,7 +30,8 @@ from karcher_lab.geometry import simplex, sphere
 from karcher_lab.geometry.karcher_mean import check_solver_params
 
 
-def _weights(weights, n: int) -> torch.Tensor:
+def normalized_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
+    """α = w / Σ w as float64 [n] (equal weights for None); WeightError unless finite, ≥ 0, with a positive sum."""
     w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
     if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
         raise WeightError(f"need {n} finite non-negative weights with a positive sum, got {w.tolist()}")
@@ -51,7 +52,7 @@ def mixture(ps: Sequence[torch.Tensor], weights: Sequence[float] | None = None) 
         raise InputError("mixture: no distributions given")
     for p in ps:
         simplex.fr_distance(p, ps[0])  # validates each against the first (shape and simplex)
-    alpha = _weights(weights, len(ps))
+    alpha = normalized_weights(weights, len(ps))
     return sum(a * p.to(torch.float64) for a, p in zip(alpha, ps))
 
 
@@ -104,7 +105,7 @@ def karcher_path(
     if not bool(torch.isfinite(x).all()) or bool((norms == 0).any()):
         raise InputError("points must be finite and non-zero")
     units = x / norms
-    alpha = _weights(weights, x.shape[0])
+    alpha = normalized_weights(weights, x.shape[0])
     u = alpha @ units if init == "chord" else units[0].clone()
     u = u / u.norm()
     iterates, residuals = [u], []
