@@ -176,6 +176,69 @@ def test_low_precision_inputs_accumulate_the_gram_in_float64(dtype):
     assert _rel(mean.to(F64).reshape(1, -1), direct) < 1e-6  # float32 output rounding only
 
 
+def _float64_gram(xs, block="tensor", center=None, metric=None):
+    """The test's own float64 Gram: einsum over exact float64 copies."""
+    ys = [x.to(F64) - (0 if center is None else center.to(F64)) for x in xs]
+    if metric is not None:
+        ys = [y * metric.to(F64).sqrt() for y in ys]
+    stacked = torch.stack([_as_blocks(y, block) for y in ys])
+    return torch.einsum("nbd,mbd->bnm", stacked, stacked)
+
+
+def _unit_gram_error(gram, ref):
+    norms = ref.diagonal(dim1=-2, dim2=-1).sqrt()
+    return float(((gram - ref) / (norms.unsqueeze(-1) * norms.unsqueeze(-2))).abs().max())
+
+
+def test_large_whole_tensors_take_float32_runs_accumulated_in_float64():
+    """A 2^20-entry float32 tensor (default thresholds): products and run sums in float32, runs summed in
+    float64; the error in the normalized Gram stays ~1e-8 (independent, correlated and positive data)."""
+    g = _gen(20)
+    shape = (1024, 1024)
+    assert shape[0] * shape[1] >= km.GRAM_FLOAT32_BLOCK
+    base = torch.randn(shape, generator=g)
+    kinds = [
+        [torch.randn(shape, generator=g) for _ in range(3)],
+        [base + 0.05 * torch.randn(shape, generator=g) for _ in range(3)],
+        [torch.rand(shape, generator=g) + 0.5 for _ in range(3)],
+    ]
+    for xs in kinds:
+        gram, ref = km.gram_matrix(xs), _float64_gram(xs)
+        assert 0 < _unit_gram_error(gram, ref) < 5e-8  # non-zero: the float32 path was taken
+    assert _unit_gram_error(km.gram_matrix(kinds[1], center=base), _float64_gram(kinds[1], center=base)) < 5e-8
+    # row blocks and float64 inputs keep float64 products: exact
+    torch.testing.assert_close(km.gram_matrix(kinds[0], "row"), _float64_gram(kinds[0], "row"), rtol=1e-13, atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(41, 37), (1500,)])
+def test_float32_runs_cover_every_chunk_and_tail(shape, monkeypatch):
+    """Small thresholds so that runs, chunk ends and a tail shorter than a run all occur."""
+    monkeypatch.setattr(km, "GRAM_FLOAT32_BLOCK", 1000)
+    monkeypatch.setattr(km, "GRAM_FLOAT32_RUN", 64)
+    xs = [x.float() for x in _experts(4, shape, seed=21)]
+    base = torch.randn(*shape, generator=_gen(22))
+    metric = torch.rand(*shape, generator=_gen(23)) + 0.1
+    for buffer_bytes in (4 * 64 * 6, 4 * 64 * 6 * 7 + 12, km.GRAM_BUFFER_BYTES):
+        monkeypatch.setattr(km, "GRAM_BUFFER_BYTES", buffer_bytes)
+        for center, m in ((None, None), (base, None), (base, metric)):
+            gram = km.gram_matrix(xs, center=center, metric=m)
+            assert 0 < _unit_gram_error(gram, _float64_gram(xs, center=center, metric=m)) < 1e-6
+
+
+def test_float32_runs_fall_back_to_float64_where_float32_would_underflow_or_overflow(monkeypatch):
+    monkeypatch.setattr(km, "GRAM_FLOAT32_BLOCK", 1000)
+    xs = [x.float() for x in _experts(3, (40, 50), seed=24)]
+    cases = {
+        "tiny values (squares underflow float32)": [1e-22 * x for x in xs],
+        "huge values (squares overflow float32)": [1e21 * x for x in xs],
+        "a zero task vector": [xs[0], xs[1], xs[2].clone()],
+    }
+    for label, ys in cases.items():
+        center = xs[2] if label == "a zero task vector" else None
+        gram = km.gram_matrix(ys, center=center)
+        torch.testing.assert_close(gram, _float64_gram(ys, center=center), rtol=1e-13, atol=0, msg=label)
+
+
 def test_zero_norm_expert_contributes_no_direction():
     x1, x2, x3 = _experts(3, (10, 4), seed=7, spread=1.0)
     zero = torch.zeros_like(x1)

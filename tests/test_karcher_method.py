@@ -170,3 +170,23 @@ def test_low_precision_inputs_keep_their_dtype():
 def test_single_expert_is_returned_unchanged():
     x = _experts(1, (4, 3), seed=13)[0]
     torch.testing.assert_close(merge_tensors("karcher", [x]), x, rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("threshold", [1 << 20, 100])  # float64 products; float32 runs (see gram_matrix)
+def test_non_finite_inputs_are_found_through_the_gram_and_named(threshold, monkeypatch):
+    """merge_tensors skips its NaN/Inf pass for karcher (checks_finite): the Gram diagonal finds them."""
+    monkeypatch.setattr(km, "GRAM_FLOAT32_BLOCK", threshold)
+    xs = _experts(3, (16, 16), seed=14, dtype=torch.float32)
+    base = xs[0] * 0.5
+    for where, value in (("model 2", float("nan")), ("model 1", float("inf"))):
+        broken = [x.clone() for x in xs]
+        broken[int(where[-1])][3, 4] = value
+        with pytest.raises(errors.NonFiniteError, match=f"tensor 'w': {where} contains"):
+            merge_tensors("karcher", broken, name="w")
+        with pytest.raises(errors.NonFiniteError, match=f"{where} contains"):
+            merge_tensors("karcher", broken, base=base, task_vectors=True, name="w")
+    bad_base = base.clone()
+    bad_base[0, 0] = float("nan")
+    for task_vectors in (True, False):  # an unused base is still refused, as by every method
+        with pytest.raises(errors.NonFiniteError, match="base contains 1 NaN"):
+            merge_tensors("karcher", xs, base=bad_base, task_vectors=task_vectors)

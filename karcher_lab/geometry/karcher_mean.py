@@ -67,6 +67,13 @@ GRAM_SPLIT = 8
 """A chunk inside a single block is cut into this many pieces multiplied as one batch: torch.bmm spreads
 a batch over the threads, while one skinny [N, K]·[K, N] product runs on a single thread."""
 
+GRAM_FLOAT32_BLOCK = 1 << 20
+"""A single block of at least this many entries (inputs no wider than float32) takes float32 products
+over runs of ``GRAM_FLOAT32_RUN`` entries, accumulated in float64 (see :func:`gram_matrix`)."""
+
+GRAM_FLOAT32_RUN = 2048
+"""Length of the runs summed in float32 inside a large block; their sums are accumulated in float64."""
+
 GRAM_MIN_RUN = 64
 """Blocks whose run inside a chunk is shorter than this (columns of a weight, narrow rows) take their
 Gram entries from elementwise products instead of many tiny matrix products."""
@@ -148,15 +155,47 @@ def gram_matrix(
 ) -> torch.Tensor:
     """Raw per-block Gram matrices G[b, i, j] = ⟨x_i, x_j⟩ over block b, float64 ``[B, N, N]``.
 
-    One streaming pass over the data: each chunk of every input is converted to float64 in a small
-    staging buffer (``GRAM_BUFFER_BYTES``) and multiplied there, so bf16/fp16/fp32 products and sums
-    are accumulated in float64 and no full-size copy is made. The tensors are not normalized: norms are
-    n_i = √G[b, i, i]. With ``center`` (a base θ_0) the Gram of the task vectors x_i − θ_0 is formed,
-    subtracting in float64 chunk by chunk. With ``metric`` (entries m ≥ 0, the inputs' shape, e.g. a
-    diagonal Fisher) the inner product is ⟨x, y⟩_m = Σ_e m_e x_e y_e, applied chunk by chunk as well.
+    One streaming pass over the data: each chunk of every input is copied into a small staging buffer
+    (``GRAM_BUFFER_BYTES``) and multiplied there, so no full-size copy is made. The tensors are not
+    normalized: norms are n_i = √G[b, i, i]. With ``center`` (a base θ_0) the Gram of the task vectors
+    x_i − θ_0 is formed, subtracting chunk by chunk. With ``metric`` (entries m ≥ 0, the inputs' shape,
+    e.g. a diagonal Fisher) the inner product is ⟨x, y⟩_m = Σ_e m_e x_e y_e, applied chunk by chunk.
+
+    Precision: products and sums are float64 (exact products for bf16/fp16/fp32 values), except for a
+    single large block (a whole tensor of ≥ ``GRAM_FLOAT32_BLOCK`` entries: block='tensor' on weight
+    matrices) of inputs no wider than float32. There each run of ``GRAM_FLOAT32_RUN`` entries is
+    multiplied and summed in float32 and the ≥ 512 run sums are accumulated in float64, which halves
+    the bytes staged and runs the products at float32 speed; the runs' independent rounding errors
+    average out to ~1e-8 relative in G (tests/test_karcher_mean.py bounds it), below the float32
+    rounding of the merged output. Where float32 could underflow or overflow (a G_ii below
+    block size · 2⁻⁹⁶, zero blocks included, or a non-finite G) the Gram is recomputed in float64.
     """
     _check_same_shape(tensors, {"base": center, "metric": metric})
     layout = block_layout(tensors[0].shape, block)
+    inputs = [*tensors, *(t for t in (center, metric) if t is not None)]
+    if layout.blocks == 1 and layout.block_size >= GRAM_FLOAT32_BLOCK and all(t.dtype.itemsize <= 4 for t in inputs):
+        gram = _streamed_gram(tensors, layout, center, metric, torch.float32)
+        if _float32_gram_is_accurate(gram, layout.block_size):
+            return gram
+    return _streamed_gram(tensors, layout, center, metric, torch.float64)
+
+
+def _float32_gram_is_accurate(gram: torch.Tensor, block_size: int) -> bool:
+    """Finite and, per block, every G_ii ≥ block_size · 2⁻⁹⁶: then float32 underflow (products below
+    2⁻¹²⁶) changes no G_ij by more than 2⁻³⁰ of n_i n_j. Zero blocks (all-zero task vectors) included."""
+    diagonal = gram.diagonal(dim1=-2, dim2=-1)
+    return bool(torch.isfinite(gram).all()) and bool((diagonal >= block_size * 2.0**-96).all())
+
+
+def _streamed_gram(
+    tensors: Sequence[torch.Tensor],
+    layout,
+    center: torch.Tensor | None,
+    metric: torch.Tensor | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The pass of :func:`gram_matrix` with products in ``dtype`` (float64, or float32 runs of
+    ``GRAM_FLOAT32_RUN`` entries inside single blocks), accumulated into a float64 Gram."""
     n = len(tensors)
     device = tensors[0].device
     views = [layout.view(t) for t in tensors]
@@ -164,16 +203,26 @@ def gram_matrix(
     gram = torch.zeros(layout.blocks, n, n, dtype=torch.float64, device=device)
     half = (n + 1) // 2
     staged = n + len(extras)
-    per_model = max(GRAM_SPLIT, GRAM_BUFFER_BYTES // (8 * staged) // GRAM_SPLIT * GRAM_SPLIT)
-    staging = torch.empty(staged * per_model, dtype=torch.float64, device=device)
+    unit = GRAM_FLOAT32_RUN if dtype == torch.float32 else GRAM_SPLIT  # chunks hold whole pieces
+    per_model = max(unit, GRAM_BUFFER_BYTES // (dtype.itemsize * staged) // unit * unit)
+    staging = torch.empty(staged * per_model, dtype=dtype, device=device)
+
+    def add_products(rows: torch.Tensor, bs: slice, pieces_of_one_block: bool) -> None:
+        """rows [batch, n, run]: one row per block, or the pieces of one block (their products summed).
+        Rows [0, h) against all, rows [h, n) against [h, n): the upper triangle with fewer products."""
+        top = torch.bmm(rows[:, :half], rows.mT)
+        bottom = torch.bmm(rows[:, half:], rows[:, half:].mT)
+        if pieces_of_one_block:
+            top, bottom = top.sum(0, keepdim=True, dtype=torch.float64), bottom.sum(0, keepdim=True, dtype=torch.float64)
+        gram[bs, :half] += top
+        gram[bs, half:, half:] += bottom
+
     for ps, bs, qs in layout.chunks(per_model):
         pieces = [v[ps, bs, qs] for v in views + extras]  # [p, blocks, q] each
         p, nb, q = pieces[0].shape
         long_runs = p * q >= GRAM_MIN_RUN
         if long_runs:  # block-major, so each block's run is one row of a batched product
             pieces = [x.transpose(0, 1) for x in pieces]
-            if nb == 1 and p == 1 and q % GRAM_SPLIT == 0:  # one run inside one block: cut it
-                pieces = [x.reshape(GRAM_SPLIT, 1, q // GRAM_SPLIT) for x in pieces]
         chunk = staging[: len(pieces) * pieces[0].numel()].view(len(pieces), *pieces[0].shape)
         for i, x in enumerate(pieces):
             chunk[i].copy_(x)
@@ -182,19 +231,20 @@ def gram_matrix(
             models.sub_(chunk[n])
         if metric is not None:
             models.mul_(chunk[-1].sqrt_())
-        if long_runs:
-            rows = models.reshape(n, models.shape[1], -1).transpose(0, 1)  # [batch, n, run]
-            # rows [0, h) against all, rows [h, n) against [h, n): the upper triangle with fewer products
-            top = torch.bmm(rows[:, :half], rows.mT)
-            bottom = torch.bmm(rows[:, half:], rows[:, half:].mT)
-            if rows.shape[0] != nb:  # the cut run: sum its pieces
-                top, bottom = top.sum(0, keepdim=True), bottom.sum(0, keepdim=True)
-            gram[bs, :half] += top
-            gram[bs, half:, half:] += bottom
-        else:  # short runs (columns, narrow rows): elementwise products summed per block
+        if not long_runs:  # short runs (columns, narrow rows): elementwise products summed per block
             for i in range(n):
                 for j in range(i, n):
-                    gram[bs, i, j] += (models[i] * models[j]).sum((0, 2))
+                    gram[bs, i, j] += (models[i] * models[j]).sum((0, 2), dtype=torch.float64)
+        elif nb == 1 and p == 1:  # one run inside one block: cut into pieces of `run` entries (+ a tail)
+            flat = models.reshape(n, q)
+            run = GRAM_FLOAT32_RUN if dtype == torch.float32 else (q // GRAM_SPLIT if q % GRAM_SPLIT == 0 else q)
+            whole = q // run * run
+            if whole:
+                add_products(flat[:, :whole].reshape(n, whole // run, run).transpose(0, 1), bs, True)
+            if whole < q:
+                add_products(flat[:, whole:].unsqueeze(0), bs, True)
+        else:
+            add_products(models.reshape(n, nb, -1).transpose(0, 1), bs, False)
     upper = gram.triu()
     return upper + upper.triu(1).mT
 
