@@ -6,8 +6,9 @@
 The ``--experts`` experts with the highest heterogeneity level (the farthest from the base: the most
 fine-tuning steps at the highest rate, see karcher_lab/zoo/config.py) are merged with equal weights by
 ``linear`` and by ``karcher`` (defaults: whole-tensor blocks, converged), and by ``karcher`` with the
-Fisher preconditioning of §3.4 (:func:`karcher_lab.merge.karcher.fisher_karcher`: each expert's diagonal Fisher, labels sampled from the
-model, on ``--fisher-examples`` training examples of its own task). The probe set is
+Fisher preconditioning of §3.4 (its ``fisher`` option, see :mod:`karcher_lab.merge.karcher`: each
+expert's diagonal Fisher, labels sampled from the model, on ``--fisher-examples`` training examples of
+its own task). The probe set is
 ``--per-task`` held-out examples of each merged task, as ``<s> prompt answer`` text. Reported:
 
 - collapse ratios per site and layer, r = m_merged / mean_i m_i for activation variance, effective rank
@@ -37,7 +38,6 @@ from karcher_lab import plots  # noqa: E402
 from karcher_lab.diagnostics import capture_activations, collapse_ratios, diagonal_fisher, encode_probes  # noqa: E402
 from karcher_lab.diagnostics.function import function_distance, normalized_accuracy, task_quality  # noqa: E402
 from karcher_lab.diagnostics.weights import expert_angles, weight_metrics  # noqa: E402
-from karcher_lab.merge.karcher import fisher_karcher  # noqa: E402
 from karcher_lab.zoo import find_pool, get_task  # noqa: E402
 from karcher_lab.zoo.load import load  # noqa: E402
 
@@ -78,11 +78,8 @@ def main() -> None:
     if args.fisher_examples:
         fishers = {t: diagonal_fisher(experts[t], tokenizer, get_task(t).examples("train", args.fisher_examples, seed=0))
                    for t in tasks}
-        states = {t: experts[t].state_dict() for t in tasks}
-        merged["karcher+fisher"] = with_state(pool, {
-            name: fisher_karcher([states[t][name] for t in tasks], [fishers[t][name] for t in tasks], name=name)[0]
-            for name in states[tasks[0]]
-        })
+        model_params = [{"fisher": fishers[t]} for t in tasks]
+        merged["karcher+fisher"] = with_state(pool, karcher_lab.merge(paths, "karcher", model_params=model_params))
 
     examples = {t: get_task(t).examples("eval", args.per_task, seed=0) for t in tasks}
     texts = [e.prompt + e.answer for t in tasks for e in examples[t]]
