@@ -6,9 +6,11 @@ import pytest
 import torch
 
 from karcher_lab.errors import (
+    AntipodalError,
     EmptyInputError,
     ManifoldError,
     NonFiniteError,
+    NotSupportedError,
     ParameterError,
     ShapeMismatchError,
     StepSizeError,
@@ -119,6 +121,20 @@ def test_output_has_rank_r_balanced_factors_and_lowers_the_objective():
     assert float(objectives[-1]) == pytest.approx(0.5 * float((lowrank.quotient_dist(mu, batch) ** 2).mean()), rel=1e-6)
 
 
+def test_rank_one_updates_on_a_shared_line_merge_to_the_weighted_geometric_mean():
+    """r = 1, O(1) = {±1}: s_i u vᵀ with one column and row space merge to (Π s_i^{w_i}) u vᵀ."""
+    u, v = _pair(70, r=1)
+    g, h = geomerge_factors([(2.0 * u, -v), (-8.0 * u, v)], [0.5, 0.5])  # the sign may sit in either factor
+    assert g.shape == (D1, 1)
+    assert _rel(_dw(g, h), -4.0 * (u @ v.T)) < 1e-10
+
+
+def test_an_update_and_its_negative_have_no_unique_mean():
+    g, h = _pair(72, r=1)
+    with pytest.raises(AntipodalError):
+        geomerge_factors([(g, h), (-g, h)])
+
+
 def test_a_zero_weight_leaves_that_adapter_out():
     pairs = [_pair(50), _pair(51)]
     g, h, trace = geomerge_factors(pairs, [1.0, 0.0], return_trace=True)
@@ -150,6 +166,7 @@ def test_non_convergence_warns():
         ([_pair(1), _pair(2)], {"init": "median"}, ParameterError),
         ([_pair(1), _pair(2)], {"align_tol": 0.0}, ParameterError),
         ([_pair(1), _pair(2)], {"memory": -2}, ParameterError),
+        ([_pair(1, d1=5, d2=8, r=3)], {}, NotSupportedError),  # 2r > min(d1, d2)
     ],
 )
 def test_bad_input_raises_a_specific_error(pairs, kwargs, error):

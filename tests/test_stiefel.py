@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from karcher_lab.errors import ConvergenceError, ManifoldError, ShapeMismatchError
+from karcher_lab.errors import AntipodalError, ConvergenceError, ManifoldError, ShapeMismatchError
 from karcher_lab.geometry import sphere, stiefel
 
 F64 = torch.float64
@@ -101,6 +101,12 @@ def test_logm_orthogonal_inverts_the_matrix_exponential():
     skew = 0.5 * (x - x.mT)
     skew = skew * (2.5 / torch.linalg.matrix_norm(skew, ord=2))[:, None, None]  # rotation angles ≤ 2.5 < π
     assert torch.allclose(stiefel.logm_orthogonal(torch.linalg.matrix_exp(skew)), skew, atol=1e-11)
+
+
+def test_antipodal_columns_have_no_logarithm():
+    u = _point(10, 2, seed=27)
+    with pytest.raises(AntipodalError, match="cut locus"):
+        stiefel.log(u, -u)
 
 
 def test_non_convergence_is_reported_or_raised():

@@ -1,6 +1,7 @@
 """The Stiefel manifold St(n, p) = {U ∈ ℝ^{n×p} : UᵀU = I_p} with the canonical metric (GeoMerge paper §2, eq. 5).
 
 A point is a ``[..., n, p]`` tensor with orthonormal columns (p ≤ n); leading axes are batch axes.
+Exp and Log need n ≥ 2p (NotSupportedError otherwise; LoRA ranks are far below that).
 Tangent vectors at U are Δ with UᵀΔ + ΔᵀU = 0.
 
 - canonical inner product ⟨Δ, Δ̃⟩_U = tr(Δᵀ (I − ½ U Uᵀ) Δ̃); for Δ = U A + Q B (A skew, QᵀU = 0)
@@ -39,8 +40,17 @@ from dataclasses import dataclass
 
 import torch
 
-from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ParameterError, ShapeMismatchError
+from karcher_lab.errors import (
+    AntipodalError,
+    ConvergenceError,
+    ManifoldError,
+    NonFiniteError,
+    NotSupportedError,
+    ParameterError,
+    ShapeMismatchError,
+)
 from karcher_lab.geometry.numerics import result_dtype, single_threaded
+from karcher_lab.geometry.sphere import ANTIPODAL_TOL
 
 ORTHONORMALITY_TOL = 1e-5
 """Largest accepted max|UᵀU − I| for a point (float32 orthonormalization leaves ~1e-7 per entry)."""
@@ -133,6 +143,15 @@ def project(u: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return tangent_part(u.to(torch.float64), _check_like(z, u, "z")).to(result_dtype(u, z))
 
 
+def _check_room(u: torch.Tensor) -> None:
+    """Exp and Log work in a frame [U, Q] of 2p orthonormal columns, which needs n ≥ 2p."""
+    n, p = u.shape[-2], u.shape[-1]
+    if n < 2 * p:
+        raise NotSupportedError(
+            f"Stiefel exp/log need n ≥ 2p (the frame [U, Q] has 2p orthonormal columns), got n = {n}, p = {p}"
+        )
+
+
 def _complement(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Q (orthonormal, QᵀU = 0) and QᵀW, with (I − U Uᵀ) W = Q (QᵀW): Q from a QR of [U, (I − U Uᵀ) W].
 
@@ -150,6 +169,7 @@ def _complement(u: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def exp(u: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """Exp_U(Δ) = U M + Q N with [M; N] = expm([[A, −Rᵀ], [R, 0]])[:, :p], A = UᵀΔ, Q R = (I − UUᵀ)Δ (eq. 5)."""
     check_point(u)
+    _check_room(u)
     u64, d = u.to(torch.float64), _check_like(delta, u, "delta")
     p = u.shape[-1]
     a = skew(u64.mT @ d)
@@ -164,10 +184,20 @@ def logm_orthogonal(v: torch.Tensor) -> torch.Tensor:
 
     Cayley: C = (V + I)⁻¹(V − I) is skew with eigenvalues i tan(θ/2) for V's eigenvalues e^{iθ}; then
     logm V = 2 atan(C) = C · h(CᵀC), h(τ²) = 2 atan(τ)/τ (→ 2 at τ = 0), with CᵀC = Z diag(τ²) Zᵀ.
+    Raises AntipodalError where V rotates by (nearly) π, cos θ < −1 + ANTIPODAL_TOL as for the sphere,
+    i.e. τ² > 2/ANTIPODAL_TOL − 1: the Stiefel points are (nearly) on each other's cut locus, e.g. a
+    column of Y is minus one of U, and the logarithm's direction is dominated by rounding.
     """
     eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
-    c = skew(torch.linalg.solve(v + eye, v - eye))
+    c = skew(torch.linalg.solve_ex(v + eye, v - eye)[0])
     tau2, z = torch.linalg.eigh(c.mT @ c)
+    # an eigenvalue −1 makes V + I singular: the solve then returns rounding noise, which fails (V + I)C = V − I
+    solved = ((v + eye) @ c - (v - eye)).norm(dim=(-2, -1)) < 1e-8 * (1.0 + c.norm(dim=(-2, -1)))
+    if not bool(solved.all()) or not bool(torch.isfinite(tau2).all()) or float(tau2.max()) > 2 / ANTIPODAL_TOL - 1:
+        raise AntipodalError(
+            "Stiefel log undefined: a rotation by (nearly) π, the points are on each other's cut locus (e.g. a "
+            "column of one is minus a column of the other); for LoRA updates, ΔW and −ΔW have no unique mean"
+        )
     tau = tau2.clamp_min(0).sqrt()
     h = torch.where(tau > 1e-8, 2.0 * torch.atan(tau) / torch.where(tau > 1e-8, tau, 1.0), 2.0 - tau2 * (2.0 / 3.0))
     return skew(c @ ((z * h.unsqueeze(-2)) @ z.mT))
@@ -227,6 +257,7 @@ def coordinates(u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.T
     check_point(y, "Y")
     if y.shape[-2:] != u.shape[-2:]:
         raise ShapeMismatchError(f"U and Y must have the same [n, p], got {tuple(u.shape)} and {tuple(y.shape)}")
+    _check_room(u)
     u64, y64 = torch.broadcast_tensors(u.to(torch.float64), y.to(torch.float64))
     q, n = _complement(u64, y64)
     return u64.mT @ y64, q, n

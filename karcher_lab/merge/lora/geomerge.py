@@ -27,8 +27,8 @@ perturbs the gradient by about its residual. Alignments are warm-started from th
 
 Start (``init``): ``"mean"`` (default) is the rank-r truncated SVD of the weighted Euclidean mean
 Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
-depends only on the ΔW_i, so it keeps the invariance. If that mean has rank < r (updates that cancel),
-the start falls back to ``"first"``: the input with the largest weight (first among ties). The trace
+depends only on the ΔW_i, so it keeps the invariance. If that mean has (numerically) rank < r (updates
+that cancel; ``START_RTOL``), the start falls back to ``"first"``: the input with the largest weight (first among ties). The trace
 records which start was used.
 
 All geometry is float64; the output factors have the inputs' dtype promoted to at least float32 and are
@@ -43,7 +43,7 @@ from typing import Sequence
 
 import torch
 
-from karcher_lab.errors import EmptyInputError, ParameterError, ShapeMismatchError
+from karcher_lab.errors import EmptyInputError, NotSupportedError, ParameterError, ShapeMismatchError
 from karcher_lab.geometry import lowrank
 from karcher_lab.geometry.frechet import FrechetTrace, Geometry, check_solver_params, check_weights, frechet_mean
 from karcher_lab.geometry.lowrank import Polar
@@ -52,6 +52,10 @@ from karcher_lab.geometry.numerics import single_threaded
 ALIGN_RELATIVE_TOL = 1e-2
 """Each alignment stops at max(align_tol, ALIGN_RELATIVE_TOL × the previous gradient norm): an inexact
 alignment perturbs the gradient by about its residual, so early iterates need no more."""
+
+START_RTOL = 1e-8
+"""The 'mean' start falls back to 'first' when the mean update's σ_r is below this fraction of the inputs'
+weighted mean σ_1 (its rank-r part would be rounding noise)."""
 
 GEOMERGE_INITS: tuple[str, ...] = ("mean", "first")
 """Starting points: 'mean' = rank-r truncation of the weighted mean ΔW (default), 'first' = the heaviest input."""
@@ -98,6 +102,11 @@ def _check_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
                 shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
                 raise ShapeMismatchError(f"adapter {i}: {label} must be a 2-D tensor [d, r], got {shape}")
         lowrank.check_factors(g, h, f"adapter {i}")
+        if 2 * g.shape[-1] > min(g.shape[0], h.shape[0]):
+            raise NotSupportedError(
+                f"adapter {i}: rank r = {g.shape[-1]} > min(d1, d2)/2 = {min(g.shape[0], h.shape[0]) / 2:g}; the "
+                "Stiefel exp/log need d ≥ 2r"
+            )
         if (g.shape, h.shape) != (pairs[0][0].shape, pairs[0][1].shape):
             raise ShapeMismatchError(
                 f"adapter {i} has G {tuple(g.shape)}, H {tuple(h.shape)} but adapter 0 has "
@@ -120,8 +129,9 @@ def _check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter) -> Non
         raise ParameterError(f"align_max_iter must be a non-negative int, got {align_max_iter!r}")
 
 
-def _truncated_mean(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> Polar | None:
-    """Polar factors of the rank-r truncated SVD of Σ_i w_i G_i H_iᵀ, or None if it has rank < r.
+def _truncated_mean(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: float) -> Polar | None:
+    """Polar factors of the rank-r truncated SVD of Σ_i w_i G_i H_iᵀ, or None if its σ_r ≤ START_RTOL · scale
+    (``scale``: the inputs' weighted mean largest singular value; the updates (nearly) cancel).
 
     Σ_i w_i G_i H_iᵀ = [w_1 G_1 … w_N G_N] [H_1 … H_N]ᵀ: thin QRs of the stacked d×(N r) factors and an
     SVD of the (N r)×(N r) core.
@@ -132,7 +142,7 @@ def _truncated_mean(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor) -> Polar 
     qg, rg = torch.linalg.qr(stacked_g)
     qh, rh = torch.linalg.qr(stacked_h)
     p, sigma, zt = torch.linalg.svd(rg @ rh.mT)
-    if not float(sigma[r - 1]) > lowrank.RANK_RTOL * float(sigma[0]):
+    if not float(sigma[r - 1]) > START_RTOL * scale:
         return None
     return Polar(qg @ p[:, :r], torch.diag(sigma[:r]), qh @ zt[:r].mT)
 
@@ -162,7 +172,7 @@ def geomerge_factors(
     ``return_trace``. Warns (RuntimeWarning) if the iteration stops at ``max_iter`` without converging.
 
     Raises before any work: EmptyInputError (no pairs), ShapeMismatchError (not 2-D, mismatched d1, d2
-    or r, r > min(d1, d2)), NonFiniteError, WeightError (wrong length, negative, non-finite, all zero),
+    or r, r > min(d1, d2)), NotSupportedError (2r > min(d1, d2)), NonFiniteError, WeightError (wrong length, negative, non-finite, all zero),
     StepSizeError / ParameterError (bad solver parameters); ManifoldError if some ΔW_i has rank < r.
     """
     _check_params(eta=eta, max_iter=max_iter, tol=tol, init=init, align_tol=align_tol, align_max_iter=align_max_iter)
@@ -182,7 +192,8 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
     w = w_all[kept] / w_all[kept].sum()
     out_dtype = torch.promote_types(torch.promote_types(pairs[0][0].dtype, pairs[0][1].dtype), torch.float32)
 
-    start = _truncated_mean(g[kept], h[kept], w) if init == "mean" else None
+    scale = float((w * points.B.diagonal(dim1=-2, dim2=-1).amax(-1)).sum())
+    start = _truncated_mean(g[kept], h[kept], w, scale) if init == "mean" else None
     used_init = "mean" if start is not None else "first"
     if start is None:
         heaviest = int(torch.argmax(w))
