@@ -135,6 +135,15 @@ def test_an_update_and_its_negative_have_no_unique_mean():
         geomerge_factors([(g, h), (-g, h)])
 
 
+def test_lbfgs_and_the_papers_plain_step_reach_the_same_mean():
+    pairs = [_pair(80), _pair(81), _pair(82)]
+    g0, h0, plain = geomerge_factors(pairs, tol=1e-7, memory=0, max_iter=2000, return_trace=True)
+    g1, h1, fast = geomerge_factors(pairs, tol=1e-7, return_trace=True)
+    assert plain.converged and fast.converged and fast.iterations < plain.iterations
+    assert _rel(_dw(g1, h1), _dw(g0, h0)) < 1e-5
+    assert float(fast.frechet.objectives[-1]) == pytest.approx(float(plain.frechet.objectives[-1]), rel=1e-10)
+
+
 def test_a_zero_weight_leaves_that_adapter_out():
     pairs = [_pair(50), _pair(51)]
     g, h, trace = geomerge_factors(pairs, [1.0, 0.0], return_trace=True)
