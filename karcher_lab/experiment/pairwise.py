@@ -55,7 +55,7 @@ def run_pairwise(
     table = table.loc[sorted(table.index, key=method_rank), [(m, Path(s).name) for m in PAIRWISE_METRICS for s in sizes]]
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "pairwise.csv")
-    bars = plots.task_bars(summary[summary["metric"] == "avg_normalized_accuracy"].rename(columns={"method": "model", "pool": "task"}),
+    bars = plots.task_bars(summary[summary["metric"] == "avg_normalized_accuracy"].drop(columns="task").rename(columns={"method": "model", "pool": "task"}),
                            "avg_normalized_accuracy", title="pairwise merges (m = 2): mean normalized accuracy per pool")
     experts = ", ".join(f"{s}: {' + '.join(summary.loc[summary['pool'] == Path(s).name, 'experts'].iloc[0].split('+'))}" for s in sizes)
     page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>pairwise merges</title></head><body>"
