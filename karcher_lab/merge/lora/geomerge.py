@@ -28,8 +28,9 @@ perturbs the gradient by about its residual. Alignments are warm-started from th
 Start (``init``): ``"mean"`` (default) is the rank-r truncated SVD of the weighted Euclidean mean
 Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
 depends only on the ΔW_i, so it keeps the invariance. If that mean has (numerically) rank < r (updates
-that cancel; ``START_RTOL``), the start falls back to ``"first"``: the input with the largest weight (first among ties). The trace
-records which start was used.
+that cancel; ``START_RTOL``), the start falls back to ``"first"``: the input with the largest weight
+(first among ties). The trace records which start was used. Inputs whose mean is not unique (ΔW and −ΔW
+of rank 1: antipodal Stiefel columns) raise AntipodalError from the Stiefel log.
 
 All geometry is float64; the output factors have the inputs' dtype promoted to at least float32 and are
 balanced, G = U_s √Σ and H = V_s √Σ with U_s Σ V_sᵀ the SVD of the merged ΔW (columns by decreasing
