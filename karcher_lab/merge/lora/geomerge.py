@@ -24,6 +24,9 @@ nearly flat along directions where the inputs' column spaces are far apart (Hess
 → 0 at principal angles θ → π/2), where plain steps converge at rates ~0.97 per iteration; and each
 alignment stops at max(align_tol, 1e-2 × the current gradient norm), since an inexact alignment only
 perturbs the gradient by about its residual. Alignments are warm-started from the previous iterate's.
+Measured (benchmarks/geomerge_factors.py: 576×576, r = 16, N = 5 Gaussian adapters, tol 1e-6, on a
+shared 2-core CPU at load 9–13): memory 8 converges in 114 iterations, 63 s; the plain step had not
+reached tol after 2000 iterations, 280 s (same objective to 9 digits).
 
 Start (``init``): ``"mean"`` (default) is the rank-r truncated SVD of the weighted Euclidean mean
 Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
