@@ -81,3 +81,14 @@ def test_bad_points_are_rejected(matrix, error):
         spd.check_spd(matrix)
     with pytest.raises(error):
         spd.dist(matrix, matrix)
+
+
+def test_the_cached_eigendecomposition_follows_in_place_changes():
+    b = _spd(seed=15)
+    lam, _ = spd.eigh_spd(b)
+    assert spd.eigh_spd(b)[0] is lam  # same tensor, unchanged: reused
+    b.mul_(2.0)
+    assert torch.allclose(spd.eigh_spd(b)[0], 2.0 * lam, rtol=1e-12)
+    b.copy_(-b)
+    with pytest.raises(ManifoldError, match="positive definite"):
+        spd.eigh_spd(b)

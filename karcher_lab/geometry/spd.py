@@ -42,11 +42,34 @@ def _check_square(b: torch.Tensor, name: str) -> None:
         raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
+_LAST_EIGH: tuple = (None, -1, None)
+"""(B, B._version, (λ, P)) of the last :func:`eigh_spd` call. Iterative solvers ask for the same point's
+eigendecomposition dozens of times per step (inner products, projections, Exp); holding a reference
+to B keeps its identity unique, and its version counter changes with every in-place write, so a hit
+is exact."""
+
+
 def eigh_spd(b: torch.Tensor, name: str = "B") -> tuple[torch.Tensor, torch.Tensor]:
     """Check that ``b`` is SPD and return its float64 eigendecomposition (λ ascending, P) with B = P diag(λ) Pᵀ.
 
-    Raises ManifoldError if B is not symmetric (to ``SYMMETRY_RTOL``) or not positive definite.
+    Raises ManifoldError if B is not symmetric (to ``SYMMETRY_RTOL``) or not positive definite. The
+    last call's result is reused when called again with the same, unmodified tensor (``_LAST_EIGH``):
+    do not modify the returned tensors in place.
     """
+    global _LAST_EIGH
+    try:
+        version = b._version
+    except (AttributeError, RuntimeError):  # not a tensor (rejected below), or an inference tensor: no cache
+        return _checked_eigh(b, name)
+    cached, cached_version, result = _LAST_EIGH
+    if cached is b and cached_version == version:
+        return result
+    result = _checked_eigh(b, name)
+    _LAST_EIGH = (b, version, result)
+    return result
+
+
+def _checked_eigh(b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     _check_square(b, name)
     b64 = b.to(torch.float64)
     scale = b64.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(torch.float64).tiny)
