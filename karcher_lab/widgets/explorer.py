@@ -53,6 +53,7 @@ from karcher_lab.diagnostics import (
     task_quality,
     weight_metrics,
 )
+from karcher_lab.diagnostics.activations import check_sites
 from karcher_lab.errors import CheckpointError, EmptyInputError, ModelCountError, ParameterError, WeightError
 from karcher_lab.merge.registry import get_method, list_methods
 from karcher_lab.pipeline import MergeSession
@@ -97,10 +98,11 @@ class MergeExplorer(widgets.VBox):
     ``quality_examples``: held-out examples per checked task for exact match, NLL and KL.
     ``activation_examples``: probe sequences per pool task for the layer metrics (one fixed batch).
     ``draws``: bootstrap draws for the layer metrics' ± std (≥ 2). ``exact_match``: greedy decoding
-    for exact match (the slowest metric; off: NLL and KL only). ``use_base``: give the pool's base
-    model to methods that use one (methods that need one fail in the panel without it). ``debounce``: seconds of quiet
-    after a control change before an update starts. ``initial_update``: run one update now, so the
-    figures hold data when the panel is first shown.
+    for exact match (the slowest metric; off: NLL and KL only). ``sites``: activation sites of the
+    layer metrics (the figure shows the first). ``use_base``: give the pool's base model to methods
+    that use one (methods that need one fail in the panel without it). ``debounce``: seconds of
+    quiet after a control change before an update starts. ``initial_update``: run one update now, so
+    the figures hold data when the panel is first shown. Bad arguments raise before any model loads.
     """
 
     def __init__(
@@ -126,6 +128,7 @@ class MergeExplorer(widgets.VBox):
         if debounce < 0:
             raise ParameterError(f"debounce must be >= 0 seconds, got {debounce}")
         get_method(method)
+        check_sites(sites)
         self.pool = pool if isinstance(pool, Pool) else find_pool(str(pool))
         self.tasks = [e["task"] for e in self.pool.experts]
         if not self.tasks:
