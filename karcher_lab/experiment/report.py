@@ -22,6 +22,9 @@ from karcher_lab.experiment.measure import EXPERT
 from karcher_lab.zoo import Pool
 
 FIGURE2_METRICS = ("variance", "effective_rank")
+FIGURE2_METHODS = ("linear", "ties", "model_stock", "karcher")
+"""The methods drawn in the Figure 2 analog (the paper's Lerp, Ties and Karcher, and model_stock) where
+the sweep has them; the Table 7 analog below each figure lists every method."""
 
 
 def summary_pivot(results: pd.DataFrame, metric: str = "avg_normalized_accuracy") -> pd.DataFrame:
@@ -79,7 +82,8 @@ def table7(profile: pd.DataFrame) -> pd.DataFrame:
     """A layer profile as the paper's Table 7: a row per model, a column per (metric, layer), "mean ± std"."""
     cells = profile.assign(value=[f"{a:.4g} ± {b:.2g}" if b == b else f"{a:.4g}" for a, b in zip(profile["mean"], profile["std"])],
                            column=[f"{plots.TITLES.get(m, m)} L{int(l)}" for m, l in zip(profile["metric"], profile["layer"])])
-    return cells.pivot_table(index="model", columns="column", values="value", aggfunc="first", sort=False)
+    table = cells.pivot_table(index="model", columns="column", values="value", aggfunc="first", sort=False)
+    return table.rename_axis(index=None, columns=None)
 
 
 def _html_table(frame: pd.DataFrame, digits: int = 3) -> str:
@@ -124,10 +128,12 @@ def write_report(results: pd.DataFrame, pool: Pool, path: str | os.PathLike) -> 
             profile = layer_profile(results, order, m)
             if profile.empty:
                 continue
-            curves = plots.layer_curves(profile, list(FIGURE2_METRICS), site=None,
+            drawn = profile[profile["model"].isin([*FIGURE2_METHODS, "experts (mean)"])]
+            curves = plots.layer_curves(drawn if drawn["model"].nunique() > 1 else profile, list(FIGURE2_METRICS), site=None,
                                         title=f"residual stream, order {order}, m = {m}").update_xaxes(dtick=1)
             figure(f"Figure 2 analog: order {order}, m = {m}", curves,
-                   "Mean ± std over bootstrap draws of the probe set; 'experts (mean)' averages the merged experts' own values.")
+                   "Mean ± std over bootstrap draws of the probe set; 'experts (mean)' averages the merged experts' own values "
+                   f"(std over the experts). Drawn: {', '.join(FIGURE2_METHODS)}; the table lists every method.")
             sections.append(f"<h3>Table 7 analog: order {html.escape(order)}, m = {m}</h3>" + _html_table(table7(profile)))
     levels, angles = heterogeneity(pool)
     tv = angles[angles["metric"] == "task_vector_angle_deg"]
