@@ -75,7 +75,7 @@ def jupyter_lab(tmp_path, micro_pool):
     root = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, root)
     env = dict(os.environ, KARCHER_LAB_CACHE=str(cache_root()), KARCHER_LAB_NOTEBOOK_POOL=str(micro_pool.path),
-               KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL=str(micro_pool.path))
+               KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL=str(micro_pool.path), KARCHER_LAB_NOTEBOOK_QUALITY_EXAMPLES="4")
     for name in ("HOME", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
         env[name] = str(tmp_path / name.lower())
         Path(env[name]).mkdir()

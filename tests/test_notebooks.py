@@ -22,7 +22,7 @@ from karcher_lab.zoo import cache_root
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
 SMALL_SIZES = {"KARCHER_LAB_NOTEBOOK_M_MAX": "2", "KARCHER_LAB_NOTEBOOK_PER_TASK": "4", "KARCHER_LAB_NOTEBOOK_DRAWS": "4",
-               "KARCHER_LAB_NOTEBOOK_PROBES": "2"}
+               "KARCHER_LAB_NOTEBOOK_PROBES": "2", "KARCHER_LAB_NOTEBOOK_QUALITY_EXAMPLES": "4"}
 """Sweep sizes for the tests. With one runs folder for the module, 04 (pointed at the micro pool too)
 resumes the cells 03 already measured, as a rerun of a sweep does."""
 CELL_TIMEOUT_S = 600
