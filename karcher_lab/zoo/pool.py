@@ -67,11 +67,37 @@ def load_pool(directory: str | os.PathLike) -> Pool:
     record["base"]["path"] = str(directory / record["base"]["path"])
     for expert in record["experts"]:
         expert["path"] = str(directory / expert["path"])
+        if "adapter" in expert:  # LoRA pools (lora.py): the PEFT adapter directory
+            expert["adapter"] = str(directory / expert["adapter"])
     return Pool(directory, record)
 
 
+def lora_pool_names() -> dict[str, str]:
+    """The LoRA pools by name, with their base: ``tiny-lora`` ... (a zoo pool's base) and ``smollm2``."""
+    return {**{f"{size}-lora": size for size in SIZES}, "smollm2": "smollm2"}
+
+
+def _find_lora_pool(name: str, cache_dir) -> Pool:
+    from karcher_lab.zoo.lora import lora_config_for, lora_pool_dir
+
+    base = lora_pool_names()[name]
+    command = f"karcher-lab zoo lora --base {base}"
+    try:
+        directory = lora_pool_dir(lora_config_for(base), cache_dir)
+    except PoolNotBuiltError as exc:
+        raise PoolNotBuiltError(f"the {name} pool is not built: its base pool is missing ({exc}); then run "
+                                f"`{command}`") from None
+    if not (directory / POOL_FILE).is_file():
+        raise PoolNotBuiltError(f"the {name} pool is not built (looked in {directory}); run `{command}`")
+    return load_pool(directory)
+
+
 def find_pool(name_or_path: str, cache_dir=None) -> Pool:
-    """The built pool called ``name_or_path``: a size (its default config) or a pool directory."""
+    """The built pool called ``name_or_path``: a size (its default config), a LoRA pool name
+    (``tiny-lora``, ``small-lora``, ``medium-lora``, ``smollm2``: their default recipe, lora.py) or a
+    pool directory."""
+    if name_or_path in lora_pool_names():
+        return _find_lora_pool(name_or_path, cache_dir)
     if name_or_path in SIZES:
         directory = pool_dir(config_for(name_or_path).to_dict(), cache_dir)
         if not (directory / POOL_FILE).is_file():
@@ -80,11 +106,14 @@ def find_pool(name_or_path: str, cache_dir=None) -> Pool:
         return load_pool(directory)
     if Path(name_or_path).expanduser().is_dir():
         return load_pool(name_or_path)
-    raise PoolNotBuiltError(f"no pool called {name_or_path!r}: give a size ({', '.join(SIZES)}) or a pool directory")
+    raise PoolNotBuiltError(f"no pool called {name_or_path!r}: give a size ({', '.join(SIZES)}), a LoRA pool "
+                            f"({', '.join(lora_pool_names())}) or a pool directory")
 
 
 def format_table(record: dict) -> str:
     """The expert-vs-base table as aligned text (exact match in %, NLL in nats per token)."""
+    if record.get("kind") == "lora":
+        return format_lora_table(record)
     lines = [f"pool {record['name']} ({record['base']['parameters']:,} parameters/model, "
              f"built in {record['build_seconds']:.0f} s)",
              f"{'task':<11} {'expert EM':>9} {'base EM':>8} {'expert NLL':>10} {'base NLL':>9} "
@@ -97,4 +126,19 @@ def format_table(record: dict) -> str:
     if widest:
         lines.append("most conflicting task pairs (angle between task vectors): " + ", ".join(
             f"{p['tasks'][0]}/{p['tasks'][1]} {p['angle_deg']:.0f}°" for p in widest))
+    return "\n".join(lines)
+
+
+def format_lora_table(record: dict) -> str:
+    """The expert-vs-base table of a LoRA pool (lora.py): scores, then rank, α, steps, rate, training time."""
+    config = record["config"]
+    lines = [f"pool {record['name']} (LoRA rank {config['rank']}, alpha {config['alpha']:g} on a "
+             f"{record['base']['parameters']:,}-parameter base; built in {record['build_seconds']:.0f} s with "
+             f"{record['threads']} thread(s), load average {record['load_average'][0]:.1f} at the end)",
+             f"{'task':<11} {'expert EM':>9} {'base EM':>8} {'expert NLL':>10} {'base NLL':>9} "
+             f"{'steps':>5} {'lr':>8} {'train s':>8}"]
+    for e in record["experts"]:
+        lines.append(f"{e['task']:<11} {100 * e['accuracy']:>8.1f}% {100 * e['base_accuracy']:>7.1f}% "
+                     f"{e['nll']:>10.3f} {e['base_nll']:>9.3f} {e['steps']:>5} {e['lr']:>8.2e} "
+                     f"{e['train_seconds']:>8.1f}")
     return "\n".join(lines)
