@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
@@ -28,6 +27,7 @@ from karcher_lab.errors import ParameterError
 from karcher_lab.experiment.grid import DEFAULT_METHODS, PAIR_METHODS, Cell, SweepGrid, make_grid
 from karcher_lab.experiment.measure import EXPERT, Reference, measure_merge
 from karcher_lab.experiment.results import ResultStore, cell_key, load_results
+from karcher_lab.merge.registry import get_method
 from karcher_lab.pipeline.session import MergeSession, resolve_device
 from karcher_lab.zoo import Pool
 
@@ -67,8 +67,6 @@ class _Merger:
         if cell.method in PAIR_METHODS:  # mergekit's base_model + one model: the first expert takes the base's place
             session = MergeSession([ref.state(cell.tasks[1])], base=ref.state(cell.tasks[0]))
             return session.merge(cell.method, params=params, seed=self.seed)
-        from karcher_lab.merge.registry import get_method
-
         base = ref.base_state if get_method(cell.method).base == "required" else None
         session = MergeSession([ref.state(t) for t in cell.tasks], base=base)
         return session.merge(cell.method, weights=[1.0 / m] * m, params=params, seed=self.seed)
