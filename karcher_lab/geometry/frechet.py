@@ -25,7 +25,15 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from karcher_lab.errors import EmptyInputError, ParameterError, StepSizeError, WeightError
+from karcher_lab.errors import (
+    AntipodalError,
+    ConvergenceError,
+    EmptyInputError,
+    ManifoldError,
+    ParameterError,
+    StepSizeError,
+    WeightError,
+)
 from karcher_lab.geometry import sphere
 
 Point = Any
@@ -145,7 +153,9 @@ def frechet_mean(
     paper's iteration) every step is μ ← Exp_μ(η v), v = hor(Σ w_i Log_μ x_i) = −grad F. With
     ``memory`` = m > 0 the step direction is the Riemannian L-BFGS direction built from the last m
     (step, gradient change) pairs, carried along by ``geometry.transport``, with Armijo backtracking
-    on F (the first step, and any step whose direction is not a descent direction, is η v). Same fixed
+    on F (the first step, and any step whose direction is not a descent direction, is η v; a trial point
+    whose logs fail, ConvergenceError, AntipodalError or ManifoldError, counts as a rejected step; the
+    step is capped at the distance to the farthest point). Same fixed
     point, same stopping rule ‖v‖ < tol; L-BFGS needs far fewer iterations where F is flat in some
     directions (far-apart points on a positively curved manifold). Returns the mean (the last iterate)
     and a :class:`FrechetTrace`; whether it converged is ``trace.converged`` (the caller decides
@@ -159,8 +169,8 @@ def frechet_mean(
     n = tree_leaves(points)[0].shape[0]
     w = check_weights(weights, n).to(tree_leaves(points)[0].device)
 
-    def evaluate(mu: Point, xs: Point) -> tuple[Point, Point, float]:
-        """Aligned points, v = hor(Σ w_i Log_μ x_i) and F(μ) = ½ Σ w_i ‖Log_μ x_i‖²."""
+    def evaluate(mu: Point, xs: Point) -> tuple[Point, Point, float, float]:
+        """Aligned points, v = hor(Σ w_i Log_μ x_i), F(μ) = ½ Σ w_i ‖Log_μ x_i‖² and max_i ‖Log_μ x_i‖."""
         if geometry.align is not None:
             xs, logs = geometry.align(mu, xs)
         else:
@@ -168,10 +178,11 @@ def frechet_mean(
         v = weighted_sum(w, logs)
         if geometry.horizontal is not None:
             v = geometry.horizontal(mu, v)
-        return xs, v, 0.5 * float((w * geometry.inner(mu, logs, logs).to(w.dtype)).sum())
+        sq = geometry.inner(mu, logs, logs).to(w.dtype)
+        return xs, v, 0.5 * float((w * sq).sum()), float(sq[w > 0].max().clamp_min(0).sqrt())
 
     mu = init
-    points, v, value = evaluate(mu, points)
+    points, v, value, radius = evaluate(mu, points)
     residuals, objectives = [float(geometry.inner(mu, v, v).clamp_min(0).sqrt())], [value]
     history: list[tuple[Point, Point, float]] = []  # (s, y, ⟨s, y⟩) at the current μ
     iterations = 0
@@ -179,9 +190,11 @@ def frechet_mean(
         iterations += 1
         if memory == 0:
             mu = geometry.exp(mu, tree_map(lambda t: eta * t, v))
-            points, v, value = evaluate(mu, points)
+            points, v, value, radius = evaluate(mu, points)
         else:
-            mu, points, v, value, history = _lbfgs_step(geometry, evaluate, mu, points, v, value, history, eta, memory)
+            mu, points, v, value, radius, history = _lbfgs_step(
+                geometry, evaluate, mu, points, v, value, radius, history, eta, memory
+            )
         residuals.append(float(geometry.inner(mu, v, v).clamp_min(0).sqrt()))
         objectives.append(value)
     trace = FrechetTrace(
@@ -202,8 +215,12 @@ MAX_HALVINGS = 30
 """Backtracking halvings of one L-BFGS step before it falls back to the plain step η v."""
 
 
-def _lbfgs_step(geometry, evaluate, mu, points, v, value, history, eta, memory):
-    """One Riemannian L-BFGS step on F (gradient −v) with Armijo backtracking; returns the new state."""
+def _lbfgs_step(geometry, evaluate, mu, points, v, value, radius, history, eta, memory):
+    """One Riemannian L-BFGS step on F (gradient −v) with Armijo backtracking; returns the new state.
+
+    The step is capped at ``radius`` = max_i d(μ, x_i) (a mean is never farther than the farthest point;
+    a poorly conditioned quasi-Newton direction can otherwise leave the region where Exp and Log are
+    usable)."""
     g = tree_map(lambda t: -t, v)
     q, alphas = g, []
     for s, y, sy in reversed(history):
@@ -224,17 +241,24 @@ def _lbfgs_step(geometry, evaluate, mu, points, v, value, history, eta, memory):
     if not slope < 0:  # not a descent direction: restart from the plain step
         history, direction = [], tree_map(lambda t: eta * t, v)
         slope = _dot(geometry, mu, g, direction)
+    length = _dot(geometry, mu, direction, direction) ** 0.5
+    if length > radius > 0:
+        direction, slope = tree_map(lambda t: (radius / length) * t, direction), slope * radius / length
     step = 1.0
     for _ in range(MAX_HALVINGS):
         trial = geometry.exp(mu, tree_map(lambda t: step * t, direction))
-        trial_points, trial_v, trial_value = evaluate(trial, points)
+        try:
+            trial_points, trial_v, trial_value, trial_radius = evaluate(trial, points)
+        except (ConvergenceError, AntipodalError, ManifoldError):  # the trial went too far: shorter step
+            step *= 0.5
+            continue
         if trial_value <= value + ARMIJO * step * slope + 1e-14 * (1.0 + abs(value)):
             break
         step *= 0.5
     else:  # no decrease found along the L-BFGS direction: take the plain step and forget the history
         trial = geometry.exp(mu, tree_map(lambda t: eta * t, v))
-        trial_points, trial_v, trial_value = evaluate(trial, points)
-        return trial, trial_points, trial_v, trial_value, []
+        trial_points, trial_v, trial_value, trial_radius = evaluate(trial, points)
+        return trial, trial_points, trial_v, trial_value, trial_radius, []
     move = lambda t: geometry.transport(mu, trial, t)  # noqa: E731
     s_new = move(tree_map(lambda t: step * t, direction))
     y_new = _axpy(1.0, move(v), tree_map(lambda t: -t, trial_v))  # g_new − T(g) = −v_new + T(v)
@@ -244,7 +268,7 @@ def _lbfgs_step(geometry, evaluate, mu, points, v, value, history, eta, memory):
     if sy_new > 0:
         history.append((s_new, y_new, sy_new))
     history = [entry for entry in history if entry[2] > 0][-memory:]
-    return trial, trial_points, trial_v, trial_value, history
+    return trial, trial_points, trial_v, trial_value, trial_radius, history
 
 
 def tree_leaves(tree: Point) -> list[torch.Tensor]:
