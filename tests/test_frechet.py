@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from karcher_lab.errors import EmptyInputError, ParameterError, StepSizeError, WeightError
+from karcher_lab.errors import ConvergenceError, EmptyInputError, ParameterError, StepSizeError, WeightError
 from karcher_lab.geometry import spd
 from karcher_lab.geometry.frechet import SPHERE, Geometry, frechet_mean
 from karcher_lab.geometry.karcher_mean import karcher_mean
@@ -66,6 +66,27 @@ def test_lbfgs_reaches_the_same_spd_mean_as_gradient_descent():
     fast, t1 = frechet_mean(_spd_geometry(), xs, None, torch.eye(4, dtype=F64), max_iter=500, tol=1e-11, memory=5)
     assert t0.converged and t1.converged
     assert float(spd.dist(plain, fast)) < 1e-9
+
+
+def test_lbfgs_treats_trial_points_whose_logs_fail_as_rejected_steps():
+    """A log that fails after any step longer than 0.6 (as the Stiefel log fails far away): the line search
+    shortens such steps instead of raising, and the mean is still found."""
+    last_step = [0.0]
+
+    def exp(m, v):
+        last_step[0] = float(v.abs().max())
+        return m + v
+
+    def log(m, xs):
+        if last_step[0] > 0.6:
+            raise ConvergenceError("too far")
+        return xs - m
+
+    flat = Geometry(exp=exp, log=log, inner=lambda m, u, v: (u * v).sum(-1), transport=lambda m, n, v: v)
+    xs = torch.tensor([[2.0], [4.0]], dtype=F64)
+    mean, trace = frechet_mean(flat, xs, None, torch.zeros(1, dtype=F64), tol=1e-12, max_iter=200, memory=3)
+    assert trace.converged
+    assert float(mean) == pytest.approx(3.0, abs=1e-12)
 
 
 def test_bad_parameters_are_rejected_before_any_work():
