@@ -3,6 +3,7 @@
 
     .venv/bin/python benchmarks/geomerge_factors.py [--d1 576] [--d2 576] [--r 16] [--n 5] [--seed 0]
                                                     [--memory 8 0] [--tol 1e-6]
+    .venv/bin/python benchmarks/geomerge_factors.py --pool tiny-lora      # real adapters, every module
 
 Inputs: N seeded Gaussian factor pairs G_i [d1, r], H_i [d2, r] (entries N(0, 1/d)), so the column and
 row spaces of the ΔW_i are nearly orthogonal to each other: the hard case for the quotient Fréchet mean
@@ -14,6 +15,12 @@ the merged ΔW from the first memory's. Then the symmetry check of the paper: ad
 (G A⁻¹, H Aᵀ) for a seeded well-conditioned A ∈ GL(r): the relative change of geomerge's ΔW, against
 the relative change of the factor average (mean G)(mean H)ᵀ. Everything is float64; the load average
 is printed before and after (the machine may be shared).
+
+With ``--pool NAME`` (a built LoRA pool, e.g. ``tiny-lora``; or ``--adapters DIR …``) the inputs are the
+pool's PEFT adapters instead, read with :func:`karcher_lab.io.lora.read_adapter` (G = s·lora_B,
+H = lora_Aᵀ, float64): one line per adapted module with the time, the iterations, whether it converged
+and the relative change of the merged ΔW when the first adapter's factors are replaced by
+(G A⁻¹, H Aᵀ); then the totals.
 """
 from __future__ import annotations
 
@@ -24,11 +31,43 @@ import warnings
 
 import torch
 
+from karcher_lab.io.lora import read_adapter
 from karcher_lab.merge.lora.geomerge import geomerge_factors
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def _gauge(r: int, gen: torch.Generator) -> torch.Tensor:
+    """A seeded well-conditioned A ∈ GL(r)."""
+    return torch.randn(r, r, dtype=torch.float64, generator=gen) + 3 * torch.eye(r, dtype=torch.float64)
+
+
+def _real_adapters(directories: list[str], tol: float, memory: int, gen: torch.Generator) -> None:
+    adapters = [read_adapter(d) for d in directories]
+    names = sorted(adapters[0].modules)
+    print(f"{len(adapters)} adapters, {len(names)} modules, tol={tol:g}, memory {memory}")
+    total, iterations, worst = 0.0, [], 0.0
+    for name in names:
+        pairs = [a.modules[name].factors(torch.float64) for a in adapters]
+        start = time.perf_counter()
+        g, h, trace = geomerge_factors(pairs, tol=tol, memory=memory, return_trace=True)
+        seconds = time.perf_counter() - start
+        a = _gauge(pairs[0][0].shape[1], gen)
+        g2, h2 = geomerge_factors([(pairs[0][0] @ torch.linalg.inv(a), pairs[0][1] @ a.T)] + pairs[1:], tol=tol)
+        change = _rel(g2 @ h2.T, g @ h.T)
+        total, worst = total + seconds, max(worst, change)
+        iterations.append(trace.iterations)
+        print(
+            f"  {name:45s} {tuple(pairs[0][0].shape)}·{tuple(pairs[0][1].shape)}ᵀ {seconds:6.2f} s, "
+            f"{trace.iterations:3d} iterations (converged {trace.converged}), GL(r) change {change:.1e}"
+        )
+    iterations.sort()
+    print(
+        f"total {total:.1f} s; iterations median {iterations[len(iterations) // 2]}, max {iterations[-1]}; "
+        f"largest GL(r) change {worst:.1e}"
+    )
 
 
 def main() -> None:
@@ -41,9 +80,19 @@ def main() -> None:
     ap.add_argument("--memory", type=int, nargs="+", default=[8, 0])
     ap.add_argument("--tol", type=float, default=1e-6)
     ap.add_argument("--max-iter", type=int, default=2000)
+    ap.add_argument("--pool", help="a built LoRA pool (e.g. tiny-lora): merge its experts' adapters")
+    ap.add_argument("--adapters", nargs="+", help="PEFT adapter directories to merge instead")
     args = ap.parse_args()
 
     gen = torch.Generator().manual_seed(args.seed)
+    if args.pool or args.adapters:
+        from karcher_lab.zoo import find_pool
+
+        directories = args.adapters or [e["adapter"] for e in find_pool(args.pool).experts]
+        print(f"load average before: {os.getloadavg()[0]:.2f}  (torch threads {torch.get_num_threads()})")
+        _real_adapters(directories, args.tol, args.memory[0], gen)
+        print(f"load average after: {os.getloadavg()[0]:.2f}")
+        return
     f64 = torch.float64
     pairs = [
         (
@@ -72,7 +121,7 @@ def main() -> None:
             f"{float(trace.frechet.objectives[-1]):.9f}, ΔW vs first {_rel(merged, reference):.1e}"
         )
 
-    a = torch.randn(args.r, args.r, dtype=f64, generator=gen) + 3 * torch.eye(args.r, dtype=f64)
+    a = _gauge(args.r, gen)
     changed = [(pairs[0][0] @ torch.linalg.inv(a), pairs[0][1] @ a.T)] + pairs[1:]
     g2, h2 = geomerge_factors(changed, tol=args.tol, max_iter=args.max_iter, memory=args.memory[0])
 
