@@ -174,5 +174,7 @@ def test_bad_constructor_arguments_fail_before_loading(pool):
         MergeExplorer(pool, draws=1)
     with pytest.raises(karcher_lab.errors.ParameterError, match="not in pool"):
         MergeExplorer(pool, selected=["no-such-task"], initial_update=False)
+    with pytest.raises(karcher_lab.errors.ParameterError, match="sites"):
+        MergeExplorer(pool, sites=["embeddings"])
     with pytest.raises(karcher_lab.errors.UnknownMethodError):
         MergeExplorer(pool, method="nope")

@@ -69,8 +69,10 @@ ERROR_CLASS = "kl-error"
 BUSY_CLASS = "kl-busy"
 BUSY_TEXT = "updating…"
 COLLAPSE_METRICS = ("variance", "effective_rank", "numerical_rank")
-NARROW = dict(width=400, height=330, margin=dict(l=50, r=10, t=50, b=40))
-WIDE = dict(width=600, height=330, margin=dict(l=60, r=10, t=50, b=40))
+NARROW = dict(width=320, height=330, margin=dict(l=50, r=10, t=50, b=40), legend=dict(orientation="h", y=-0.25))
+WIDE = dict(width=480, height=360, margin=dict(l=60, r=10, t=50, b=40))
+FULL_WIDTH = 960
+"""Figure widths in pixels: three narrow or two wide figures fit a JupyterLab output area ~1000 px wide."""
 DEFAULT_SELECTED = 4
 """Experts checked at start when ``selected`` is not given (the first ones of the pool)."""
 
@@ -187,7 +189,7 @@ class MergeExplorer(widgets.VBox):
             slider = widgets.FloatSlider(value=1.0, min=0.0, max=1.0, step=0.01, readout_format=".2f",
                                          continuous_update=False, layout=widgets.Layout(width="18em"))
             slider.add_class(WEIGHT_CLASS)
-            label = widgets.HTML("")
+            label = widgets.HTML("", layout=widgets.Layout(width="7em"))
             checkbox.observe(self._on_selection, "value")
             slider.observe(self._on_weight, "value")
             self.checkboxes.append(checkbox)
@@ -197,8 +199,8 @@ class MergeExplorer(widgets.VBox):
         self.method_dropdown = widgets.Dropdown(options=list_methods(), value=method, description="method", style=STYLE)
         self.method_dropdown.observe(self._on_method, "value")
         self.use_base_box = widgets.Checkbox(value=use_base and self.base_model is not None, indent=False,
-                                             description="give the pool's base model θ₀ to methods that use one",
-                                             disabled=self.base_model is None)
+                                             description="base model θ₀ for methods that use one",
+                                             disabled=self.base_model is None, layout=widgets.Layout(width="auto"))
         self.use_base_box.observe(self._on_change, "value")
         self.method_info = widgets.HTML("")
         self.param_box = widgets.VBox([])
@@ -406,7 +408,7 @@ class MergeExplorer(widgets.VBox):
         merged = collapse_metrics(stats, model="merged", draws=self.draws, seed=self.seed)
         collapse = pd.concat([merged] + [self._own_collapse(i) for i in members], ignore_index=True)
         sync_figure(self.collapse_fig, layer_curves(collapse, list(COLLAPSE_METRICS), site=self.sites[0],
-                                                    title="layer metrics: merged vs experts (mean ± std over bootstrap draws)"), width=1200)
+                                                    title="layer metrics: merged vs experts (mean ± std over bootstrap draws)"), width=FULL_WIDTH)
         timings["activations"] = time.perf_counter() - t
 
         timings["total"] = time.perf_counter() - start
