@@ -178,8 +178,8 @@ def geomerge_factors(
     ``return_trace``. Warns (RuntimeWarning) if the iteration stops at ``max_iter`` without converging.
 
     Raises before any work: EmptyInputError (no pairs), ShapeMismatchError (not 2-D, mismatched d1, d2
-    or r, r > min(d1, d2)), NotSupportedError (2r > min(d1, d2)), NonFiniteError, WeightError (wrong length, negative, non-finite, all zero),
-    StepSizeError / ParameterError (bad solver parameters); ManifoldError if some ΔW_i has rank < r.
+    or r, r > min(d1, d2)), NotSupportedError (2r > min(d1, d2)), NonFiniteError, WeightError (wrong
+    length, negative, non-finite, all zero), StepSizeError / ParameterError (bad solver parameters); ManifoldError if some ΔW_i has rank < r.
     """
     _check_params(eta=eta, max_iter=max_iter, tol=tol, init=init, align_tol=align_tol, align_max_iter=align_max_iter)
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
