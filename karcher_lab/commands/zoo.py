@@ -2,7 +2,8 @@
 
     karcher-lab zoo build [--size tiny|small|medium] [--cache-dir DIR] [--workers N] [--force]
     karcher-lab zoo lora [--base tiny|small|medium|smollm2|POOL_DIR] [--rank R] [--alpha A] [--tasks T ...]
-                         [--steps N] [--lr LR] [--cache-dir DIR] [--force]   # LoRA experts (lora.py)
+                         [--steps N] [--lr LR] [--train-examples N] [--eval-examples N] [--workers N]
+                         [--cache-dir DIR] [--force]          # LoRA experts (lora.py)
     karcher-lab zoo info NAME [--json] [--cache-dir DIR]     # NAME: a size, tiny-lora, smollm2 or a pool directory
     karcher-lab zoo tasks                                      # the tasks, with one example each
     karcher-lab zoo smollm2 [--cache-dir DIR] [--ask QUESTION]  # SmolLM2-135M-Instruct from its wheel
@@ -29,8 +30,9 @@ def _lora(args: argparse.Namespace) -> int:
     from karcher_lab.zoo.lora import build_lora_pool, lora_config_for
 
     config = lora_config_for(args.base, rank=args.rank, alpha=args.alpha, tasks=args.tasks, steps=args.steps,
-                             lr=args.lr, threads=args.threads)
-    pool = build_lora_pool(config, args.cache_dir, force=args.force, progress=not args.quiet)
+                             lr=args.lr, threads=args.threads, train_examples=args.train_examples,
+                             eval_examples=args.eval_examples)
+    pool = build_lora_pool(config, args.cache_dir, workers=args.workers, force=args.force, progress=not args.quiet)
     print(format_table(pool.record))
     print(f"pool: {pool.path}  (table: {pool.path / 'pool.json'}; adapters: {pool.path / 'adapters'})")
     return 0
@@ -96,7 +98,10 @@ def add_parser(sub) -> None:
     lora.add_argument("--tasks", nargs="+", help="tasks (default: all 13 on a zoo base, 6 on smollm2)")
     lora.add_argument("--steps", type=int, help="training steps per expert")
     lora.add_argument("--lr", type=float, help="peak learning rate")
-    lora.add_argument("--threads", type=int, help="torch threads (results depend on it at float rounding)")
+    lora.add_argument("--train-examples", type=int, help="training examples drawn per task")
+    lora.add_argument("--eval-examples", type=int, help="held-out examples scored per task")
+    lora.add_argument("--threads", type=int, help="torch threads per worker (results depend on it at float rounding)")
+    lora.add_argument("--workers", type=int, help="parallel expert fine-tunes (default: one per core)")
     lora.add_argument("--cache-dir", help=cache_help)
     lora.add_argument("--force", action="store_true", help="rebuild even if the pool is cached")
     lora.add_argument("--quiet", action="store_true", help="no progress bar")
