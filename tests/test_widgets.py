@@ -140,6 +140,15 @@ def test_errors_are_shown_in_the_panel_not_raised(explorer):
     assert explorer.update() is False and explorer.error.startswith("EmptyInputError")
 
 
+def test_any_exception_is_shown_in_the_panel(explorer, monkeypatch):
+    def broken(state):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(explorer, "load_state", broken)
+    assert explorer.update() is False
+    assert explorer.error == "RuntimeError: disk on fire" and not explorer.busy
+
+
 def test_busy_indicator_shows_while_work_runs(explorer, monkeypatch):
     seen = []
     original = explorer.load_state
