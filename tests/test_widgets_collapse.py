@@ -71,6 +71,13 @@ def test_bands_are_mean_plus_minus_std_and_update_in_place(tmp_path):
         for got, want in zip((low, high, mean), expected_band(method, 2, "effective_rank_ratio")):
             np.testing.assert_allclose(got, want, rtol=1e-12)
 
+    weights = pd.DataFrame([dict(pool="micro", order="far", method="linear", m=3, experts="a+b+c", scope="weights", task="",
+                                 site="", layer=layer, metric="norm_ratio", mean=0.8 + 0.01 * layer, std=0.02)
+                            for layer in range(LAYERS)], columns=RESULT_COLUMNS)
+    viewer = CollapseViewer(pd.concat([synthetic_results(), weights]), methods=["linear"], m=3, metric="norm_ratio", site="")
+    low, high, mean = bands(viewer.figure)["linear"]
+    np.testing.assert_allclose(high, [0.82 + 0.01 * layer for layer in range(LAYERS)])
+
     path = tmp_path / "results.csv"
     synthetic_results().to_csv(path, index=False)
     from_csv = CollapseViewer(path, methods=["ties"], m=2, metric="variance_ratio")
@@ -79,7 +86,7 @@ def test_bands_are_mean_plus_minus_std_and_update_in_place(tmp_path):
 
 def test_viewer_errors():
     table = synthetic_results()
-    with pytest.raises(InputError, match="no layer rows"):
+    with pytest.raises(InputError, match="no per-layer rows"):
         CollapseViewer(table[table["scope"] == "task"])
     with pytest.raises(InputError, match="lacks column"):
         CollapseViewer(table.drop(columns=["std"]))

@@ -1,7 +1,8 @@
 """CollapseViewer: layer curves with ± std bands from sweep results (karcher_lab.experiment).
 
 The results table has the columns of :data:`karcher_lab.experiment.RESULT_COLUMNS`; the viewer reads
-its ``scope == "layer"`` rows. Controls: pool and order (shown only when the table has several), the
+its per-layer rows (scope ``layer``, and scope ``weights`` rows that have a layer, e.g. a
+per-layer ``norm_ratio``). Controls: pool and order (shown only when the table has several), the
 number of merged experts m, the activation site, the metric, and the methods (several at once). The
 figure shows, for each chosen method, the metric's mean against the layer with a band from mean − std
 to mean + std (:func:`karcher_lab.widgets.figures.band_curves`); ratio metrics get a line at 1.
@@ -56,9 +57,10 @@ class CollapseViewer(widgets.VBox):
         site: str | None = None,
     ):
         table = read_results(results)
-        self.table = table[table["scope"] == "layer"].reset_index(drop=True)
+        per_layer = (table["scope"] == "layer") | ((table["scope"] == "weights") & (table["layer"] >= 0))
+        self.table = table[per_layer].reset_index(drop=True)
         if self.table.empty:
-            raise InputError("the results hold no layer rows (scope 'layer'): nothing to draw")
+            raise InputError("the results hold no per-layer rows (scope 'layer', or 'weights' with a layer): nothing to draw")
         t = self.table
         metrics = list(dict.fromkeys(t["metric"]))
         metric = metric or next((x for x in PREFERRED_METRICS if x in metrics), metrics[0])
