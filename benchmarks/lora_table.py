@@ -27,8 +27,9 @@ base. The rank of each merged update is its numerical rank in float64 (σ_k > 1e
 The table is printed and written to ``--out`` in the sweep's tidy format
 (:data:`karcher_lab.experiment.RESULT_COLUMNS`; order = "first-m"): scope ``task`` rows (accuracy,
 nll, normalized_accuracy), scope ``weights`` rows (merged_rank, stored_rank: mean ± std over
-modules) and scope ``summary`` rows (avg_normalized_accuracy, avg_accuracy, avg_nll). Everything is
-seeded; nothing is tuned.
+modules) and scope ``summary`` rows (avg_normalized_accuracy, avg_accuracy, avg_nll, merge_seconds). A
+method that raises on some module (e.g. geomerge's Stiefel log on nearly orthogonal adapter subspaces) gets
+a ``merge_failed`` summary row and is listed with its error. Everything is seeded; nothing is tuned.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from karcher_lab.diagnostics import normalized_accuracy, numerical_rank, task_quality  # noqa: E402
-from karcher_lab.errors import InputError  # noqa: E402
+from karcher_lab.errors import InputError, KarcherLabError  # noqa: E402
 from karcher_lab.experiment import RESULT_COLUMNS  # noqa: E402
 from karcher_lab.io.lora import fold_into_state, read_adapter  # noqa: E402
 from karcher_lab.merge.lora import merge_lora  # noqa: E402
@@ -55,6 +56,7 @@ from karcher_lab.zoo import find_pool, get_task, load  # noqa: E402
 METHODS = ("geomerge", "knots_ta", "knots_ties", "task_arithmetic", "task_arithmetic_sum", "ties", "peft_svd",
            "peft_linear")
 RANK_RTOL = 1e-6
+FAILURES: list[str] = []
 ORDER = "first-m"
 
 
@@ -107,12 +109,19 @@ def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_tas
         for label in methods:
             method, kwargs = method_call(label, m, density)
             start = time.perf_counter()
-            result = merge_lora([adapters[t] for t in tasks], method, **kwargs)
+            cell = dict(pool=pool.name, order=ORDER, method=label, m=m, experts="+".join(tasks))
+            try:
+                result = merge_lora([adapters[t] for t in tasks], method, **kwargs)
+            except KarcherLabError as error:  # a method that cannot merge these adapters is a result too
+                FAILURES.append(f"{pool.name} m={m} {label}: {type(error).__name__}: {error}")
+                print(f"{pool.name} m={m} {label:<20} FAILED: {FAILURES[-1]}", flush=True)
+                rows.append(dict(cell, scope="summary", task="", site="", layer=-1, metric="merge_failed", mean=1.0,
+                                 std=float("nan")))
+                continue
             seconds = time.perf_counter() - start
             quality = score(fold_into_state(base_state, result.factors, result.like.fan_in_fan_out), tasks, label)
             normalized = normalized_accuracy(quality, own[own.task.isin(tasks)])
             frame = pd.concat([quality[quality.metric.isin(["accuracy", "nll"])], normalized])
-            cell = dict(pool=pool.name, order=ORDER, method=label, m=m, experts="+".join(tasks))
             rows += [dict(cell, scope="task", task=r.task, site="", layer=-1, metric=r.metric, mean=r.mean, std=r.std)
                      for r in frame.itertuples()]
             rows += [dict(cell, scope="weights", task="", site="", layer=-1, metric=k, mean=v, std=s)
@@ -170,6 +179,8 @@ def main() -> None:
     table = pd.concat([table_for_pool(p, args.sizes, args.methods, args.per_task, args.density, args.batch_size)
                        for p in args.pool or ["tiny-lora"]], ignore_index=True)
     print_table(table)
+    if FAILURES:
+        print("\nmerges that failed (no row above):\n" + "\n".join(FAILURES))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     table.to_csv(tmp, index=False)

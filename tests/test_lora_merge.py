@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from karcher_lab.errors import NonFiniteError, ParameterError, ShapeMismatchError, UnknownMethodError, WeightError
+from karcher_lab.errors import AntipodalError, NonFiniteError, ParameterError, ShapeMismatchError, UnknownMethodError, WeightError
 from karcher_lab.merge import merge_tensors
 from karcher_lab.merge.lora import gauge_transform, geomerge_factors, merge_factor_sets, random_gauge, symmetry_gap
 from karcher_lab.merge.lora.knots import joint_svd
@@ -139,3 +139,9 @@ def test_which_methods_depend_on_the_factors_chosen(method, invariant):
     torch.testing.assert_close(g @ h.T, pairs[0][0] @ pairs[0][1].T)
     gap = symmetry_gap(pairs, method, index=0)
     assert (gap < 1e-6) if invariant else (gap > 1e-2), gap
+
+
+def test_an_error_inside_a_method_names_the_module():
+    (g, h), = _pairs(n=1, r=1, seed=10)
+    with pytest.raises(AntipodalError, match="geomerge failed on layer.7.weight"):
+        merge_factor_sets({"layer.7.weight": [(g, h), (-g, h)]}, "geomerge")  # ΔW and −ΔW: no unique mean

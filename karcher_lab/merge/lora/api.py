@@ -18,6 +18,7 @@ import torch
 from karcher_lab.errors import (
     ArchitectureMismatchError,
     EmptyInputError,
+    KarcherLabError,
     ModelCountError,
     NonFiniteError,
     ParameterError,
@@ -56,7 +57,8 @@ def merge_factor_sets(
     """Merge every module's factor list [(G_1, H_1), …, (G_N, H_N)] with LoRA method ``method``.
 
     ``weights`` default to 1/N each. Computation is in float32 (float64 if any factor is); the merged
-    factors have the first input's dtype. Raises from :mod:`karcher_lab.errors` before any work.
+    factors have the first input's dtype. Raises from :mod:`karcher_lab.errors` before any work; an
+    error the method itself raises on a module (e.g. geomerge's AntipodalError) names that module.
     """
     m = get_lora_method(method)
     if not modules:
@@ -74,7 +76,10 @@ def merge_factor_sets(
     merged = {}
     for name, pairs in modules.items():
         dtype = compute_dtype([t for pair in pairs for t in pair])
-        g, h = m.fn([(g.to(dtype), h.to(dtype)) for g, h in pairs], weights=w, name=name, **resolved)
+        try:
+            g, h = m.fn([(g.to(dtype), h.to(dtype)) for g, h in pairs], weights=w, name=name, **resolved)
+        except KarcherLabError as error:  # say which module; keep the type (e.g. AntipodalError)
+            raise type(error)(f"{method} failed on {name}: {error}") from error
         merged[name] = (g.to(pairs[0][0].dtype), h.to(pairs[0][0].dtype))
     return merged
 
