@@ -3,7 +3,8 @@
 Opens notebooks/01_merge_explorer.ipynb (a temporary copy, pointed at the micro pool through
 $KARCHER_LAB_NOTEBOOK_POOL), runs all cells, waits for MergeExplorer's weight sliders and the plotly
 figures, moves a weight slider and then the η slider with the keyboard, and checks after each move that
-the figures' data changed in the browser and that the panel shows no error. Screenshots are written to
+the figures' data changed in the browser and that the panel shows no error. A second test does the same
+for notebook 02's GeometryPlayground (η and weight sliders). Both share one server. Screenshots are written to
 $KARCHER_LAB_ARTIFACTS (or the test's tmp_path) and their paths printed.
 
 Skipped only when /usr/bin/chromium is missing (.ci/run installs it); `playwright install` is never used.
@@ -27,6 +28,7 @@ from karcher_lab.zoo import cache_root
 
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = "01_merge_explorer.ipynb"
+PLAYGROUND_NOTEBOOK = "02_fisher_rao_geometry.ipynb"
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -45,7 +47,7 @@ KERNEL_IDLE_JS = """() => {
     return !!k && k.status === 'idle';
 }"""
 BUSY_JS = """() => Array.from(document.querySelectorAll('.kl-busy')).some(e => e.textContent.trim() !== '')"""
-ERROR_JS = """() => Array.from(document.querySelectorAll('.kl-error')).map(e => e.textContent.trim()).join(' | ')"""
+ERROR_JS = """() => Array.from(document.querySelectorAll('.kl-error')).map(e => e.textContent.trim()).filter(t => t).join(' | ')"""
 
 
 def _free_port() -> int:
@@ -68,9 +70,10 @@ def _wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
     raise AssertionError(f"jupyter lab did not answer within {SERVER_START_S} s:\n{log.read_text()[-3000:]}")
 
 
-@pytest.fixture()
-def jupyter_lab(tmp_path, micro_pool):
+@pytest.fixture(scope="module")
+def jupyter_lab(tmp_path_factory, micro_pool):
     """(base URL, token) of a JupyterLab serving a copy of notebooks/ with the micro pool configured."""
+    tmp_path = tmp_path_factory.mktemp("jupyter_lab")
     port, token = _free_port(), secrets.token_hex(16)
     root = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, root)
@@ -136,15 +139,23 @@ def _nudge(page, css: str, presses: int) -> str:
     return key
 
 
-def _shoot(page, folder: Path, name: str) -> Path:
-    """A screenshot of the page with the MergeExplorer panel scrolled to the top of the notebook."""
-    page.evaluate("""() => document.querySelector('.jp-OutputArea-output .kl-weight-slider')
-        .closest('.jp-OutputArea-output').scrollIntoView({block: 'start'})""")
+def _shoot(page, folder: Path, name: str, panel: str = ".kl-weight-slider") -> Path:
+    """A screenshot of the page with the output holding ``panel`` scrolled to the top of the notebook."""
+    page.evaluate("""css => document.querySelector('.jp-OutputArea-output ' + css)
+        .closest('.jp-OutputArea-output').scrollIntoView({block: 'start'})""", panel)
     page.wait_for_timeout(500)
     path = folder / f"{name}.png"
     page.screenshot(path=str(path))
     print(f"screenshot: {path}")
     return path
+
+
+def _open_and_run_all(browser, base: str, token: str, notebook: str):
+    page = browser.new_page(viewport={"width": 1400, "height": 3000})
+    page.goto(f"{base}/lab/tree/{notebook}?token={token}", timeout=120_000)
+    page.wait_for_function(KERNEL_IDLE_JS, timeout=180_000, polling=500)
+    page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+    return page
 
 
 def test_merge_explorer_in_jupyterlab(jupyter_lab, artifacts):
@@ -154,10 +165,7 @@ def test_merge_explorer_in_jupyterlab(jupyter_lab, artifacts):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 3000})
-            page.goto(f"{base}/lab/tree/{NOTEBOOK}?token={token}", timeout=120_000)
-            page.wait_for_function(KERNEL_IDLE_JS, timeout=180_000, polling=500)
-            page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
+            page = _open_and_run_all(browser, base, token, NOTEBOOK)
             page.wait_for_selector(".kl-weight-slider", timeout=FIRST_RENDER_S * 1000)
             page.wait_for_selector(".js-plotly-plot", timeout=FIRST_RENDER_S * 1000)
             page.wait_for_function(KERNEL_IDLE_JS, timeout=FIRST_RENDER_S * 1000, polling=1000)
@@ -179,5 +187,29 @@ def test_merge_explorer_in_jupyterlab(jupyter_lab, artifacts):
             assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
             errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
             assert not [e for e in errors if "Traceback" in e], f"a cell printed a traceback: {errors}"
+        finally:
+            browser.close()
+
+
+def test_geometry_playground_in_jupyterlab(jupyter_lab, artifacts):
+    """Notebook 02's GeometryPlayground: moving its η and weight sliders redraws the simplex and the trace."""
+    from playwright.sync_api import sync_playwright
+
+    base, token = jupyter_lab
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = _open_and_run_all(browser, base, token, PLAYGROUND_NOTEBOOK)
+            page.wait_for_selector(".kl-playground-eta", timeout=FIRST_RENDER_S * 1000)
+            page.wait_for_function(KERNEL_IDLE_JS, timeout=FIRST_RENDER_S * 1000, polling=1000)
+            initial = _settle(page, None, UPDATE_S)
+            _shoot(page, artifacts, "4_playground_initial", ".kl-playground-eta")
+            print("playground eta slider:", _nudge(page, ".kl-playground-eta", 6))
+            after_eta = _settle(page, initial, UPDATE_S)
+            print("playground weight slider:", _nudge(page, ".kl-playground-weight", 8))
+            after_weight = _settle(page, after_eta, UPDATE_S)
+            _shoot(page, artifacts, "5_playground_moved", ".kl-playground-eta")
+            assert initial != after_eta != after_weight
+            assert page.evaluate(ERROR_JS) == "", f"a panel shows an error: {page.evaluate(ERROR_JS)}"
         finally:
             browser.close()
