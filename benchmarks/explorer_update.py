@@ -15,7 +15,9 @@ checked again). Printed side by side, medians:
 - floor: a plain weighted sum Σ α_i θ_i written in place into the preallocated model's parameters
   (one read of the inputs, one write);
 - evaluation: what every update then measures (quality, KL, weight metrics, activations), the same for
-  both paths; ours, full update = ours merge + evaluation, from scratch + evaluate likewise.
+  both paths; ours, full update = ours merge + evaluation, from scratch + evaluate likewise;
+- first figures: when the panel's first figures (convergence, norm ratio) are current: merge, load
+  and the weight metrics (the quality and layer figures follow as their numbers arrive).
 
 Targets (issue 7): a full update on the tiny pool ≤ 0.5 s; on the SmolLM2 pool (5 experts) ≤ 10 s on
 2 CPU cores. A pool that is not built is skipped with a message. ``--smollm2-stand-in DIR`` then
@@ -134,7 +136,7 @@ def run_pool(name: str, args) -> None:
     paths = [e["path"] for e in pool.experts]
     rows = []
     for kind, change in changes(explorer, members).items():
-        ours_merge, evaluation, totals, scratch, floor = [], [], [], [], []
+        ours_merge, evaluation, totals, scratch, floor, first = [], [], [], [], [], []
         for _ in range(args.repeats):
             change()
             if not explorer.update():
@@ -143,6 +145,7 @@ def run_pool(name: str, args) -> None:
             ours_merge.append(t["merge"] + t["load"])
             evaluation.append(sum(t[s] for s in EVALUATION_STAGES))
             totals.append(t["total"])
+            first.append(t["merge"] + t["load"] + t["weights"])
             request = explorer.request()
             chosen = [paths[i] for i in request["members"]]
             begin = time.perf_counter()
@@ -155,11 +158,12 @@ def run_pool(name: str, args) -> None:
             floor.append(time.perf_counter() - begin)
             explorer.load_state(explorer.state)  # back to the merged model
         rows.append((kind, median(ours_merge), median(scratch), median(floor), median(evaluation), median(totals),
-                     median(scratch) + median(evaluation)))
+                     median(scratch) + median(evaluation), median(first)))
     print(f"{'update':<8} {'ours merge':>11} {'scratch merge':>14} {'floor (sum)':>12} {'evaluation':>11} "
-          f"{'ours full':>10} {'scratch+eval':>13}   (medians of {args.repeats}, seconds)")
-    for kind, ours, scratch, floor, evaluation, total, scratch_total in rows:
-        print(f"{kind:<8} {ours:>11.3f} {scratch:>14.3f} {floor:>12.3f} {evaluation:>11.3f} {total:>10.3f} {scratch_total:>13.3f}")
+          f"{'ours full':>10} {'scratch+eval':>13} {'first figures':>14}   (medians of {args.repeats}, seconds)")
+    for kind, ours, scratch, floor, evaluation, total, scratch_total, first_figures in rows:
+        print(f"{kind:<8} {ours:>11.3f} {scratch:>14.3f} {floor:>12.3f} {evaluation:>11.3f} {total:>10.3f} "
+              f"{scratch_total:>13.3f} {first_figures:>14.3f}")
     stages = {k: round(v, 3) for k, v in explorer.timings.items()}
     print(f"last update by stage: {stages}")
     target = TARGETS.get(name)  # the stand-in has the SmolLM2 pool's sizes: same target
