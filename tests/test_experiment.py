@@ -190,3 +190,15 @@ def test_cli_sweep_and_pairwise(micro_pool, tmp_path, capsys):
     assert table.shape[1] == 2 and (tmp_path / "pairs" / "pairwise.html").is_file()
     # slerp at t = 0.5 and karcher agree for two experts (karcher generalizes SLERP, paper §3)
     assert table.loc["slerp"].iloc[1] == pytest.approx(table.loc["karcher"].iloc[1], rel=0.05)
+
+
+def test_karcher_cells_do_not_depend_on_the_largest_m(micro_pool, tmp_path):
+    """karcher shares one Gram-caching session per order, the experts beyond m at weight 0: its m = 2
+    merge must equal the one from a run whose session holds only those two experts."""
+    grid = dict(methods=["karcher"], orders=["pool"], report=False, **SMALL)
+    alone = run_sweep(micro_pool, m_values=[2], out=tmp_path / "alone", **grid)
+    shared = run_sweep(micro_pool, m_values=[2, 4], out=tmp_path / "shared", **grid)
+    keys = ["scope", "task", "site", "layer", "metric"]
+    a = alone.query("method == 'karcher' and metric != 'merge_seconds'").set_index(keys)["mean"].sort_index()
+    b = shared.query("method == 'karcher' and m == 2 and metric != 'merge_seconds'").set_index(keys)["mean"].sort_index()
+    pd.testing.assert_series_equal(a, b, rtol=1e-4, atol=1e-6)

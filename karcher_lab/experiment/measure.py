@@ -9,7 +9,7 @@ dict into result rows (:data:`karcher_lab.experiment.results.RESULT_COLUMNS`):
   (merged / expert accuracy), ``nll`` (answer tokens), ``kl`` = KL(p_expert ‖ p_merged) (the paper's
   function distance, eq. 2) and ``fisher_rao`` on that task (:mod:`karcher_lab.diagnostics.function`);
 - scope ``layer``, per site and layer, on the probe set (``probes_per_task`` held-out examples of every
-  task of the sweep, the same for every cell so that curves compare across m): ``variance``,
+  task of the pool, :func:`probe_tasks`: the same for every cell, so that curves compare across m): ``variance``,
   ``effective_rank``, ``numerical_rank`` and their ratios to the equal-weight mean of the merged
   experts (paired bootstrap, mean ± std over draws; :mod:`karcher_lab.diagnostics.collapse`);
 - scope ``weights``: ``norm_ratio`` (‖merged‖ / mean ‖expert‖) and ``relative_distance``
@@ -49,6 +49,12 @@ def _summary(identity: dict, metric: str, values: pd.Series) -> dict:
                 std=float(values.std()) if len(values) > 1 else float("nan"))
 
 
+def probe_tasks(pool: Pool) -> tuple[str, ...]:
+    """The tasks of the probe set: every expert's task of the pool, in pool order, whatever the grid, so
+    that every cell of a run (and of a resumed run with a larger grid) is measured on the same probes."""
+    return tuple(e["task"] for e in pool.experts)
+
+
 class Reference:
     """The experts, task examples and probe set of a sweep, loaded and measured once (lazily)."""
 
@@ -60,7 +66,8 @@ class Reference:
         self.base.to(self.device)
         self.base_state = {k: v.detach().cpu().clone() for k, v in self.base.state_dict().items()}
         self.examples = {t: get_task(t).examples("eval", per_task, seed=seed) for t in self.tasks}
-        texts = [e.prompt + e.answer for t in self.tasks for e in get_task(t).examples("eval", probes_per_task, seed=seed)]
+        self.probe_tasks = probe_tasks(pool)
+        texts = [e.prompt + e.answer for t in self.probe_tasks for e in get_task(t).examples("eval", probes_per_task, seed=seed)]
         self.probe_ids, self.probe_mask = encode_probes(self.tokenizer, texts)
         self._models: dict[str, torch.nn.Module] = {}
         self._quality: dict[str, pd.DataFrame] = {}

@@ -25,7 +25,7 @@ import torch
 from karcher_lab.diagnostics.activations import SITES, check_sites
 from karcher_lab.errors import ParameterError
 from karcher_lab.experiment.grid import DEFAULT_METHODS, PAIR_METHODS, Cell, SweepGrid, make_grid
-from karcher_lab.experiment.measure import EXPERT, Reference, measure_merge
+from karcher_lab.experiment.measure import EXPERT, Reference, measure_merge, probe_tasks
 from karcher_lab.experiment.results import ResultStore, cell_key, load_results
 from karcher_lab.merge.registry import get_method
 from karcher_lab.pipeline.session import MergeSession, resolve_device
@@ -108,7 +108,8 @@ def run_sweep(
     grid = make_grid(pool, methods=methods, m_values=m_values, orders=orders, params=params)
     store = ResultStore(out)
     store.check_config(dict(pool=grid.pool.name, pool_key=grid.pool.record.get("key", str(grid.pool.path)),
-                            per_task=per_task, probes_per_task=probes_per_task, draws=draws, sites=list(sites),
+                            per_task=per_task, probes_per_task=probes_per_task, probe_tasks=list(probe_tasks(grid.pool)),
+                            draws=draws, sites=list(sites),
                             seed=seed, params=grid.params))
     cells = grid.cells()
     todo = [c for c in cells if not store.has(_key(c))]
