@@ -64,7 +64,7 @@ def load_pool(directory: str | os.PathLike) -> Pool:
         raise PoolNotBuiltError(f"{directory} holds no built pool (no {POOL_FILE})")
     record = json.loads(file.read_text())
     record["path"] = str(directory)
-    record["base"]["path"] = str(directory / record["base"]["path"])
+    record["base"]["path"] = os.path.normpath(directory / record["base"]["path"])  # LoRA pools: "../<base>"
     for expert in record["experts"]:
         expert["path"] = str(directory / expert["path"])
         if "adapter" in expert:  # LoRA pools (lora.py): the PEFT adapter directory
