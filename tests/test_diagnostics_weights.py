@@ -136,3 +136,21 @@ def test_bad_inputs():
         weight_metrics(a, [a, b], weights=[1.0])
     with pytest.raises(ParameterError, match="distinct"):
         weight_metrics(a, [a, b], names=["x", "x"])
+
+
+def test_norm_only_equals_the_full_metrics_norm_ratio():
+    generator = torch.Generator().manual_seed(0)
+    experts = [{W: torch.randn(6, 5, generator=generator), V: torch.randn(4, 4, generator=generator)} for _ in range(3)]
+    merged = {k: merge_tensors("linear", [e[k] for e in experts], weights=[0.2, 0.5, 0.3]) for k in experts[0]}
+    full = weight_metrics(merged, experts, weights=[0.2, 0.5, 0.3])
+    norms = weight_metrics(merged, experts, weights=[0.2, 0.5, 0.3], norm_only=True)
+    assert set(norms["metric"]) == {"norm_ratio"} and list(norms.columns) == list(full.columns)
+    expected = full[full["metric"] == "norm_ratio"].reset_index(drop=True)
+    assert list(norms["tensor"]) == list(expected["tensor"])
+    assert torch.allclose(torch.tensor(norms["mean"].values), torch.tensor(expected["mean"].values), rtol=1e-6)
+    # closed form: ‖Σ α_i x_i‖ / Σ α_i ‖x_i‖, and a linear merge of non-parallel experts shrinks
+    alpha = torch.tensor([0.2, 0.5, 0.3], dtype=torch.float64)
+    closed = merged[W].double().norm() / (alpha @ torch.stack([e[W].double().norm() for e in experts]))
+    assert _value(norms, "norm_ratio") == pytest.approx(float(closed), rel=1e-6) and float(closed) < 1
+    with pytest.raises(ParameterError, match="norm_only"):
+        weight_metrics(merged, experts, base=experts[0], norm_only=True)

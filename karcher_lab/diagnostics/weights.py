@@ -21,6 +21,10 @@ to sum 1 (equal by default):
   is not unique (antipodal directions).
 - per expert (``other``): ``relative_distance`` = ‖x* − x_i‖ / ‖x_i‖ and ``angle_deg`` = ∠(x*, x_i).
 
+``norm_only=True`` gives the ``norm_ratio`` rows alone, from N + 1 float64 norms per tensor instead of the
+(N + 1)² Gram, the chord gap's Karcher solve and the per-expert rows (what an interactive panel redraws
+on every merge).
+
 Tables are tidy: one row per tensor × metric (× expert or pair) with columns ``model``, ``other``,
 ``tensor``, ``layer`` (the decoder block index, NA for embeddings, final norm and head), ``metric``,
 ``mean`` (the value) and ``std`` (NaN: one value per tensor). :func:`layer_summary` averages them per
@@ -138,12 +142,16 @@ def weight_metrics(
     base: Any = None,
     merged_name: str = "merged",
     names: Sequence[str] | None = None,
+    norm_only: bool = False,
 ) -> pd.DataFrame:
     """Per tensor: ``norm_ratio``, ``chord_radius``, ``chord_geodesic_angle_deg`` (and their task-vector
     versions with a ``base``), and per expert ``relative_distance`` and ``angle_deg`` from the merged
-    model. ``weights``: the merge weights α (normalized; equal by default)."""
+    model. ``weights``: the merge weights α (normalized; equal by default). ``norm_only``: the
+    ``norm_ratio`` rows alone, from the tensors' norms (no Gram; ``base`` is then not allowed)."""
     if not experts:
         raise EmptyInputError("no experts given")
+    if norm_only and base is not None:
+        raise ParameterError("norm_only gives norm ratios only, which do not use a base: drop base or norm_only")
     labels = _labels(names, len(experts), "expert")
     alpha = _weights(weights, len(experts))
     extra = [base] if base is not None else []
@@ -153,6 +161,10 @@ def weight_metrics(
     for name in layout.names:
         tensors = [s.load(stored[name]) for s, stored in zip(sources, layout.stored_names)]
         if not tensors[0].is_floating_point():
+            continue
+        if norm_only:
+            norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors[: n + 1]]).cpu()
+            rows.append(_row(merged_name, None, name, "norm_ratio", norms[n] / (alpha @ norms[:n])))
             continue
         gram = gram_matrix(tensors[: n + 1])[0]  # experts and the merged tensor
         norms = block_norms(gram.unsqueeze(0))[0]
