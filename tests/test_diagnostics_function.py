@@ -9,7 +9,8 @@ import torch
 import karcher_lab
 from karcher_lab.diagnostics.fisher import diagonal_fisher
 from karcher_lab.diagnostics.function import (
-    answer_nll, function_distance, normalized_accuracy, task_quality,
+    AnswerLogProbs, answer_log_probs, answer_nll, exact_matches, forced_exact_matches, function_distance,
+    normalized_accuracy, task_quality,
 )
 from karcher_lab.errors import EmptyInputError, InputError, ParameterError
 from karcher_lab.zoo import get_task
@@ -201,3 +202,58 @@ def test_estimated_fishers_feed_the_fisher_merge():
     wa, wb = fa[name].clamp_min(floor), fb[name].clamp_min(floor)
     expected = (wa * a.state_dict()[name] + wb * b.state_dict()[name]) / (wa + wb)
     assert torch.allclose(merged[name], expected, atol=1e-6)
+
+
+def test_precomputed_log_probs_give_the_same_kl_nll_and_tables():
+    expert, merged = _tiny(), _perturbed(_tiny(), 0.05)
+    direct = function_distance(expert, merged, TOKENIZER, EXAMPLES, batch_size=2)
+    # one stream of batches over both tasks, then split per task
+    cached_expert = answer_log_probs(expert, TOKENIZER, EXAMPLES, batch_size=5)
+    cached_merged = answer_log_probs(merged, TOKENIZER, EXAMPLES, batch_size=64)
+    assert [cached_expert[t].n for t in EXAMPLES] == [7, 5]
+    for reference, model in ((cached_expert, merged), (expert, cached_merged), (cached_expert, cached_merged)):
+        table = function_distance(reference, model, TOKENIZER, EXAMPLES)
+        pd.testing.assert_frame_equal(table[["task", "metric", "n"]], direct[["task", "metric", "n"]])
+        assert torch.allclose(torch.tensor(table["mean"].values), torch.tensor(direct["mean"].values), rtol=1e-6, atol=1e-9)
+        assert torch.allclose(torch.tensor(table["std"].values), torch.tensor(direct["std"].values), rtol=1e-6, atol=1e-9)
+    quality = task_quality(merged, TOKENIZER, EXAMPLES, accuracy=False)
+    reused = task_quality(merged, TOKENIZER, EXAMPLES, accuracy=False, log_probs=cached_merged)
+    assert torch.allclose(torch.tensor(reused["mean"].values), torch.tensor(quality["mean"].values), rtol=1e-6)
+    nll = answer_nll(merged, TOKENIZER, EXAMPLES["reverse"], batch_size=1)
+    assert torch.allclose(answer_nll(merged, TOKENIZER, EXAMPLES["reverse"], batch_size=7), nll, atol=1e-6)
+    assert quality.set_index(["task", "metric"]).loc[("reverse", "nll"), "mean"] == pytest.approx(float(nll.mean()), rel=1e-6)
+    with pytest.raises(InputError, match="covers|cover"):
+        function_distance({"reverse": cached_expert["addition"]}, merged, TOKENIZER, {"reverse": EXAMPLES["reverse"]})
+    with pytest.raises(ParameterError, match="exact_match"):
+        task_quality(merged, TOKENIZER, EXAMPLES, exact_match="beam")
+
+
+def test_forced_exact_match_known_answers():
+    """Two examples: the first's argmax is its answer at both positions, the second's misses one."""
+    log_probs = torch.log(torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8], [0.5, 0.4, 0.1], [0.2, 0.3, 0.5]],
+                                       dtype=torch.float64))
+    scores = AnswerLogProbs(log_probs, rows=torch.tensor([0, 0, 1, 1]), answers=torch.tensor([0, 2, 1, 2]), n=2)
+    assert forced_exact_matches(scores).tolist() == [1.0, 0.0]
+    assert forced_exact_matches(scores.examples(1, 2)).tolist() == [0.0]
+
+
+def test_forced_exact_match_equals_greedy_decoding(micro_pool):
+    """On trained experts and a merge of two (a mix of right and wrong answers), example by example."""
+    from karcher_lab.zoo import load
+
+    models = {e["task"]: load(e["path"]) for e in micro_pool.experts}
+    tokenizer = next(iter(models.values()))[1]
+    merged = karcher_lab.merge([e["path"] for e in micro_pool.experts[:2]], "linear")
+    mixed = copy.deepcopy(next(iter(models.values()))[0])
+    mixed.load_state_dict(merged, strict=False)
+    examples = {t: get_task(t).examples("eval", 12, seed=3) for t in models}
+    right, total = 0, 0
+    for model in [m for m, _ in models.values()] + [mixed]:
+        scores = answer_log_probs(model, tokenizer, examples)
+        for task, task_examples in examples.items():
+            greedy = exact_matches(model, tokenizer, task_examples)
+            assert forced_exact_matches(scores[task]).tolist() == greedy.tolist(), task
+            right, total = right + int(greedy.sum()), total + len(task_examples)
+    assert 0 < right < total  # both outcomes occur
+    table = task_quality(mixed, tokenizer, examples, exact_match="teacher_forced")
+    assert table.equals(task_quality(mixed, tokenizer, examples, exact_match="greedy"))

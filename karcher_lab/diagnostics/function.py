@@ -8,7 +8,12 @@ answer positions; tables report the ``mean`` and ``std`` over examples and their
 - **nll**: −(1/T) Σ_t log p_θ(a_t | …) in nats per answer token; **perplexity** = exp(mean NLL over the
   task's examples) (a corpus-level value: its ``std`` is NaN).
 - **accuracy**: greedy exact match (batched greedy decoding, :func:`karcher_lab.zoo.evaluate.greedy_answers`);
-  per example 0 or 1, so std = √(p(1 − p)) up to the n − 1 correction.
+  per example 0 or 1, so std = √(p(1 − p)) up to the n − 1 correction. ``exact_match="teacher_forced"``
+  reads it from the teacher-forced pass instead (:func:`forced_exact_matches`): greedy decoding
+  reproduces the answer iff argmax_v p(v | <s> prompt a_<t) = a_t at every answer position, ``</s>``
+  included, so with a tokenizer whose answer tokenization is unique (the zoo's character tokenizer) both
+  give the same 0/1 per example, up to exact ties of the top two logits. One forward pass instead of
+  one per generated token.
 - **kl**: KL(p_ref ‖ p_model) = Σ_v p_ref(v) (log p_ref(v) − log p_model(v)) of the next-token
   distributions, the paper's function distance (eq. 2: the expected NLL under the teacher's labels is
   this KL plus a constant).
@@ -20,12 +25,13 @@ answer positions; tables report the ``mean`` and ``std`` over examples and their
 from __future__ import annotations
 
 import math
-from typing import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Iterator, Mapping, Sequence
 
 import pandas as pd
 import torch
 
-from karcher_lab.errors import EmptyInputError, InputError
+from karcher_lab.errors import EmptyInputError, InputError, ParameterError
 from karcher_lab.geometry.simplex import fr_distance
 from karcher_lab.zoo.evaluate import greedy_answers
 from karcher_lab.zoo.sequences import IGNORE, encode, teacher_forcing_batch
@@ -33,6 +39,25 @@ from karcher_lab.zoo.tasks import Example
 
 QUALITY_COLUMNS = ["model", "task", "metric", "mean", "std", "n"]
 DISTANCE_COLUMNS = ["reference", "model", "task", "metric", "mean", "std", "n"]
+EXACT_MATCH_MODES = ("greedy", "teacher_forced")
+
+
+@dataclass(frozen=True)
+class AnswerLogProbs:
+    """One model's teacher-forced log-probabilities at the answer positions of ``n`` examples:
+    ``log_probs`` [P, V] float64, ``rows`` [P] (the example of each position, 0..n-1) and ``answers``
+    [P] (the token each position should predict). Computed once, it stands in for the model in
+    :func:`function_distance` and :func:`task_quality` (e.g. an expert's, cached across merges)."""
+
+    log_probs: torch.Tensor
+    rows: torch.Tensor
+    answers: torch.Tensor
+    n: int
+
+    def examples(self, start: int, stop: int) -> "AnswerLogProbs":
+        """The positions of examples start..stop-1, renumbered from 0."""
+        keep = (self.rows >= start) & (self.rows < stop)
+        return AnswerLogProbs(self.log_probs[keep], self.rows[keep] - start, self.answers[keep], stop - start)
 
 
 def _check_examples(examples_by_task: Mapping[str, Sequence[Example]]) -> None:
@@ -76,15 +101,46 @@ def _per_example_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> 
 
 
 @torch.no_grad()
+def answer_log_probs(
+    model, tokenizer, examples_by_task: Mapping[str, Sequence[Example]], batch_size: int = 32,
+) -> dict[str, AnswerLogProbs]:
+    """Teacher-forced answer log-probabilities of ``model`` per task, all tasks' examples in one stream
+    of ``batch_size`` batches (one forward for several small tasks; right padding with causal attention
+    leaves every value as in a batch of one). Memory: (answer tokens) × V float64 numbers."""
+    _check_examples(examples_by_task)
+    examples = [e for task_examples in examples_by_task.values() for e in task_examples]
+    log_probs, rows, answers = [], [], []
+    for offset, (input_ids, targets) in zip(range(0, len(examples), batch_size),
+                                             answer_batches(tokenizer, examples, batch_size)):
+        batch_log_probs, batch_rows = _answer_log_probs(model, input_ids, targets)
+        log_probs.append(batch_log_probs)
+        rows.append(batch_rows + offset)
+        answers.append(targets[targets != IGNORE].to(batch_log_probs.device))
+    every = AnswerLogProbs(torch.cat(log_probs), torch.cat(rows), torch.cat(answers), len(examples))
+    out, start = {}, 0
+    for task, task_examples in examples_by_task.items():
+        out[task] = every.examples(start, start + len(task_examples))
+        start += len(task_examples)
+    return out
+
+
+def _nll(scores: AnswerLogProbs) -> torch.Tensor:
+    token_nll = -scores.log_probs.gather(1, scores.answers[:, None])[:, 0]
+    return _per_example_mean(token_nll, scores.rows, scores.n).cpu()
+
+
 def answer_nll(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> torch.Tensor:
     """Per-example NLL of the answer (nats per answer token, ``</s>`` included): [len(examples)] float64."""
-    out = []
-    for input_ids, targets in answer_batches(tokenizer, examples, batch_size):
-        log_probs, rows = _answer_log_probs(model, input_ids, targets)
-        answer = targets[targets != IGNORE].to(log_probs.device)
-        token_nll = -log_probs.gather(1, answer[:, None])[:, 0]
-        out.append(_per_example_mean(token_nll, rows, input_ids.shape[0]).cpu())
-    return torch.cat(out)
+    return _nll(answer_log_probs(model, tokenizer, {"": examples}, batch_size)[""])
+
+
+def forced_exact_matches(scores: AnswerLogProbs) -> torch.Tensor:
+    """Per-example exact match read from a teacher-forced pass: 1.0 where the most likely token is the
+    answer's at every answer position (``</s>`` included), else 0.0: [n] float64. Equals greedy
+    decoding's exact match when the answer's tokenization is unique (see the module docstring)."""
+    wrong = (scores.log_probs.argmax(-1) != scores.answers).double()
+    errors = torch.zeros(scores.n, dtype=torch.float64, device=wrong.device).index_add_(0, scores.rows, wrong)
+    return (errors == 0).double().cpu()
 
 
 def exact_matches(model, tokenizer, examples: Sequence[Example]) -> torch.Tensor:
@@ -99,49 +155,79 @@ def _summary(values: torch.Tensor) -> tuple[float, float]:
 
 def task_quality(
     model, tokenizer, examples_by_task: Mapping[str, Sequence[Example]], *, model_name: str = "model",
-    batch_size: int = 32, accuracy: bool = True,
+    batch_size: int = 32, accuracy: bool = True, exact_match: str = "greedy",
+    log_probs: Mapping[str, AnswerLogProbs] | None = None,
 ) -> pd.DataFrame:
-    """Per task: ``accuracy`` (greedy exact match; skipped with ``accuracy=False``), ``nll`` and
-    ``perplexity`` of the answer tokens. Rows: model × task × metric, with mean, std over examples, n."""
+    """Per task: ``accuracy`` (exact match; skipped with ``accuracy=False``), ``nll`` and ``perplexity``
+    of the answer tokens. Rows: model × task × metric, with mean, std over examples, n.
+    ``exact_match``: ``"greedy"`` (decode) or ``"teacher_forced"`` (:func:`forced_exact_matches`, no
+    decoding). ``log_probs``: the model's :func:`answer_log_probs` on these examples, when already
+    computed (then ``model`` is only used for greedy decoding)."""
     _check_examples(examples_by_task)
+    if exact_match not in EXACT_MATCH_MODES:
+        raise ParameterError(f"exact_match must be one of {EXACT_MATCH_MODES}, got {exact_match!r}")
+    scores = _scores(model, tokenizer, examples_by_task, batch_size, log_probs, "log_probs")
     rows = []
     for task, examples in examples_by_task.items():
-        nll = answer_nll(model, tokenizer, examples, batch_size)
+        nll = _nll(scores[task])
         n = len(examples)
         if accuracy:
+            matches = (exact_matches(model, tokenizer, examples) if exact_match == "greedy"
+                       else forced_exact_matches(scores[task]))
             rows.append(dict(model=model_name, task=task, metric="accuracy", n=n,
-                             **dict(zip(("mean", "std"), _summary(exact_matches(model, tokenizer, examples))))))
+                             **dict(zip(("mean", "std"), _summary(matches)))))
         mean, std = _summary(nll)
         rows.append(dict(model=model_name, task=task, metric="nll", mean=mean, std=std, n=n))
         rows.append(dict(model=model_name, task=task, metric="perplexity", mean=math.exp(mean), std=float("nan"), n=n))
     return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
 
 
-@torch.no_grad()
+def _scores(model, tokenizer, examples_by_task, batch_size, given, label) -> Mapping[str, AnswerLogProbs]:
+    """``given`` (precomputed :class:`AnswerLogProbs` per task, checked against the examples) or
+    ``model``'s, computed now."""
+    if given is None:
+        return answer_log_probs(model, tokenizer, examples_by_task, batch_size)
+    for task, examples in examples_by_task.items():
+        if task not in given or given[task].n != len(examples):
+            have = given[task].n if task in given else "none"
+            raise InputError(f"{label}: task {task!r} has {len(examples)} examples but the precomputed "
+                             f"log-probabilities cover {have}")
+    return given
+
+
 def function_distance(
     reference, model, tokenizer, examples_by_task: Mapping[str, Sequence[Example]], *,
     reference_name: str = "expert", model_name: str = "merged", batch_size: int = 32,
 ) -> pd.DataFrame:
     """KL(p_reference ‖ p_model) (eq. 2) and the Fisher–Rao distance between the two models' next-token
     distributions, averaged over each example's answer positions. Rows: reference × model × task ×
-    metric (``kl``, ``fisher_rao``), with mean, std over examples, n. The models share the tokenizer."""
+    metric (``kl``, ``fisher_rao``), with mean, std over examples, n. The models share the tokenizer.
+    Either side may be given as its :func:`answer_log_probs` on these examples instead of a model
+    (``{task: AnswerLogProbs}``), e.g. experts' cached once while the merged model changes."""
     _check_examples(examples_by_task)
+    p_scores = _scores(reference, tokenizer, examples_by_task, batch_size, _precomputed(reference), "reference")
+    q_scores = _scores(model, tokenizer, examples_by_task, batch_size, _precomputed(model), "model")
     rows = []
     for task, examples in examples_by_task.items():
-        kl, fr = [], []
-        for input_ids, targets in answer_batches(tokenizer, examples, batch_size):
-            log_p, positions = _answer_log_probs(reference, input_ids, targets)
-            log_q, _ = _answer_log_probs(model, input_ids, targets)
-            log_q = log_q.to(log_p.device)
-            if log_q.shape != log_p.shape:
-                raise InputError(f"the models' vocabularies differ ({log_p.shape[-1]} vs {log_q.shape[-1]} logits)")
-            p = log_p.exp()
-            kl.append(_per_example_mean((p * (log_p - log_q)).sum(-1), positions, input_ids.shape[0]).cpu())
-            fr.append(_per_example_mean(fr_distance(p, log_q.exp()), positions, input_ids.shape[0]).cpu())
-        for metric, values in (("kl", torch.cat(kl)), ("fisher_rao", torch.cat(fr))):
+        p_task, q_task = p_scores[task], q_scores[task]
+        log_p, log_q = p_task.log_probs, q_task.log_probs.to(p_task.log_probs.device)
+        if log_q.shape != log_p.shape:
+            raise InputError(f"the models' vocabularies or answer positions differ ({tuple(log_p.shape)} vs "
+                             f"{tuple(log_q.shape)} log-probabilities)")
+        p = log_p.exp()
+        kl = _per_example_mean((p * (log_p - log_q)).sum(-1), p_task.rows, p_task.n).cpu()
+        fr = _per_example_mean(fr_distance(p, log_q.exp()), p_task.rows, p_task.n).cpu()
+        for metric, values in (("kl", kl), ("fisher_rao", fr)):
             mean, std = _summary(values)
             rows.append(dict(reference=reference_name, model=model_name, task=task, metric=metric, mean=mean, std=std, n=len(examples)))
     return pd.DataFrame(rows, columns=DISTANCE_COLUMNS)
+
+
+def _precomputed(side: Any) -> Mapping[str, AnswerLogProbs] | None:
+    """``side`` when it is ``{task: AnswerLogProbs}`` (not a model), else None."""
+    if isinstance(side, Mapping) and side and all(isinstance(v, AnswerLogProbs) for v in side.values()):
+        return side
+    return None
 
 
 def normalized_accuracy(merged: pd.DataFrame, experts: pd.DataFrame) -> pd.DataFrame:
