@@ -133,12 +133,13 @@ def format_lora_table(record: dict) -> str:
     """The expert-vs-base table of a LoRA pool (lora.py): scores, then rank, α, steps, rate, training time."""
     config = record["config"]
     lines = [f"pool {record['name']} (LoRA rank {config['rank']}, alpha {config['alpha']:g} on a "
-             f"{record['base']['parameters']:,}-parameter base; built in {record['build_seconds']:.0f} s with "
-             f"{record['threads']} thread(s), load average {record['load_average'][0]:.1f} at the end)",
+             f"{record['base']['parameters']:,}-parameter base; built in {record['build_seconds']:.0f} s wall, "
+             f"{record['build_cpu_seconds']:.0f} CPU-s, {record['workers']} worker(s) x {record['threads']} "
+             f"thread(s), load average {record['load_average'][0]:.1f} at the end)",
              f"{'task':<11} {'expert EM':>9} {'base EM':>8} {'expert NLL':>10} {'base NLL':>9} "
-             f"{'steps':>5} {'lr':>8} {'train s':>8}"]
+             f"{'steps':>5} {'lr':>8} {'train s':>8} {'CPU-s':>6}"]
     for e in record["experts"]:
         lines.append(f"{e['task']:<11} {100 * e['accuracy']:>8.1f}% {100 * e['base_accuracy']:>7.1f}% "
                      f"{e['nll']:>10.3f} {e['base_nll']:>9.3f} {e['steps']:>5} {e['lr']:>8.2e} "
-                     f"{e['train_seconds']:>8.1f}")
+                     f"{e['train_seconds']:>8.1f} {e['train_cpu_seconds']:>6.1f}")
     return "\n".join(lines)
