@@ -124,13 +124,15 @@ def run_pool(name: str, args) -> None:
     start = time.perf_counter()
     explorer = MergeExplorer(pool, selected=selected, quality_examples=args.quality_examples,
                              activation_examples=args.activation_examples, draws=args.draws,
-                             exact_match=not args.no_exact_match, initial_update=True)
+                             exact_match=not args.no_exact_match, exact_match_mode=args.exact_match_mode,
+                             initial_update=True)
     if explorer.error:
         raise SystemExit(f"the explorer failed on pool {name}: {explorer.error}")
     print(f"\npool {name}: {len(selected)} experts checked of {len(pool.experts)} ({', '.join(selected)}); "
           f"{sum(p.numel() for p in explorer.model.parameters()):,} parameters/model; panel built and first "
           f"update (Gram pass, expert-side caches) in {time.perf_counter() - start:.1f} s")
-    print(f"evaluation: {args.quality_examples} examples/task (exact match {'off' if args.no_exact_match else 'on'}), "
+    exact = "off" if args.no_exact_match else args.exact_match_mode
+    print(f"evaluation: {args.quality_examples} examples/task (exact match {exact}), "
           f"activations on {explorer._probe_batch()[0].shape[0]} probe sequences, {args.draws} bootstrap draws")
 
     paths = [e["path"] for e in pool.experts]
@@ -180,10 +182,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the SmolLM2 target is for 2 cores)")
     parser.add_argument("--quality-examples", type=int, default=16)
     parser.add_argument("--activation-examples", type=int, default=4)
-    parser.add_argument("--draws", type=int, default=20)
+    parser.add_argument("--draws", type=int, default=10)
     parser.add_argument("--smollm2-stand-in", type=Path, metavar="DIR",
                         help="when the smollm2 pool is not built, build (once) and measure a same-size stand-in here")
-    parser.add_argument("--no-exact-match", action="store_true", help="skip greedy decoding (NLL and KL only)")
+    parser.add_argument("--no-exact-match", action="store_true", help="no exact match (NLL and KL only)")
+    parser.add_argument("--exact-match-mode", choices=["teacher_forced", "greedy"], default="teacher_forced",
+                        help="exact match from the teacher-forced pass (default) or by greedy decoding")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()

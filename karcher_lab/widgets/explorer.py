@@ -18,14 +18,25 @@ comes from :mod:`karcher_lab.diagnostics`, figures from :mod:`karcher_lab.plots`
 3. the merged state dict is loaded into ONE preallocated model (``load_state_dict``; nothing is
    re-instantiated).
 4. figures, each refreshed as soon as its numbers exist: convergence trace (karcher's
-   ``GramCache.traces``) and norm ratio per tensor (:func:`~karcher_lab.diagnostics.weight_metrics`);
-   per checked task, exact match and answer NLL of the merged model against the task's expert
-   (:func:`~karcher_lab.diagnostics.task_quality`) and KL(expert ‖ merged)
+   ``GramCache.traces``) and norm ratio per tensor (:func:`~karcher_lab.diagnostics.weight_metrics`
+   with ``norm_only``); per checked task, exact match and answer NLL of the merged model against the
+   task's expert (:func:`~karcher_lab.diagnostics.task_quality`) and KL(expert ‖ merged)
    (:func:`~karcher_lab.diagnostics.function_distance`) on ``quality_examples`` held-out examples; layer
    curves of activation variance, effective rank and numerical rank (bootstrap mean ± std,
    :func:`~karcher_lab.diagnostics.collapse_metrics`) of the merged model and of each checked expert, on
-   a fixed probe batch of ``activation_examples`` sequences per pool task. Expert-side numbers are
-   computed once per expert and cached.
+   a fixed probe batch of ``activation_examples`` sequences per pool task.
+
+**Interactive speed** (issue 7: an update on the tiny pool in ≤ 0.5 s, ``benchmarks/explorer_update.py``):
+the merged model runs exactly twice per update, one teacher-forced forward over every checked task's
+examples at once (:func:`~karcher_lab.diagnostics.function.answer_log_probs`), from which NLL, KL,
+Fisher–Rao and exact match all come, and one forward over the probe batch for the layer metrics.
+Exact match is read from that pass by default (``exact_match_mode="teacher_forced"``: the greedy answer
+is the expected one iff the argmax is the answer token at every answer position; the same 0/1 as greedy
+decoding with the zoo's character tokenizer, see :mod:`karcher_lab.diagnostics.function`);
+``"greedy"`` decodes instead (one forward per generated token, several times slower). Every
+expert-side number (its log-probabilities, quality and layer metrics) is computed once per expert and
+cached. Defaults sized for interaction: 16 examples per task, 4 probe sequences per pool task (52 on
+the tiny pool), 10 bootstrap draws; raise them for tighter error bars.
 
 While an update runs, the ``kl-busy`` element shows "updating…" (empty when idle); any exception
 (a typed :mod:`karcher_lab.errors` error or another) is shown in the ``kl-error`` area, the figures keep
@@ -54,6 +65,7 @@ from karcher_lab.diagnostics import (
     weight_metrics,
 )
 from karcher_lab.diagnostics.activations import check_sites
+from karcher_lab.diagnostics.function import EXACT_MATCH_MODES, AnswerLogProbs, answer_log_probs
 from karcher_lab.errors import CheckpointError, EmptyInputError, ModelCountError, ParameterError, WeightError
 from karcher_lab.merge.registry import get_method, list_methods
 from karcher_lab.pipeline import MergeSession
@@ -75,6 +87,8 @@ FULL_WIDTH = 960
 """Figure widths in pixels: three narrow or two wide figures fit a JupyterLab output area ~1000 px wide."""
 DEFAULT_SELECTED = 4
 """Experts checked at start when ``selected`` is not given (the first ones of the pool)."""
+EVAL_BATCH = 256
+"""Sequences per forward pass of the evaluation (every checked task's examples in one batch)."""
 
 
 @contextmanager
@@ -99,8 +113,9 @@ class MergeExplorer(widgets.VBox):
     directory. ``selected``: task names checked at start (default: the first four experts).
     ``quality_examples``: held-out examples per checked task for exact match, NLL and KL.
     ``activation_examples``: probe sequences per pool task for the layer metrics (one fixed batch).
-    ``draws``: bootstrap draws for the layer metrics' ± std (≥ 2). ``exact_match``: greedy decoding
-    for exact match (the slowest metric; off: NLL and KL only). ``sites``: activation sites of the
+    ``draws``: bootstrap draws for the layer metrics' ± std (≥ 2). ``exact_match``: show exact match
+    (off: NLL and KL only); ``exact_match_mode``: ``"teacher_forced"`` (from the one forward pass,
+    default) or ``"greedy"`` (decoding, slower). ``sites``: activation sites of the
     layer metrics (the figure shows the first). ``use_base``: give the pool's base model to methods
     that use one (methods that need one fail in the panel without it). ``debounce``: seconds of
     quiet after a control change before an update starts. ``initial_update``: run one update now, so
@@ -115,8 +130,9 @@ class MergeExplorer(widgets.VBox):
         method: str = "karcher",
         quality_examples: int = 16,
         activation_examples: int = 4,
-        draws: int = 20,
+        draws: int = 10,
         exact_match: bool = True,
+        exact_match_mode: str = "teacher_forced",
         sites: Sequence[str] = ("residual",),
         use_base: bool = True,
         debounce: float = 0.3,
@@ -129,6 +145,8 @@ class MergeExplorer(widgets.VBox):
             raise ParameterError(f"draws must be >= 2 for a ± std, got {draws}")
         if debounce < 0:
             raise ParameterError(f"debounce must be >= 0 seconds, got {debounce}")
+        if exact_match_mode not in EXACT_MATCH_MODES:
+            raise ParameterError(f"exact_match_mode must be one of {EXACT_MATCH_MODES}, got {exact_match_mode!r}")
         get_method(method)
         check_sites(sites)
         self.pool = pool if isinstance(pool, Pool) else find_pool(str(pool))
@@ -141,6 +159,7 @@ class MergeExplorer(widgets.VBox):
             raise ParameterError(f"selected task(s) {unknown} are not in pool {self.pool.name}: {self.tasks}")
         self.quality_examples, self.activation_examples, self.draws = quality_examples, activation_examples, draws
         self.exact_match, self.sites, self.seed, self.debounce = exact_match, tuple(sites), seed, debounce
+        self.exact_match_mode = exact_match_mode
 
         self.expert_models: list[torch.nn.Module] = []
         base_record = self.pool.record.get("base")
@@ -154,7 +173,8 @@ class MergeExplorer(widgets.VBox):
 
         self._sessions: dict[tuple, MergeSession] = {}
         self._examples: dict[str, list] = {}
-        self._expert_quality: dict[tuple[str, bool], pd.DataFrame] = {}
+        self._expert_scores: dict[str, AnswerLogProbs] = {}
+        self._expert_quality: dict[str, pd.DataFrame] = {}
         self._expert_collapse: dict[str, pd.DataFrame] = {}
         self._probes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lock = threading.Lock()
@@ -381,19 +401,22 @@ class MergeExplorer(widgets.VBox):
         self.state = state
 
         t = time.perf_counter()
-        weights = weight_metrics(state, [self.expert_models[i] for i in members], weights=request["alpha"], names=tasks)
+        weights = weight_metrics(state, [self.expert_models[i] for i in members], weights=request["alpha"], names=tasks,
+                                 norm_only=True)
         sync_figure(self.convergence_fig, convergence_figure(traces), **WIDE)
         sync_figure(self.norm_fig, norm_ratio_figure(weights), **WIDE)
         timings["weights"] = time.perf_counter() - t
 
         t = time.perf_counter()
         examples = {task: self._task_examples(task) for task in tasks}
-        quality = task_quality(self.model, self.tokenizer, examples, model_name="merged", accuracy=self.exact_match)
+        scores = answer_log_probs(self.model, self.tokenizer, examples, batch_size=EVAL_BATCH)
+        quality = task_quality(self.model, self.tokenizer, examples, model_name="merged", accuracy=self.exact_match,
+                               exact_match=self.exact_match_mode, log_probs=scores)
         own = pd.concat([self._own_quality(i) for i in members], ignore_index=True)
         distance = pd.concat([
-            function_distance(self.expert_models[i], self.model, self.tokenizer, {self.tasks[i]: examples[self.tasks[i]]},
-                              reference_name=self.tasks[i], model_name="merged")
-            for i in members
+            function_distance({task: self._own_scores(i)}, {task: scores[task]}, self.tokenizer, {task: examples[task]},
+                              reference_name=task, model_name="merged")
+            for i, task in zip(members, tasks)
         ], ignore_index=True)
         both = pd.concat([quality, own], ignore_index=True)
         if self.exact_match:
@@ -423,14 +446,22 @@ class MergeExplorer(widgets.VBox):
             self._examples[task] = get_task(task).examples("eval", self.quality_examples, seed=self.seed)
         return self._examples[task]
 
+    def _own_scores(self, index: int) -> AnswerLogProbs:
+        """The expert's teacher-forced answer log-probabilities on its own task's examples."""
+        task = self.tasks[index]
+        if task not in self._expert_scores:
+            self._expert_scores[task] = answer_log_probs(self.expert_models[index], self.tokenizer,
+                                                         {task: self._task_examples(task)}, batch_size=EVAL_BATCH)[task]
+        return self._expert_scores[task]
+
     def _own_quality(self, index: int) -> pd.DataFrame:
         task = self.tasks[index]
-        key = (task, self.exact_match)
-        if key not in self._expert_quality:
-            self._expert_quality[key] = task_quality(self.expert_models[index], self.tokenizer,
-                                                     {task: self._task_examples(task)}, model_name="expert",
-                                                     accuracy=self.exact_match)
-        return self._expert_quality[key]
+        if task not in self._expert_quality:
+            self._expert_quality[task] = task_quality(self.expert_models[index], self.tokenizer,
+                                                      {task: self._task_examples(task)}, model_name="expert",
+                                                      accuracy=self.exact_match, exact_match=self.exact_match_mode,
+                                                      log_probs={task: self._own_scores(index)})
+        return self._expert_quality[task]
 
     def _probe_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._probes is None:
