@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import karcher_lab
+from karcher_lab.diagnostics import function_distance
 from karcher_lab.widgets import MergeExplorer
 
 FAST = dict(quality_examples=4, activation_examples=2, draws=4, exact_match=False, debounce=0.05)
@@ -73,6 +74,13 @@ def test_moving_a_weight_updates_normalized_values_and_figures_in_place(explorer
     # karcher keeps the weighted mean norm of the experts in every tensor (§3.4): no shrinkage
     np.testing.assert_allclose(explorer.norm_fig.data[0].y, 1.0, rtol=1e-5)
     assert len(explorer.norm_fig.data[0].y) == len(explorer.state)
+    # KL from the cached expert log-probabilities equals running both models now
+    for index, task in enumerate(explorer.tasks):
+        direct = function_distance(explorer.expert_models[index], explorer.model, explorer.tokenizer,
+                                   {task: explorer._task_examples(task)}, reference_name=task)
+        shown = explorer.tables["distance"].query("task == @task").reset_index(drop=True)
+        np.testing.assert_allclose(shown["mean"], direct["mean"], rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(shown["std"], direct["std"], rtol=1e-6, atol=1e-9)
 
 
 def test_karcher_fast_path_equals_karcher_lab_merge(explorer, pool):
@@ -181,6 +189,8 @@ def test_method_parameters_become_controls(explorer):
 def test_bad_constructor_arguments_fail_before_loading(pool):
     with pytest.raises(karcher_lab.errors.ParameterError, match="draws"):
         MergeExplorer(pool, draws=1)
+    with pytest.raises(karcher_lab.errors.ParameterError, match="exact_match_mode"):
+        MergeExplorer(pool, exact_match_mode="beam")
     with pytest.raises(karcher_lab.errors.ParameterError, match="not in pool"):
         MergeExplorer(pool, selected=["no-such-task"], initial_update=False)
     with pytest.raises(karcher_lab.errors.ParameterError, match="sites"):
