@@ -237,8 +237,9 @@ class Alignment:
     """Result of :func:`align`, per batch entry: the rotation ``O``, the aligned representative
     ``aligned`` = other·O, its total-space log from the reference point (``log``, horizontal to
     ``residuals`` = ‖vert part of the log‖), the alignment steps taken (``iterations``, max over the
-    batch) and ``log_starts``: the Stiefel logs' final completions (U's then V's), a warm start for the
-    next alignment of ``aligned`` to a nearby point."""
+    batch), ``log_starts``: the Stiefel logs' final completions (U's then V's), a warm start for the
+    next alignment of ``aligned`` to a nearby point, and ``log_fallback`` [2N] (U's then V's): the
+    Stiefel logs of ``log`` that are the projection surrogate (only with ``log_surrogate``)."""
 
     O: torch.Tensor
     aligned: Polar
@@ -247,6 +248,7 @@ class Alignment:
     residuals: torch.Tensor
     tol: float
     log_starts: torch.Tensor
+    log_fallback: torch.Tensor
 
     @property
     def converged(self) -> bool:
@@ -325,7 +327,7 @@ class _OrbitObjective:
     R = skew(½(A_U + A_V)) + ξ_B B⁻¹ − B⁻¹ ξ_B: the right-hand side of the §2 Ω equation.
     """
 
-    def __init__(self, point: Polar, other: Polar, log_tol: float, log_max_iter: int):
+    def __init__(self, point: Polar, other: Polar, log_tol: float, log_max_iter: int, log_surrogate: bool = False):
         self.point, self.other = point, other
         (m_u, self.q_u, n_u), (m_v, self.q_v, n_v) = (
             stiefel.coordinates(point.U, other.U),
@@ -333,10 +335,11 @@ class _OrbitObjective:
         )
         self.m, self.n = torch.cat([m_u, m_v]), torch.cat([n_u, n_v])  # U and V logs as one batch [2N, r, r]
         self.lam, self.p = spd.eigh_spd(point.B, "B")
-        self.log_params = dict(tol=log_tol, max_iter=log_max_iter)
+        self.log_params = dict(tol=log_tol, max_iter=log_max_iter, surrogate=log_surrogate)
 
     def __call__(self, o: torch.Tensor, start: torch.Tensor | None = None):
-        """(½ d², gradient R, state) at O; state = (A_U, B_U, A_V, B_V, ξ_B, completions [2N, 2r, r])."""
+        """(½ d², gradient R, state) at O; state = (A_U, B_U, A_V, B_V, ξ_B, fallback [2N] (the Stiefel logs, U's
+        then V's, that got the projection surrogate), completions [2N, 2r, r])."""
         o2 = torch.cat([o, o])
         a, b, completion, info = stiefel.log_coordinates(self.m @ o2, self.n @ o2, start=start, **self.log_params)
         if not info.converged:
@@ -349,11 +352,12 @@ class _OrbitObjective:
         spd_sq = (bt * bt * inv.unsqueeze(-1) * inv.unsqueeze(-2)).sum(dim=(-2, -1))  # ‖ξ_B‖²_B
         half_d2 = 0.5 * (0.5 * sq(a_u) + sq(b_u) + 0.5 * sq(a_v) + sq(b_v) + spd_sq)
         grad = _omega_rhs(self.lam, self.p, a_u, a_v, xi_b)
-        return half_d2, grad, (a_u, b_u, a_v, b_v, xi_b, completion)
+        fallback = torch.zeros(o2.shape[0], dtype=torch.bool) if info.fallback is None else info.fallback
+        return half_d2, grad, (a_u, b_u, a_v, b_v, xi_b, fallback.to(o.device), completion)
 
     def tangent(self, state) -> PolarTangent:
         """Log_μ(θ·O) = (U_μ A_U + Q_U B_U, ξ_B, V_μ A_V + Q_V B_V)."""
-        a_u, b_u, a_v, b_v, xi_b, _ = state
+        a_u, b_u, a_v, b_v, xi_b, _, _ = state
         u, v = self.point.U.to(F64), self.point.V.to(F64)
         return PolarTangent(u @ a_u + self.q_u @ b_u, xi_b, v @ a_v + self.q_v @ b_v)
 
@@ -369,6 +373,7 @@ def align(
     max_iter: int = ALIGN_MAX_ITER,
     log_tol: float = stiefel.LOG_TOL,
     log_max_iter: int = stiefel.LOG_MAX_ITER,
+    log_surrogate: bool = False,
 ) -> Alignment:
     """Orbit minimization O* = argmin_O d(point, other·O)² (eq. 2 / eq. 10), batched over ``other``'s leading axis.
 
@@ -380,14 +385,18 @@ def align(
     O ← O expm(Ω), Ω skew; initial inverse Hessian the inverse vertical metric c⁻¹, which makes the
     first step the Gauss–Newton step that removes the vertical part of the log in a flat space;
     Armijo backtracking), until ‖vert part of Log_point(other·O)‖ < ``tol`` for every entry or
-    ``max_iter`` steps. Raises ConvergenceError if a Stiefel log does not converge.
+    ``max_iter`` steps. Raises ConvergenceError if a Stiefel log does not converge, AntipodalError if
+    it meets the cut locus; with ``log_surrogate`` such logs are the projection surrogate of
+    :func:`stiefel.log_coordinates` instead (counted in :attr:`Alignment.log_fallback`), and an entry
+    whose current log uses the surrogate takes no further steps (R is the gradient of ½d² only for
+    exact logs; its rotation stays the start's or the last accepted one).
     """
     if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
         raise ParameterError(f"alignment tol must be a positive number, got {tol!r}")
     if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
         raise ParameterError(f"alignment max_iter must be a non-negative int, got {max_iter!r}")
     n, r = other.U.shape[0], other.U.shape[-1]
-    objective = _OrbitObjective(point, other, max(log_tol, LOG_TOL_FRACTION * tol), log_max_iter)
+    objective = _OrbitObjective(point, other, max(log_tol, LOG_TOL_FRACTION * tol), log_max_iter, log_surrogate)
     if warm_start:
         o = torch.eye(r, dtype=F64, device=other.U.device).expand(n, r, r)
         f, grad, state = objective(o, log_starts)
@@ -412,7 +421,9 @@ def align(
     iterations = 0
     while True:
         residual = dot(grad, precondition(grad)).clamp_min(0).sqrt()  # = ‖vert part of the log‖
-        active = residual >= tol
+        # R is the gradient of ½d² only where both Stiefel logs are exact: an entry with a surrogate log stays
+        surrogate = state[-2].reshape(2, n).any(dim=0)
+        active = (residual >= tol) & ~surrogate
         if not bool(active.any()) or iterations >= max_iter:
             break
         iterations += 1
@@ -444,6 +455,7 @@ def align(
         residuals=residual,
         tol=float(tol),
         log_starts=state[-1],
+        log_fallback=state[-2],
     )
 
 

@@ -71,11 +71,21 @@ class LogInfo:
     residuals: torch.Tensor
     tol: float
     max_iter: int
+    fallback: torch.Tensor | None = None
+    """With ``surrogate`` (:func:`log_coordinates`): the entries that got the projection surrogate."""
 
     @property
     def converged(self) -> bool:
-        """Every batch entry reached ‖C‖_F < tol."""
-        return bool((self.residuals < self.tol).all())
+        """Every batch entry reached ‖C‖_F < tol or, with ``surrogate``, fell back to the surrogate."""
+        done = self.residuals < self.tol
+        if self.fallback is not None:
+            done = done | self.fallback
+        return bool(done.all())
+
+    @property
+    def fallbacks(self) -> int:
+        """How many entries got the projection surrogate instead of the exact log."""
+        return 0 if self.fallback is None else int(self.fallback.sum())
 
     @property
     def residual(self) -> float:
@@ -189,19 +199,31 @@ def logm_orthogonal(v: torch.Tensor) -> torch.Tensor:
     i.e. τ² > 2/ANTIPODAL_TOL − 1: the Stiefel points are (nearly) on each other's cut locus, e.g. a
     column of Y is minus one of U, and the logarithm's direction is dominated by rounding.
     """
-    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
-    c = skew(torch.linalg.solve_ex(v + eye, v - eye)[0])
-    tau2, z = torch.linalg.eigh(c.mT @ c)
-    # an eigenvalue −1 makes V + I singular: the solve then returns rounding noise, which fails (V + I)C = V − I
-    solved = ((v + eye) @ c - (v - eye)).norm(dim=(-2, -1)) < 1e-8 * (1.0 + c.norm(dim=(-2, -1)))
-    if not bool(solved.all()) or not bool(torch.isfinite(tau2).all()) or float(tau2.max()) > 2 / ANTIPODAL_TOL - 1:
+    gen, ok = _logm_orthogonal_masked(v)
+    if not bool(ok.all()):
         raise AntipodalError(
             "Stiefel log undefined: a rotation by (nearly) π, the points are on each other's cut locus (e.g. a "
             "column of one is minus a column of the other); for LoRA updates, ΔW and −ΔW have no unique mean"
         )
-    tau = tau2.clamp_min(0).sqrt()
+    return gen
+
+
+def _logm_orthogonal_masked(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logm V, ok) per batch entry, as :func:`logm_orthogonal`, with ok False (and logm 0) where V rotates by
+    (nearly) π instead of raising."""
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    c = skew(torch.linalg.solve_ex(v + eye, v - eye)[0])
+    # an eigenvalue −1 makes V + I singular: the solve then returns rounding noise, which fails (V + I)C = V − I
+    finite = torch.isfinite(c).all(dim=-1).all(dim=-1)
+    c = torch.where(finite[..., None, None], c, 0.0)
+    solved = finite & (((v + eye) @ c - (v - eye)).norm(dim=(-2, -1)) < 1e-8 * (1.0 + c.norm(dim=(-2, -1))))
+    tau2, z = torch.linalg.eigh(c.mT @ c)
+    ok = solved & torch.isfinite(tau2).all(dim=-1) & (tau2.amax(dim=-1) <= 2 / ANTIPODAL_TOL - 1)
+    tau2 = torch.where(ok[..., None], tau2, 0.0).clamp_min(0)
+    tau = tau2.sqrt()
     h = torch.where(tau > 1e-8, 2.0 * torch.atan(tau) / torch.where(tau > 1e-8, tau, 1.0), 2.0 - tau2 * (2.0 / 3.0))
-    return skew(c @ ((z * h.unsqueeze(-2)) @ z.mT))
+    gen = skew(c @ ((z * h.unsqueeze(-2)) @ z.mT))
+    return torch.where(ok[..., None, None], gen, 0.0), ok
 
 
 def _start_rotation(m: torch.Tensor, n: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
@@ -272,12 +294,18 @@ def log_coordinates(
     start: torch.Tensor | None = None,
     tol: float = LOG_TOL,
     max_iter: int = LOG_MAX_ITER,
+    surrogate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LogInfo]:
     """Zimmermann's iteration on the frame coordinates: (A, B) with Log_U(Y) = U A + Q B (module doc).
 
     ``m``, ``n``: [..., p, p] from :func:`coordinates`. ``start``: the trailing columns of a previous
     run's final rotation (returned here as ``completion``) for a warm start at nearby (M, N).
     Returns (A, B, completion [..., 2p, p], :class:`LogInfo`); convergence is for the caller to judge.
+
+    An iterate rotating by (nearly) π (the cut locus, or an iteration that left the log's domain) raises
+    AntipodalError. With ``surrogate``, such entries, and those not converged after ``max_iter``, get
+    instead the tangent projection of the ambient difference (:func:`surrogate_coordinates`), and
+    ``info.fallback`` marks them; the other entries are unaffected.
     """
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ParameterError(f"tol must be a positive number, got {tol!r}")
@@ -287,18 +315,44 @@ def log_coordinates(
     with single_threaded():
         v = _start_rotation(m, n, start)
         iterations = torch.zeros(v.shape[:-2], dtype=torch.int64, device=v.device)
+        failed = torch.zeros(v.shape[:-2], dtype=torch.bool, device=v.device)
         while True:
-            gen = logm_orthogonal(v)
+            gen, ok = _logm_orthogonal_masked(v)
+            if not bool(ok.all()) and not surrogate:
+                logm_orthogonal(v)  # raises the cut-locus error
+            failed = failed | ~ok
             c = gen[..., p:, p:]
-            residuals = c.norm(dim=(-2, -1))
-            moving = residuals >= tol
+            residuals = torch.where(failed, torch.inf, c.norm(dim=(-2, -1)))
+            moving = (residuals >= tol) & ~failed
             if not bool(moving.any()) or int(iterations.max()) >= max_iter:
                 break
             phi = torch.linalg.matrix_exp(_trailing_update(gen[..., p:, :p], c) * moving[..., None, None])
             v = torch.cat([v[..., :p], v[..., p:] @ phi], dim=-1)
             iterations += moving
-    info = LogInfo(iterations=iterations.cpu(), residuals=residuals.cpu(), tol=float(tol), max_iter=int(max_iter))
-    return gen[..., :p, :p], gen[..., p:, :p], v[..., p:], info
+    a, b = gen[..., :p, :p], gen[..., p:, :p]
+    fallback = None
+    if surrogate:
+        fallback = failed | (residuals >= tol)
+        a_s, b_s = surrogate_coordinates(m, n)
+        a = torch.where(fallback[..., None, None], a_s, a)
+        b = torch.where(fallback[..., None, None], b_s, b)
+        fallback = fallback.cpu()
+    info = LogInfo(
+        iterations=iterations.cpu(), residuals=residuals.cpu(), tol=float(tol), max_iter=int(max_iter),
+        fallback=fallback,
+    )
+    return a, b, v[..., p:], info
+
+
+def surrogate_coordinates(m: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) = (skew(M), N): the frame coordinates of Proj_{T_U}(Y − U) = U skew(M) + Q N, for Y = U M + Q N.
+
+    It is the negative Riemannian gradient, under the embedded metric, of ½‖U − Y‖²_F (the tangent
+    projection of the Euclidean gradient U − Y; Proj_{T_U} U = 0), so a descent direction for the chordal
+    distance, defined for every pair (U, Y), including pairs beyond the domain of the exact log; since
+    Y = U + Log_U(Y) + O(d²), it differs from Log_U(Y) by O(d(U, Y)²).
+    """
+    return skew(m), n
 
 
 def not_converged_error(info: LogInfo) -> ConvergenceError:

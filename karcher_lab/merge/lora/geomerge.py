@@ -34,8 +34,22 @@ Start (``init``): ``"mean"`` (default) is the rank-r truncated SVD of the weight
 Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
 depends only on the ΔW_i, so it keeps the invariance. If that mean has (numerically) rank < r (updates
 that cancel; ``START_RTOL``), the start falls back to ``"first"``: the input with the largest weight
-(first among ties). The trace records which start was used. Inputs whose mean is not unique (ΔW and −ΔW
-of rank 1: antipodal Stiefel columns) raise AntipodalError from the Stiefel log.
+(first among ties). The trace records which start was used.
+
+Logs beyond their domain. Real LoRA adapters often have nearly orthogonal column spaces (rank 8 in
+dimension 128: principal angles 50–89°), so the start, a cold alignment candidate or a line-search trial
+can be as far from an input as the Stiefel cut locus, where Zimmermann's log iteration meets a rotation
+by π (AntipodalError) or does not converge (ConvergenceError); the mean itself, halfway between, is
+within reach. There, and only for the affected U or V log, the solver uses the projection surrogate
+Proj_{T_U}(Y − U) (:func:`karcher_lab.geometry.stiefel.surrogate_coordinates`: the negative Riemannian
+gradient of ½‖U − Y‖²_F, a descent direction that is defined everywhere and agrees with Log_U(Y) up to
+O(d²)); such an alignment entry keeps its start rotation, and F counts ½‖surrogate‖² for it. The trace
+counts these logs per evaluation (``log_fallbacks``). The returned mean must have exact logs only: if
+its last iterate still needs the surrogate, the inputs have no unique mean (ΔW and −ΔW of rank 1:
+antipodal Stiefel columns) or none within the log's reach, and AntipodalError is raised. The surrogate
+is O(r)-equivariant (skew(M O) … for Y·O), so the invariance holds. Measured on two real tiny-lora
+modules (128×128, r = 8, N = 3 and N = 2) that raised before: 42 and 26 iterations, 1.5 s and 0.9 s
+(shared 2-core CPU under load), 0 surrogate logs at the mean.
 
 All geometry is float64; the output factors have the inputs' dtype promoted to at least float32 and are
 balanced, G = U_s √Σ and H = V_s √Σ with U_s Σ V_sᵀ the SVD of the merged ΔW (columns by decreasing
@@ -49,7 +63,7 @@ from typing import Sequence
 
 import torch
 
-from karcher_lab.errors import EmptyInputError, NotSupportedError, ParameterError, ShapeMismatchError
+from karcher_lab.errors import AntipodalError, EmptyInputError, NotSupportedError, ParameterError, ShapeMismatchError
 from karcher_lab.geometry import lowrank
 from karcher_lab.geometry.frechet import FrechetTrace, Geometry, check_solver_params, check_weights, frechet_mean
 from karcher_lab.geometry.lowrank import Polar
@@ -72,13 +86,17 @@ class GeoMergeTrace:
     """What geomerge did: the outer Fréchet iteration (``frechet``: gradient norms and objective per
     iterate), per outer iterate the alignment steps taken (``align_iterations``, the first entry is the
     cold alignment to the start) and the largest alignment residual (``align_residuals``), the start
-    used (``init``) and the inputs kept (``kept``: indices with non-zero weight)."""
+    used (``init``), the inputs kept (``kept``: indices with non-zero weight) and, per alignment, how
+    many of the 2N Stiefel logs (U's and V's) were the projection surrogate (``log_fallbacks``; module
+    doc). Entries are per evaluation of the objective, rejected line-search trials included; the last
+    is the returned mean's."""
 
     frechet: FrechetTrace
     align_iterations: list[int]
     align_residuals: list[float]
     init: str
     kept: list[int]
+    log_fallbacks: list[int]
 
     @property
     def converged(self) -> bool:
@@ -91,6 +109,11 @@ class GeoMergeTrace:
     @property
     def residual(self) -> float:
         return self.frechet.residual
+
+    @property
+    def final_fallbacks(self) -> int:
+        """Stiefel logs at the returned mean that are the surrogate (0: the exact quotient Fréchet mean)."""
+        return self.log_fallbacks[-1]
 
 
 def _check_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,18 +230,26 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
 
     align_iterations: list[int] = []
     align_residuals: list[float] = []
+    log_fallbacks: list[int] = []
 
     state = {"log_starts": None, "tol": align_tol}
 
     def align(mu: Polar, xs: Polar, *, warm_start: bool = True) -> tuple[Polar, lowrank.PolarTangent]:
         result = lowrank.align(
-            mu, xs, warm_start=warm_start, log_starts=state["log_starts"], tol=state["tol"], max_iter=align_max_iter
+            mu,
+            xs,
+            warm_start=warm_start,
+            log_starts=state["log_starts"],
+            tol=state["tol"],
+            max_iter=align_max_iter,
+            log_surrogate=True,
         )
         # far from the mean the alignment need not be finer than a fraction of the gradient it feeds
         grad_norm = float(lowrank.norm(mu, lowrank.PolarTangent(*(torch.tensordot(w, t, dims=1) for t in result.log))))
         state["log_starts"], state["tol"] = result.log_starts, max(align_tol, ALIGN_RELATIVE_TOL * grad_norm)
         align_iterations.append(result.iterations)
         align_residuals.append(float(result.residuals.max()))
+        log_fallbacks.append(int(result.log_fallback.sum()))
         return result.aligned, result.log
 
     aligned, _ = align(start, points, warm_start=False)  # cold: only O(r)-equivariant candidates
@@ -231,6 +262,12 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
         transport=lowrank.transport,
     )
     mean, ftrace = frechet_mean(geometry, aligned, w, start, eta=eta, max_iter=max_iter, tol=tol, memory=memory)
+    if log_fallbacks[-1]:
+        raise AntipodalError(
+            f"geomerge: at the last iterate {log_fallbacks[-1]} of the {2 * len(kept)} Stiefel logs are undefined "
+            "(cut locus) or beyond Zimmermann's iteration, so it is no quotient Fréchet mean: the inputs have no "
+            "unique mean (e.g. ΔW and −ΔW)"
+        )
     if not ftrace.converged:
         warnings.warn(
             f"geomerge stopped after {ftrace.iterations} iterations with gradient norm {ftrace.residual:.3g} "
@@ -243,6 +280,11 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
     if not return_trace:
         return g_out, h_out
     trace = GeoMergeTrace(
-        frechet=ftrace, align_iterations=align_iterations, align_residuals=align_residuals, init=used_init, kept=kept
+        frechet=ftrace,
+        align_iterations=align_iterations,
+        align_residuals=align_residuals,
+        init=used_init,
+        kept=kept,
+        log_fallbacks=log_fallbacks,
     )
     return g_out, h_out, trace
