@@ -117,6 +117,26 @@ def test_non_convergence_is_reported_or_raised():
         stiefel.log(u, y, max_iter=1)
 
 
+def test_surrogate_replaces_only_the_logs_beyond_reach():
+    """With ``surrogate``, a batch entry on the cut locus (Y = −U) or not converged gets Proj_{T_U}(Y − U),
+    the negative embedded-metric gradient of ½‖U − Y‖²_F; the other entries keep the exact log."""
+    u = _point(20, 3, seed=28)
+    near = stiefel.exp(u, _tangent(u, seed=29, length=0.8))
+    ys = torch.stack([near, -u, _point(20, 3, seed=30)])
+    m, q, n = stiefel.coordinates(u.expand(3, 20, 3), ys)
+    with pytest.raises(AntipodalError, match="cut locus"):
+        stiefel.log_coordinates(m, n)
+    # entry 0 (d = 0.8) converges in 3 steps, entry 2 (d = 2.4) needs 11
+    a, b, _, info = stiefel.log_coordinates(m, n, surrogate=True, max_iter=5)
+    assert info.fallback.tolist() == [False, True, True] and info.fallbacks == 2 and info.converged
+    delta = u @ a + q @ b
+    assert torch.allclose(delta[0], stiefel.log(u, near), atol=1e-10)
+    for k in (1, 2):  # minus the tangent projection of the Euclidean gradient U − Y of ½‖U − Y‖²_F
+        assert torch.allclose(delta[k], -stiefel.project(u, u - ys[k]), atol=1e-12)
+    assert float(delta[1].norm()) < 1e-12  # Y = −U is a critical point of the chordal distance too
+    assert float((delta[2] - stiefel.log(u, ys[2])).norm()) > 0.1  # far away: a surrogate, not the log
+
+
 def test_bad_points_are_rejected():
     with pytest.raises(ManifoldError, match="orthonormal"):
         stiefel.exp(2.0 * _point(6, 2, seed=24), torch.zeros(6, 2, dtype=F64))
