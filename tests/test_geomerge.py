@@ -155,6 +155,7 @@ def test_nearly_orthogonal_adapters_merge_to_the_exact_mean(seed, n, d, r):
     pairs = _gaussian_adapters(seed, n, d, r)
     g, h, trace = geomerge_factors(pairs, return_trace=True)
     assert trace.converged and trace.final_fallbacks == 0
+    assert sum(trace.surrogates_computed) > 0  # the surrogate was needed on the way
     mu = lowrank.polar_from_factors(g, h)
     batch = lowrank.Polar(*(torch.stack(x) for x in zip(*(lowrank.polar_from_factors(*p) for p in pairs))))
 

@@ -238,8 +238,10 @@ class Alignment:
     ``aligned`` = other·O, its total-space log from the reference point (``log``, horizontal to
     ``residuals`` = ‖vert part of the log‖), the alignment steps taken (``iterations``, max over the
     batch), ``log_starts``: the Stiefel logs' final completions (U's then V's), a warm start for the
-    next alignment of ``aligned`` to a nearby point, and ``log_fallback`` [2N] (U's then V's): the
-    Stiefel logs of ``log`` that are the projection surrogate (only with ``log_surrogate``)."""
+    next alignment of ``aligned`` to a nearby point, ``log_fallback`` [2N] (U's then V's): the
+    Stiefel logs of ``log`` that are the projection surrogate (only with ``log_surrogate``), and
+    ``surrogates``: how many surrogate Stiefel logs the alignment computed in all (closed-form candidates
+    and rejected line-search trials included)."""
 
     O: torch.Tensor
     aligned: Polar
@@ -249,6 +251,7 @@ class Alignment:
     tol: float
     log_starts: torch.Tensor
     log_fallback: torch.Tensor
+    surrogates: int
 
     @property
     def converged(self) -> bool:
@@ -336,6 +339,7 @@ class _OrbitObjective:
         self.m, self.n = torch.cat([m_u, m_v]), torch.cat([n_u, n_v])  # U and V logs as one batch [2N, r, r]
         self.lam, self.p = spd.eigh_spd(point.B, "B")
         self.log_params = dict(tol=log_tol, max_iter=log_max_iter, surrogate=log_surrogate)
+        self.surrogates = 0  # surrogate Stiefel logs over every evaluation (candidates and rejected trials too)
 
     def __call__(self, o: torch.Tensor, start: torch.Tensor | None = None):
         """(½ d², gradient R, state) at O; state = (A_U, B_U, A_V, B_V, ξ_B, fallback [2N] (the Stiefel logs, U's
@@ -353,6 +357,7 @@ class _OrbitObjective:
         half_d2 = 0.5 * (0.5 * sq(a_u) + sq(b_u) + 0.5 * sq(a_v) + sq(b_v) + spd_sq)
         grad = _omega_rhs(self.lam, self.p, a_u, a_v, xi_b)
         fallback = torch.zeros(o2.shape[0], dtype=torch.bool) if info.fallback is None else info.fallback
+        self.surrogates += info.fallbacks
         return half_d2, grad, (a_u, b_u, a_v, b_v, xi_b, fallback.to(o.device), completion)
 
     def tangent(self, state) -> PolarTangent:
@@ -456,6 +461,7 @@ def align(
         tol=float(tol),
         log_starts=state[-1],
         log_fallback=state[-2],
+        surrogates=objective.surrogates,
     )
 
 

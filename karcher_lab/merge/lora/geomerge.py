@@ -44,7 +44,8 @@ within reach. There, and only for the affected U or V log, the solver uses the p
 Proj_{T_U}(Y − U) (:func:`karcher_lab.geometry.stiefel.surrogate_coordinates`: the negative Riemannian
 gradient of ½‖U − Y‖²_F, a descent direction that is defined everywhere and agrees with Log_U(Y) up to
 O(d²)); such an alignment entry keeps its start rotation, and F counts ½‖surrogate‖² for it. The trace
-counts these logs per evaluation (``log_fallbacks``). The returned mean must have exact logs only: if
+counts these logs per evaluation (``log_fallbacks``; ``surrogates_computed`` also counts discarded
+candidates and trials). The returned mean must have exact logs only: if
 its last iterate still needs the surrogate, the inputs have no unique mean (ΔW and −ΔW of rank 1:
 antipodal Stiefel columns) or none within the log's reach, and AntipodalError is raised. The surrogate
 is O(r)-equivariant (skew(M O) … for Y·O), so the invariance holds. Measured on two real tiny-lora
@@ -87,9 +88,11 @@ class GeoMergeTrace:
     iterate), per outer iterate the alignment steps taken (``align_iterations``, the first entry is the
     cold alignment to the start) and the largest alignment residual (``align_residuals``), the start
     used (``init``), the inputs kept (``kept``: indices with non-zero weight) and, per alignment, how
-    many of the 2N Stiefel logs (U's and V's) were the projection surrogate (``log_fallbacks``; module
-    doc). Entries are per evaluation of the objective, rejected line-search trials included; the last
-    is the returned mean's."""
+    many of the 2N Stiefel logs (U's and V's) that enter F and the gradient were the projection
+    surrogate (``log_fallbacks``; module doc) and how many surrogate logs it computed in all
+    (``surrogates_computed``: closed-form candidates and rejected alignment trials included). Entries are
+    per evaluation of the objective, rejected Fréchet line-search trials included; the last is the
+    returned mean's."""
 
     frechet: FrechetTrace
     align_iterations: list[int]
@@ -97,6 +100,7 @@ class GeoMergeTrace:
     init: str
     kept: list[int]
     log_fallbacks: list[int]
+    surrogates_computed: list[int]
 
     @property
     def converged(self) -> bool:
@@ -231,6 +235,7 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
     align_iterations: list[int] = []
     align_residuals: list[float] = []
     log_fallbacks: list[int] = []
+    surrogates_computed: list[int] = []
 
     state = {"log_starts": None, "tol": align_tol}
 
@@ -250,6 +255,7 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
         align_iterations.append(result.iterations)
         align_residuals.append(float(result.residuals.max()))
         log_fallbacks.append(int(result.log_fallback.sum()))
+        surrogates_computed.append(result.surrogates)
         return result.aligned, result.log
 
     aligned, _ = align(start, points, warm_start=False)  # cold: only O(r)-equivariant candidates
@@ -286,5 +292,6 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
         init=used_init,
         kept=kept,
         log_fallbacks=log_fallbacks,
+        surrogates_computed=surrogates_computed,
     )
     return g_out, h_out, trace
