@@ -157,12 +157,21 @@ def test_any_exception_is_shown_in_the_panel(explorer, monkeypatch):
     assert explorer.error == "RuntimeError: disk on fire" and not explorer.busy
 
 
-def test_busy_indicator_shows_while_work_runs(explorer, monkeypatch):
+def test_busy_indicator_shows_while_work_runs_on_one_thread(explorer, monkeypatch):
     seen = []
     original = explorer.load_state
-    monkeypatch.setattr(explorer, "load_state", lambda state: (seen.append(explorer.busy), original(state)))
-    assert explorer.update()
-    assert seen == [True] and not explorer.busy
+    monkeypatch.setattr(explorer, "load_state",
+                        lambda state: (seen.append((explorer.busy, torch.get_num_threads())), original(state)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert explorer.single_threaded  # the micro pool's model is far below SINGLE_THREAD_PARAMETERS
+        assert explorer.update()
+        assert seen == [(True, 1)] and not explorer.busy and torch.get_num_threads() == 2
+        explorer.single_threaded = False
+        assert explorer.update() and seen[-1] == (True, 2)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_changes_are_debounced_into_one_update(explorer, monkeypatch):

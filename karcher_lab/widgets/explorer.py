@@ -36,7 +36,10 @@ decoding with the zoo's character tokenizer, see :mod:`karcher_lab.diagnostics.f
 ``"greedy"`` decodes instead (one forward per generated token, several times slower). Every
 expert-side number (its log-probabilities, quality and layer metrics) is computed once per expert and
 cached. Defaults sized for interaction: 16 examples per task, 4 probe sequences per pool task (52 on
-the tiny pool), 10 bootstrap draws; raise them for tighter error bars.
+the tiny pool), 10 bootstrap draws; raise them for tighter error bars. A small model (under
+``SINGLE_THREAD_PARAMETERS``, e.g. the tiny pool's 354k) is updated on one torch thread: its operations
+are too small to split, and on shared cores two threads wait on each other at every one of them
+(measured on 2 loaded cores: 1.8–2.6 s per tiny-pool update with 2 threads, 0.29–0.33 s with 1).
 
 While an update runs, the ``kl-busy`` element shows "updating…" (empty when idle); any exception
 (a typed :mod:`karcher_lab.errors` error or another) is shown in the ``kl-error`` area, the figures keep
@@ -49,7 +52,7 @@ from __future__ import annotations
 import html
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Sequence
 
 import ipywidgets as widgets
@@ -67,6 +70,7 @@ from karcher_lab.diagnostics import (
 from karcher_lab.diagnostics.activations import check_sites
 from karcher_lab.diagnostics.function import EXACT_MATCH_MODES, AnswerLogProbs, answer_log_probs
 from karcher_lab.errors import CheckpointError, EmptyInputError, ModelCountError, ParameterError, WeightError
+from karcher_lab.geometry import numerics
 from karcher_lab.merge.registry import get_method, list_methods
 from karcher_lab.pipeline import MergeSession
 from karcher_lab.pipeline.plan import BASE_MODE_PARAMETERS
@@ -87,6 +91,8 @@ FULL_WIDTH = 960
 """Figure widths in pixels: three narrow or two wide figures fit a JupyterLab output area ~1000 px wide."""
 DEFAULT_SELECTED = 4
 """Experts checked at start when ``selected`` is not given (the first ones of the pool)."""
+SINGLE_THREAD_PARAMETERS = 10_000_000
+"""Models with fewer parameters are updated on one torch thread unless ``single_threaded`` says otherwise."""
 EVAL_BATCH = 256
 """Sequences per forward pass of the evaluation (every checked task's examples in one batch)."""
 
@@ -119,7 +125,9 @@ class MergeExplorer(widgets.VBox):
     layer metrics (the figure shows the first). ``use_base``: give the pool's base model to methods
     that use one (methods that need one fail in the panel without it). ``debounce``: seconds of
     quiet after a control change before an update starts. ``initial_update``: run one update now, so
-    the figures hold data when the panel is first shown. Bad arguments raise before any model loads.
+    the figures hold data when the panel is first shown. ``single_threaded``: run updates on one torch
+    thread (restored afterwards); None: when the model has fewer than ``SINGLE_THREAD_PARAMETERS``
+    parameters. Bad arguments raise before any model loads.
     """
 
     def __init__(
@@ -138,6 +146,7 @@ class MergeExplorer(widgets.VBox):
         debounce: float = 0.3,
         seed: int = 0,
         initial_update: bool = True,
+        single_threaded: bool | None = None,
     ):
         if quality_examples < 1 or activation_examples < 1:
             raise ParameterError(f"quality_examples and activation_examples must be >= 1, got {quality_examples} and {activation_examples}")
@@ -170,6 +179,8 @@ class MergeExplorer(widgets.VBox):
             self.base_model = load(str(self.pool.base_path))[0] if base_record else None
             self.model = load(str(self.pool.base_path) if base_record else self.pool.experts[0]["path"])[0]
             """The one model every merged state is loaded into."""
+        self.single_threaded = (sum(p.numel() for p in self.model.parameters()) < SINGLE_THREAD_PARAMETERS
+                                if single_threaded is None else bool(single_threaded))
 
         self._sessions: dict[tuple, MergeSession] = {}
         self._examples: dict[str, list] = {}
@@ -310,7 +321,8 @@ class MergeExplorer(widgets.VBox):
         with self._lock:
             self.busy_indicator.value = f"<span style='color:#d62728'>{BUSY_TEXT}</span>"
             try:
-                self._apply()
+                with numerics.single_threaded() if self.single_threaded else nullcontext():
+                    self._apply()
             except Exception as exc:  # every failure goes to the panel, never to the notebook
                 self.error_area.value = (f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}")
                 return False
