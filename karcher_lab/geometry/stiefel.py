@@ -22,7 +22,10 @@ Tangent vectors at U are Δ with UᵀΔ + ΔᵀU = 0.
   symmetric positive semidefinite (a Procrustes preprocessing step, as in Zimmermann & Hüper 2022),
   which starts V₀ as close to the identity as the completion allows; a column is flipped if needed so
   that det V₀ = +1;
-- d(U, Y) = ‖Log_U(Y)‖ (canonical norm).
+- d(U, Y) = ‖Log_U(Y)‖ (canonical norm);
+- surrogate for pairs beyond the log's reach (:func:`surrogate_coordinates`, opt-in per call of
+  :func:`log_coordinates`): Proj_{T_U}(Y − U) = U skew(UᵀY) + (I − UUᵀ) Y, the negative gradient of
+  ½‖U − Y‖²_F (embedded metric), defined everywhere and equal to Log_U(Y) up to O(d²).
 
 The iteration itself (:func:`log_coordinates`) works on the 2p×p coordinates (M, N) of Y in the frame
 [U, Q] from :func:`coordinates`, and can be warm-started from the completion of a previous run at
