@@ -23,11 +23,11 @@ checked again). Printed side by side, medians:
   stage over all updates, and the load average (``os.getloadavg``) before and after.
 
 Targets (issue 7): a full update on the tiny pool ≤ 0.5 s; on the SmolLM2 pool (5 experts) ≤ 10 s on
-2 CPU cores. ``--threads`` sets torch's intra-op threads (default 2): the tiny pool's model
-(hidden size 128) gains nothing from a second thread, and on a machine whose load exceeds its cores two
-threads wait on each other at every operation (measured 2026-11-24 on 2 shared cores: 1.7–2.7 s per
-update with 2 threads at load ~3, 0.31–0.39 s with ``--threads 1`` at load ~2.5, 0.42–0.46 s with 2
-threads at load ~2). A pool that is not built is skipped with a message. ``--smollm2-stand-in DIR`` then
+2 CPU cores. ``--threads`` sets torch's intra-op threads (default 2) for the from-scratch path
+and for models of SmolLM2's size; the explorer updates a small model such as the tiny pool's (hidden
+size 128) on one thread (``MergeExplorer(single_threaded=...)``): it gains nothing from a second thread,
+and on shared cores two threads wait on each other at every operation (measured 2026-11-24 on 2 shared
+cores, before that choice: 1.7–2.7 s per update with 2 threads at load ~3, 0.31–0.39 s with one). A pool that is not built is skipped with a message. ``--smollm2-stand-in DIR`` then
 measures a stand-in of the same size instead, clearly labelled: SmolLM2-135M-Instruct as the base and
 five experts = base + a seeded random task vector of 5% of each tensor's norm (untrained: the timings
 are those of the SmolLM2 pool's sizes, the quality numbers mean nothing).
