@@ -137,7 +137,8 @@ def test_an_update_and_its_negative_have_no_unique_mean():
 
 def _gaussian_adapters(seed, n, d, r):
     gen = _gen(seed)
-    return [(torch.randn(d, r, dtype=F64, generator=gen), torch.randn(d, r, dtype=F64, generator=gen)) for _ in range(n)]
+    return [(torch.randn(d, r, dtype=F64, generator=gen), torch.randn(d, r, dtype=F64, generator=gen))
+            for _ in range(n)]
 
 
 @pytest.mark.parametrize(
