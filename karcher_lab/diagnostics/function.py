@@ -131,7 +131,7 @@ def _nll(scores: AnswerLogProbs) -> torch.Tensor:
 
 def answer_nll(model, tokenizer, examples: Sequence[Example], batch_size: int = 32) -> torch.Tensor:
     """Per-example NLL of the answer (nats per answer token, ``</s>`` included): [len(examples)] float64."""
-    return _nll(answer_log_probs(model, tokenizer, {"": examples}, batch_size)[""])
+    return torch.cat([_nll(chunk) for chunk in _chunks(model, None, tokenizer, "", examples, batch_size)])
 
 
 def forced_exact_matches(scores: AnswerLogProbs) -> torch.Tensor:
@@ -166,14 +166,17 @@ def task_quality(
     _check_examples(examples_by_task)
     if exact_match not in EXACT_MATCH_MODES:
         raise ParameterError(f"exact_match must be one of {EXACT_MATCH_MODES}, got {exact_match!r}")
-    scores = _scores(model, tokenizer, examples_by_task, batch_size, log_probs, "log_probs")
+    _check_given(log_probs, examples_by_task, "log_probs")
     rows = []
     for task, examples in examples_by_task.items():
-        nll = _nll(scores[task])
+        nll, forced = [], []
+        for chunk in _chunks(model, log_probs, tokenizer, task, examples, batch_size):
+            nll.append(_nll(chunk))
+            forced.append(forced_exact_matches(chunk))
+        nll = torch.cat(nll)
         n = len(examples)
         if accuracy:
-            matches = (exact_matches(model, tokenizer, examples) if exact_match == "greedy"
-                       else forced_exact_matches(scores[task]))
+            matches = (exact_matches(model, tokenizer, examples) if exact_match == "greedy" else torch.cat(forced))
             rows.append(dict(model=model_name, task=task, metric="accuracy", n=n,
                              **dict(zip(("mean", "std"), _summary(matches)))))
         mean, std = _summary(nll)
@@ -182,17 +185,22 @@ def task_quality(
     return pd.DataFrame(rows, columns=QUALITY_COLUMNS)
 
 
-def _scores(model, tokenizer, examples_by_task, batch_size, given, label) -> Mapping[str, AnswerLogProbs]:
-    """``given`` (precomputed :class:`AnswerLogProbs` per task, checked against the examples) or
-    ``model``'s, computed now."""
-    if given is None:
-        return answer_log_probs(model, tokenizer, examples_by_task, batch_size)
-    for task, examples in examples_by_task.items():
+def _check_given(given: Mapping[str, AnswerLogProbs] | None, examples_by_task, label: str) -> None:
+    """Precomputed log-probabilities must cover each task's examples."""
+    for task, examples in examples_by_task.items() if given is not None else ():
         if task not in given or given[task].n != len(examples):
             have = given[task].n if task in given else "none"
             raise InputError(f"{label}: task {task!r} has {len(examples)} examples but the precomputed "
                              f"log-probabilities cover {have}")
-    return given
+
+
+def _chunks(model, given, tokenizer, task: str, examples, batch_size: int) -> Iterator[AnswerLogProbs]:
+    """A task's answer log-probabilities ``batch_size`` examples at a time: sliced from ``given`` or
+    computed from ``model`` (so memory holds one batch's positions × V, as without a cache)."""
+    for start in range(0, len(examples), batch_size):
+        stop = min(start + batch_size, len(examples))
+        yield (given[task].examples(start, stop) if given is not None
+               else answer_log_probs(model, tokenizer, {task: examples[start:stop]}, batch_size)[task])
 
 
 def function_distance(
@@ -205,19 +213,22 @@ def function_distance(
     Either side may be given as its :func:`answer_log_probs` on these examples instead of a model
     (``{task: AnswerLogProbs}``), e.g. experts' cached once while the merged model changes."""
     _check_examples(examples_by_task)
-    p_scores = _scores(reference, tokenizer, examples_by_task, batch_size, _precomputed(reference), "reference")
-    q_scores = _scores(model, tokenizer, examples_by_task, batch_size, _precomputed(model), "model")
+    p_given, q_given = _precomputed(reference), _precomputed(model)
+    _check_given(p_given, examples_by_task, "reference")
+    _check_given(q_given, examples_by_task, "model")
     rows = []
     for task, examples in examples_by_task.items():
-        p_task, q_task = p_scores[task], q_scores[task]
-        log_p, log_q = p_task.log_probs, q_task.log_probs.to(p_task.log_probs.device)
-        if log_q.shape != log_p.shape:
-            raise InputError(f"the models' vocabularies or answer positions differ ({tuple(log_p.shape)} vs "
-                             f"{tuple(log_q.shape)} log-probabilities)")
-        p = log_p.exp()
-        kl = _per_example_mean((p * (log_p - log_q)).sum(-1), p_task.rows, p_task.n).cpu()
-        fr = _per_example_mean(fr_distance(p, log_q.exp()), p_task.rows, p_task.n).cpu()
-        for metric, values in (("kl", kl), ("fisher_rao", fr)):
+        kl, fr = [], []
+        for p_chunk, q_chunk in zip(_chunks(reference, p_given, tokenizer, task, examples, batch_size),
+                                    _chunks(model, q_given, tokenizer, task, examples, batch_size)):
+            log_p, log_q = p_chunk.log_probs, q_chunk.log_probs.to(p_chunk.log_probs.device)
+            if log_q.shape != log_p.shape:
+                raise InputError(f"the models' vocabularies or answer positions differ ({tuple(log_p.shape)} vs "
+                                 f"{tuple(log_q.shape)} log-probabilities)")
+            p = log_p.exp()
+            kl.append(_per_example_mean((p * (log_p - log_q)).sum(-1), p_chunk.rows, p_chunk.n).cpu())
+            fr.append(_per_example_mean(fr_distance(p, log_q.exp()), p_chunk.rows, p_chunk.n).cpu())
+        for metric, values in (("kl", torch.cat(kl)), ("fisher_rao", torch.cat(fr))):
             mean, std = _summary(values)
             rows.append(dict(reference=reference_name, model=model_name, task=task, metric=metric, mean=mean, std=std, n=len(examples)))
     return pd.DataFrame(rows, columns=DISTANCE_COLUMNS)
