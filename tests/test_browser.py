@@ -46,6 +46,10 @@ KERNEL_IDLE_JS = """() => {
     const k = w && w.sessionContext && w.sessionContext.session && w.sessionContext.session.kernel;
     return !!k && k.status === 'idle';
 }"""
+ACTIVE_NOTEBOOK_JS = """path => {
+    const w = window.jupyterapp && window.jupyterapp.shell.currentWidget;
+    return !!w && !!w.context && w.context.path === path;
+}"""
 BUSY_JS = """() => Array.from(document.querySelectorAll('.kl-busy')).some(e => e.textContent.trim() !== '')"""
 ERROR_JS = """() => Array.from(document.querySelectorAll('.kl-error')).map(e => e.textContent.trim()).filter(t => t).join(' | ')"""
 
@@ -151,8 +155,12 @@ def _shoot(page, folder: Path, name: str, panel: str = ".kl-weight-slider") -> P
 
 
 def _open_and_run_all(browser, base: str, token: str, notebook: str):
+    """Open ``notebook`` in a workspace of its own, reset (so JupyterLab does not restore the tab an
+    earlier test left active), wait until it is the current widget with an idle kernel, run all cells."""
     page = browser.new_page(viewport={"width": 1400, "height": 3000})
-    page.goto(f"{base}/lab/tree/{notebook}?token={token}", timeout=120_000)
+    workspace = Path(notebook).stem
+    page.goto(f"{base}/lab/workspaces/{workspace}/tree/{notebook}?reset&token={token}", timeout=120_000)
+    page.wait_for_function(ACTIVE_NOTEBOOK_JS, arg=notebook, timeout=180_000, polling=500)
     page.wait_for_function(KERNEL_IDLE_JS, timeout=180_000, polling=500)
     page.evaluate("() => window.jupyterapp.commands.execute('notebook:run-all-cells')")
     return page
