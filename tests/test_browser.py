@@ -11,6 +11,7 @@ Skipped only when /usr/bin/chromium is missing (.ci/run installs it); `playwrigh
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -166,58 +167,55 @@ def _open_and_run_all(browser, base: str, token: str, notebook: str):
     return page
 
 
-def test_merge_explorer_in_jupyterlab(jupyter_lab, artifacts):
+@contextlib.contextmanager
+def _notebook_page(jupyter_lab, notebook: str, ready: str):
+    """Chromium on ``notebook`` after run-all, once the ``ready`` element is shown and the kernel is idle."""
     from playwright.sync_api import sync_playwright
 
     base, token = jupyter_lab
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            page = _open_and_run_all(browser, base, token, NOTEBOOK)
-            page.wait_for_selector(".kl-weight-slider", timeout=FIRST_RENDER_S * 1000)
-            page.wait_for_selector(".js-plotly-plot", timeout=FIRST_RENDER_S * 1000)
+            page = _open_and_run_all(browser, base, token, notebook)
+            page.wait_for_selector(ready, timeout=FIRST_RENDER_S * 1000)
             page.wait_for_function(KERNEL_IDLE_JS, timeout=FIRST_RENDER_S * 1000, polling=1000)
-            initial = _settle(page, None, UPDATE_S)
-            assert any(any(len(x) for _, x, _ in json.loads(d)) for d in initial), "the figures hold no data"
-            _shoot(page, artifacts, "1_initial")
-            assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
-
-            print("weight slider:", _nudge(page, ".kl-weight-slider", 5))
-            after_weight = _settle(page, initial, UPDATE_S)
-            _shoot(page, artifacts, "2_after_weight")
-            assert after_weight != initial
-            assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
-
-            print("eta slider:", _nudge(page, ".kl-eta-slider", 3))
-            after_eta = _settle(page, after_weight, UPDATE_S)
-            _shoot(page, artifacts, "3_after_eta")
-            assert after_eta != after_weight
-            assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
-            errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
-            assert not [e for e in errors if "Traceback" in e], f"a cell printed a traceback: {errors}"
+            yield page
         finally:
             browser.close()
+
+
+def test_merge_explorer_in_jupyterlab(jupyter_lab, artifacts):
+    with _notebook_page(jupyter_lab, NOTEBOOK, ".kl-weight-slider") as page:
+        page.wait_for_selector(".js-plotly-plot", timeout=FIRST_RENDER_S * 1000)
+        initial = _settle(page, None, UPDATE_S)
+        assert any(any(len(x) for _, x, _ in json.loads(d)) for d in initial), "the figures hold no data"
+        _shoot(page, artifacts, "1_initial")
+        assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
+
+        print("weight slider:", _nudge(page, ".kl-weight-slider", 5))
+        after_weight = _settle(page, initial, UPDATE_S)
+        _shoot(page, artifacts, "2_after_weight")
+        assert after_weight != initial
+        assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
+
+        print("eta slider:", _nudge(page, ".kl-eta-slider", 3))
+        after_eta = _settle(page, after_weight, UPDATE_S)
+        _shoot(page, artifacts, "3_after_eta")
+        assert after_eta != after_weight
+        assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
+        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+        assert not [e for e in errors if "Traceback" in e], f"a cell printed a traceback: {errors}"
 
 
 def test_geometry_playground_in_jupyterlab(jupyter_lab, artifacts):
     """Notebook 02's GeometryPlayground: moving its η and weight sliders redraws the simplex and the trace."""
-    from playwright.sync_api import sync_playwright
-
-    base, token = jupyter_lab
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = _open_and_run_all(browser, base, token, PLAYGROUND_NOTEBOOK)
-            page.wait_for_selector(".kl-playground-eta", timeout=FIRST_RENDER_S * 1000)
-            page.wait_for_function(KERNEL_IDLE_JS, timeout=FIRST_RENDER_S * 1000, polling=1000)
-            initial = _settle(page, None, UPDATE_S)
-            _shoot(page, artifacts, "4_playground_initial", ".kl-playground-eta")
-            print("playground eta slider:", _nudge(page, ".kl-playground-eta", 6))
-            after_eta = _settle(page, initial, UPDATE_S)
-            print("playground weight slider:", _nudge(page, ".kl-playground-weight", 8))
-            after_weight = _settle(page, after_eta, UPDATE_S)
-            _shoot(page, artifacts, "5_playground_moved", ".kl-playground-eta")
-            assert initial != after_eta != after_weight
-            assert page.evaluate(ERROR_JS) == "", f"a panel shows an error: {page.evaluate(ERROR_JS)}"
-        finally:
-            browser.close()
+    with _notebook_page(jupyter_lab, PLAYGROUND_NOTEBOOK, ".kl-playground-eta") as page:
+        initial = _settle(page, None, UPDATE_S)
+        _shoot(page, artifacts, "4_playground_initial", ".kl-playground-eta")
+        print("playground eta slider:", _nudge(page, ".kl-playground-eta", 6))
+        after_eta = _settle(page, initial, UPDATE_S)
+        print("playground weight slider:", _nudge(page, ".kl-playground-weight", 8))
+        after_weight = _settle(page, after_eta, UPDATE_S)
+        _shoot(page, artifacts, "5_playground_moved", ".kl-playground-eta")
+        assert initial != after_eta != after_weight
+        assert page.evaluate(ERROR_JS) == "", f"a panel shows an error: {page.evaluate(ERROR_JS)}"
