@@ -30,6 +30,12 @@ nll, normalized_accuracy), scope ``weights`` rows (merged_rank, stored_rank: mea
 modules) and scope ``summary`` rows (avg_normalized_accuracy, avg_accuracy, avg_nll, merge_seconds). A
 method that raises on some module (e.g. geomerge's Stiefel log on nearly orthogonal adapter subspaces) gets
 a ``merge_failed`` summary row and is listed with its error. Everything is seeded; nothing is tuned.
+
+Resumable: every finished cell (the experts' own scores, then each (m, method)) is appended to
+``<out>.partial.csv`` at once; a later run with the same ``--out`` skips the cells found there (pass
+``--fresh`` to start over), and the final table is written to ``--out`` atomically, the partial file
+removed. A long run (the SmolLM2 pool: 210 modules of 576–1536 dimensions per geomerge merge) thus loses
+at most the cell it was in when stopped.
 """
 from __future__ import annotations
 
@@ -85,9 +91,24 @@ def rank_rows(result) -> list[tuple[str, float, float]]:
             ("stored_rank", statistics.mean(stored), statistics.pstdev(stored))]
 
 
+def finished_cells(partial: Path) -> pd.DataFrame:
+    """The rows of cells a previous run finished (empty when there is no partial file)."""
+    if not partial.is_file():
+        return pd.DataFrame(columns=RESULT_COLUMNS)
+    return pd.read_csv(partial, keep_default_na=False, na_values=["nan", "NaN"])
+
+
+def append_cell(partial: Path, rows: list[dict]) -> None:
+    """Append one finished cell's rows to the partial file (header only when the file is new)."""
+    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(partial, mode="a", header=not partial.is_file(), index=False)
+
+
 def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_task: int, density: float,
-                   batch_size: int) -> pd.DataFrame:
+                   batch_size: int, partial: Path) -> pd.DataFrame:
     pool = find_pool(pool_name)
+    done = finished_cells(partial)
+    done = done[done.pool == pool.name]
+    done_cells = {(int(m), method) for m, method in zip(done.m, done.method)}
     experts = lora_experts(pool)
     model, tokenizer = load(str(pool.base_path))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -100,13 +121,25 @@ def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_tas
         model.load_state_dict(state)
         return task_quality(model, tokenizer, {t: examples[t] for t in tasks}, model_name=name, batch_size=batch_size)
 
-    own = pd.concat([score(fold_into_state(base_state, adapters[t].factors()), [t], f"expert:{t}") for t in used])
-    rows = [dict(pool=pool.name, order="", method="expert", m=1, experts=t, scope="task", task=t, site="", layer=-1,
-                 metric=r.metric, mean=r.mean, std=r.std) for t in used for r in own[own.task == t].itertuples()
-            if r.metric in ("accuracy", "nll")]
+    experts_done = done[done.method == "expert"]
+    if set(used) <= set(experts_done.task):
+        rows = experts_done[experts_done.task.isin(used)].to_dict("records")
+        own = experts_done[experts_done.task.isin(used)].rename(columns={"method": "model"})
+        own = own.assign(model=[f"expert:{t}" for t in own.task])
+    else:
+        own = pd.concat([score(fold_into_state(base_state, adapters[t].factors()), [t], f"expert:{t}") for t in used])
+        rows = [dict(pool=pool.name, order="", method="expert", m=1, experts=t, scope="task", task=t, site="",
+                     layer=-1, metric=r.metric, mean=r.mean, std=r.std)
+                for t in used for r in own[own.task == t].itertuples() if r.metric in ("accuracy", "nll")]
+        append_cell(partial, rows)
     for m in sizes:
         tasks = used[:m]
         for label in methods:
+            if (m, label) in done_cells:
+                rows += done[(done.m == m) & (done.method == label)].to_dict("records")
+                print(f"{pool.name} m={m} {label:<20} (finished in an earlier run: {partial})", flush=True)
+                continue
+            first_row = len(rows)
             method, kwargs = method_call(label, m, density)
             start = time.perf_counter()
             cell = dict(pool=pool.name, order=ORDER, method=label, m=m, experts="+".join(tasks))
@@ -117,6 +150,7 @@ def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_tas
                 print(f"{pool.name} m={m} {label:<20} FAILED: {FAILURES[-1]}", flush=True)
                 rows.append(dict(cell, scope="summary", task="", site="", layer=-1, metric="merge_failed", mean=1.0,
                                  std=float("nan")))
+                append_cell(partial, rows[first_row:])
                 continue
             seconds = time.perf_counter() - start
             quality = score(fold_into_state(base_state, result.factors, result.like.fan_in_fan_out), tasks, label)
@@ -131,6 +165,7 @@ def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_tas
                        "avg_nll": quality[quality.metric == "nll"]["mean"].mean(), "merge_seconds": seconds}
             rows += [dict(cell, scope="summary", task="", site="", layer=-1, metric=k, mean=v, std=float("nan"))
                      for k, v in summary.items()]
+            append_cell(partial, rows[first_row:])
             print(f"{pool.name} m={m} {label:<20} avg normalized accuracy {summary['avg_normalized_accuracy']:.3f}  "
                   f"merge {seconds:.1f} s", flush=True)
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
@@ -172,19 +207,24 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "lora_table.csv")
+    parser.add_argument("--fresh", action="store_true", help="ignore the cells an earlier, stopped run finished")
     args = parser.parse_args()
+    partial = args.out.with_name(f"{args.out.stem}.partial.csv")
+    if args.fresh:
+        partial.unlink(missing_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
-    table = pd.concat([table_for_pool(p, args.sizes, args.methods, args.per_task, args.density, args.batch_size)
-                       for p in args.pool or ["tiny-lora"]], ignore_index=True)
+    table = pd.concat([table_for_pool(p, args.sizes, args.methods, args.per_task, args.density, args.batch_size,
+                                      partial) for p in args.pool or ["tiny-lora"]], ignore_index=True)
     print_table(table)
     if FAILURES:
         print("\nmerges that failed (no row above):\n" + "\n".join(FAILURES))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     table.to_csv(tmp, index=False)
     tmp.replace(args.out)
+    partial.unlink(missing_ok=True)
     print(f"\nwrote {len(table)} rows to {args.out} in {time.perf_counter() - start:.0f} s")
 
 
