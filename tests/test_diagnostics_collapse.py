@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from karcher_lab.diagnostics import capture_activations, collapse_metrics, collapse_ratios, effective_rank, numerical_rank
-from karcher_lab.diagnostics.collapse import DEFAULT_RTOL, batched_eigvalsh, bootstrap_counts
+from karcher_lab.diagnostics.collapse import METRICS, DEFAULT_RTOL, batched_eigvalsh, bootstrap_counts, layer_metrics
 from karcher_lab.errors import InputError, ParameterError, WeightError
 
 
@@ -157,3 +157,44 @@ def test_batched_eigvalsh_splits_the_batch_over_threads():
     finally:
         torch.set_num_threads(threads)
     assert torch.allclose(values, torch.linalg.eigvalsh(matrices), atol=1e-10)
+
+
+def _reference_metrics(features: torch.Tensor, weights: torch.Tensor) -> list[float]:
+    """float64 variance, effective rank and numerical rank of the token-weighted covariance."""
+    mean = weights @ features / weights.sum()
+    cov = ((features - mean) * weights[:, None]).T @ (features - mean) / weights.sum()
+    s = torch.linalg.eigvalsh(cov).clamp_min(0).sqrt()
+    s = s[s > 1e-6 * s.max()]  # exact zeros (rank ≤ tokens − 1) in float64 rounding
+    p = s / s.sum()
+    return [float(cov.trace() / features.shape[1]), float(torch.exp(-(p * p.log()).sum())),
+            float((s > DEFAULT_RTOL * s.max()).sum())]
+
+
+@pytest.mark.parametrize("n, d", [(64, 96), (64, 6)])  # fewer tokens than units (the default keeps them), and more
+def test_kept_tokens_give_the_same_statistics_and_metrics_as_the_second_moments(n, d):
+    """Keeping the tokens (the n×n Gram side) and keeping Σ x xᵀ per group (the d×d side) are two exact
+    representations: same covariances and means for every bootstrap draw, and metrics that match a
+    float64 recomputation from the resampled tokens. Both spectra are float32: each exactly-zero
+    eigenvalue comes out as noise of ~1e-7 λ_max, a singular value ~3e-4 σ_max in the effective rank.
+    The Gram side has one (the centering's), the d×d side d − n + 1 more when n < d."""
+    features = torch.randn(n, d, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    features = features * torch.linspace(0.1, 3.0, d) + torch.linspace(-2, 5, d)  # anisotropic, not centered
+    ids = torch.arange(n).reshape(8, -1)
+    model = EmbeddingLM(features.float())
+    moments = capture_activations(model, ids, batch_size=3, bootstrap_groups=4, keep_tokens=False)
+    tokens = capture_activations(model, ids, batch_size=3, bootstrap_groups=4, keep_tokens=None if n < d else True)
+    assert moments.tokens is None and moments.outer is not None
+    assert tokens.outer is None and tokens.tokens["residual"].shape == (1, n, d)
+    counts = bootstrap_counts(4, 6, seed=2)
+    assert torch.allclose(tokens.covariances("residual", 0, counts), moments.covariances("residual", 0, counts),
+                          atol=1e-5, rtol=1e-5)
+    assert torch.allclose(tokens.means("residual", counts), moments.means("residual", counts), atol=1e-6)
+    token_weights = counts[:, torch.arange(8) * 4 // 8].repeat_interleave(n // 8, dim=1)  # [draws + 1, n]
+    expected = torch.tensor([_reference_metrics(features, w) for w in token_weights], dtype=torch.float64)
+    by_tokens, by_moments = layer_metrics(tokens, "residual", counts)[0], layer_metrics(moments, "residual", counts)[0]
+    for values, erank_tolerance in ((by_tokens, 5e-4), (by_moments, 5e-3 if n < d else 5e-4)):
+        assert torch.allclose(values[:, [0, 2]], expected[:, [0, 2]], rtol=1e-5)
+        assert torch.allclose(values[:, 1], expected[:, 1], rtol=erank_tolerance)
+    if n < d:  # the token side is the closer one
+        assert (by_tokens[:, 1] - expected[:, 1]).abs().max() < (by_moments[:, 1] - expected[:, 1]).abs().max()
+    assert METRICS == ("variance", "effective_rank", "numerical_rank")

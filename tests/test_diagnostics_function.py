@@ -9,8 +9,8 @@ import torch
 import karcher_lab
 from karcher_lab.diagnostics.fisher import diagonal_fisher
 from karcher_lab.diagnostics.function import (
-    AnswerLogProbs, answer_log_probs, answer_nll, exact_matches, forced_exact_matches, function_distance,
-    normalized_accuracy, task_quality,
+    AnswerLogProbs, answer_batches, answer_log_probs, answer_logits, answer_nll, exact_matches, forced_exact_matches,
+    function_distance, length_batches, normalized_accuracy, task_quality,
 )
 from karcher_lab.errors import EmptyInputError, InputError, ParameterError
 from karcher_lab.zoo import get_task
@@ -257,3 +257,50 @@ def test_forced_exact_match_equals_greedy_decoding(micro_pool):
     assert 0 < right < total  # both outcomes occur
     table = task_quality(mixed, tokenizer, examples, exact_match="teacher_forced")
     assert table.equals(task_quality(mixed, tokenizer, examples, exact_match="greedy"))
+
+
+def test_length_batches_sort_by_length_and_bound_padding():
+    lengths = [12, 3, 7, 3, 30, 8, 11, 4, 29]
+    batches = length_batches(lengths, batch_size=3, slack=1.25)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(1 <= len(b) <= 3 for b in batches)
+    order = [lengths[i] for b in batches for i in b]
+    assert order == sorted(lengths)
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 1.25 * sum(lengths[i] for i in b)
+    assert batches[0] == [1, 3, 7]  # 3, 3, 4: 12 cells for 10 tokens
+    assert length_batches(lengths, batch_size=1) == [[i] for i in sorted(range(9), key=lambda i: lengths[i])]
+    with pytest.raises(ParameterError, match="batch_size"):
+        length_batches(lengths, batch_size=0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_answer_logits_run_the_head_on_answer_positions_only(tie):
+    model = _tiny(tie=tie)
+    examples = EXAMPLES["reverse"] + EXAMPLES["addition"]
+    seen = []
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    try:
+        for _, input_ids, targets in answer_batches(TOKENIZER, examples, batch_size=4):
+            logits = answer_logits(model, input_ids, targets)
+            head_call = seen[-1]
+            with torch.no_grad():
+                full = model(input_ids=input_ids).logits[:, :-1][targets != -100]
+            assert torch.allclose(logits, full, atol=1e-5)
+            assert head_call[:2] == (1, int((targets != -100).sum()))  # the head saw the answer positions alone
+    finally:
+        handle.remove()
+
+
+def test_answer_log_probs_follow_example_order_across_length_sorted_batches():
+    model = _tiny()
+    examples = {"addition": EXAMPLES["addition"], "reverse": EXAMPLES["reverse"]}
+    lengths = [len(e.prompt) + len(e.answer) for task in examples.values() for e in task]
+    assert len(set(lengths)) > 3  # mixed lengths: sorting reorders them
+    scores = answer_log_probs(model, TOKENIZER, examples, batch_size=3)
+    for task, task_examples in examples.items():
+        for i, example in enumerate(task_examples):
+            reference, answer = _per_example_log_probs(model, example)
+            mine = scores[task].examples(i, i + 1)
+            assert torch.equal(mine.answers, answer)
+            assert torch.allclose(mine.log_probs, reference, atol=1e-5)

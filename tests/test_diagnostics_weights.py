@@ -1,11 +1,14 @@
 """Weight-space metrics on constructed tensors with closed-form answers."""
 import math
 
+import pandas as pd
 import pytest
 import torch
 
 from karcher_lab import merge_tensors
-from karcher_lab.diagnostics.weights import expert_angles, layer_index, layer_summary, weight_metrics
+from karcher_lab.diagnostics.weights import (
+    expert_angles, layer_index, layer_summary, norm_ratios, tensor_norms, weight_metrics,
+)
 from karcher_lab.errors import ArchitectureMismatchError, EmptyInputError, ParameterError, WeightError
 
 W = "model.layers.0.mlp.up_proj.weight"
@@ -154,3 +157,10 @@ def test_norm_only_equals_the_full_metrics_norm_ratio():
     assert _value(norms, "norm_ratio") == pytest.approx(float(closed), rel=1e-6) and float(closed) < 1
     with pytest.raises(ParameterError, match="norm_only"):
         weight_metrics(merged, experts, base=experts[0], norm_only=True)
+    # the same rows from norms computed beforehand (the experts' once, as a panel caches them)
+    cached = norm_ratios(tensor_norms(merged), [tensor_norms(e) for e in experts], weights=[0.2, 0.5, 0.3])
+    pd.testing.assert_frame_equal(cached, norms)
+    with pytest.raises(ParameterError, match="no norm of tensor"):
+        norm_ratios(tensor_norms(merged), [tensor_norms(e) for e in experts[:2]] + [{W: 1.0}])
+    with pytest.raises(EmptyInputError):
+        norm_ratios(tensor_norms(merged), [])

@@ -13,10 +13,10 @@ from karcher_lab.diagnostics.activations import SITES, ActivationStats, capture_
 from karcher_lab.diagnostics.collapse import collapse_metrics, collapse_ratios, effective_rank, numerical_rank
 from karcher_lab.diagnostics.fisher import diagonal_fisher
 from karcher_lab.diagnostics.function import function_distance, normalized_accuracy, task_quality
-from karcher_lab.diagnostics.weights import expert_angles, layer_summary, weight_metrics
+from karcher_lab.diagnostics.weights import expert_angles, layer_summary, norm_ratios, tensor_norms, weight_metrics
 
 __all__ = [
     "SITES", "ActivationStats", "capture_activations", "collapse_metrics", "collapse_ratios", "diagonal_fisher",
     "effective_rank", "encode_probes", "expert_angles", "function_distance", "layer_summary",
-    "normalized_accuracy", "numerical_rank", "task_quality", "weight_metrics",
+    "norm_ratios", "normalized_accuracy", "numerical_rank", "task_quality", "tensor_norms", "weight_metrics",
 ]

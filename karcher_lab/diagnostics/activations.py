@@ -16,6 +16,12 @@ draw over groups of sequences) then gives an exact covariance, see :meth:`Activa
 Memory: layers × G × d² floats per site (30 × 16 × 576² × 4 B = 0.64 GB for SmolLM2-135M), whatever
 the number of tokens.
 
+A small probe set (fewer non-padding tokens n than hidden units d: an interactive panel's few probe
+sequences) keeps its shifted tokens x instead of Σ x xᵀ (``keep_tokens``; layers × n × d floats, less
+than one group's d²): every covariance is still exact, and the collapse metrics read each one's
+spectrum from the n×n token Gram rather than the d×d covariance
+(:func:`karcher_lab.diagnostics.collapse.covariance_spectra`).
+
 nnsight instruments the model in place: each module's ``forward`` becomes nnsight's pass-through
 controller, which outside a trace runs the original forward unchanged (outputs are bit-identical;
 tests/test_diagnostics_activations.py checks it), so the model stays usable as before.
@@ -49,7 +55,8 @@ class ActivationStats:
     For site s, layer l, group g, over the group's non-padding tokens, with x = h − ``shift[s][l]``:
     ``token_counts[g]`` = #tokens, ``sums[s][l, g]`` = Σ x (float64, [L, G, d]) and
     ``outer[s][l, g]`` = Σ x xᵀ (float32, [L, G, d, d]). ``sequence_counts[g]`` is the number of
-    probe sequences in group g.
+    probe sequences in group g. With kept tokens, ``outer`` is None and ``tokens[s]`` holds every
+    token's x (float32, [L, n, d]), ``token_groups`` [n] the group of each.
     """
 
     sites: tuple[str, ...]
@@ -57,7 +64,9 @@ class ActivationStats:
     sequence_counts: torch.Tensor
     shift: dict[str, torch.Tensor]
     sums: dict[str, torch.Tensor]
-    outer: dict[str, torch.Tensor]
+    outer: dict[str, torch.Tensor] | None
+    tokens: dict[str, torch.Tensor] | None = None
+    token_groups: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -95,7 +104,11 @@ class ActivationStats:
         w = self._weights(group_weights)
         tokens = w @ self.token_counts  # [B]
         d = self.hidden_size
-        second = (w.float() @ self.outer[site][layer].reshape(self.num_groups, d * d)).reshape(-1, d, d)
+        if self.tokens is not None:
+            x = self.tokens[site][layer]
+            second = torch.einsum("bn,nd,ne->bde", w.float()[:, self.token_groups], x, x)
+        else:
+            second = (w.float() @ self.outer[site][layer].reshape(self.num_groups, d * d)).reshape(-1, d, d)
         second /= tokens.float()[:, None, None]
         mean = (w @ self.sums[site][layer]) / tokens[:, None]  # [B, d] float64
         cov = second - (mean[:, :, None] * mean[:, None, :]).float()
@@ -201,13 +214,16 @@ def capture_activations(
     sites: Sequence[str] = ("residual",),
     batch_size: int = 8,
     bootstrap_groups: int = DEFAULT_BOOTSTRAP_GROUPS,
+    keep_tokens: bool | None = None,
 ) -> ActivationStats:
     """Running activation statistics of ``model`` on the probe set ``input_ids`` [N, T] (padding
     marked 0 in ``attention_mask``), read through nnsight at every decoder block.
 
     ``sites``: any of ``residual`` (block outputs), ``attention``, ``mlp``. Batches of ``batch_size``
     sequences run on the model's device; statistics stay there. ``bootstrap_groups``: how many groups
-    of sequences the bootstrap resamples (capped at N). Raises NotSupportedError for architectures
+    of sequences the bootstrap resamples (capped at N). ``keep_tokens``: keep every token's activation
+    instead of Σ x xᵀ per group (see the module docstring); None: when the probe set has fewer
+    non-padding tokens than the model's hidden size. Raises NotSupportedError for architectures
     without ``model.model.layers`` (see :func:`decoder_layers`).
     """
     from nnsight import NNsight
@@ -225,6 +241,8 @@ def capture_activations(
     shift: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     outer: dict[str, torch.Tensor] = {}
+    kept: dict[str, list[list[torch.Tensor]]] = {}  # site → layer → the batches' tokens
+    kept_groups: list[torch.Tensor] = []
     for start in range(0, n_seq, batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         keep = mask[start : start + batch_size].to(device).bool()
@@ -237,12 +255,28 @@ def capture_activations(
             if site not in shift:  # first batch: the reference point is its mean, per layer
                 shift[site] = torch.stack([h[keep].double().mean(0) for h in outputs[site]])
                 L, d = shift[site].shape
+                if keep_tokens is None:
+                    keep_tokens = int(mask.sum()) < d
                 sums[site] = torch.zeros(L, n_groups, d, dtype=torch.float64, device=device)
-                outer[site] = torch.zeros(L, n_groups, d, d, dtype=torch.float32, device=device)
+                if keep_tokens:
+                    kept[site] = [[] for _ in range(L)]
+                else:
+                    outer[site] = torch.zeros(L, n_groups, d, d, dtype=torch.float32, device=device)
             for layer, h in enumerate(outputs[site]):
+                if keep_tokens:
+                    x = h[keep].float() - shift[site][layer].float()
+                    token_group = groups[:, None].expand_as(keep)[keep]
+                    sums[site][layer].index_add_(0, token_group, x.double())
+                    kept[site][layer].append(x)
+                    continue
                 for g, tokens in members:
                     x = h[tokens].float() - shift[site][layer].float()
                     sums[site][layer, g] += x.double().sum(0)
                     outer[site][layer, g].addmm_(x.T, x)
+        if keep_tokens:
+            kept_groups.append(group_of[start : start + batch_size].to(device)[:, None].expand_as(keep)[keep])
     sequence_counts = torch.bincount(group_of, minlength=n_groups)
+    if keep_tokens:
+        tokens = {site: torch.stack([torch.cat(batches) for batches in kept[site]]) for site in sites}
+        return ActivationStats(sites, token_counts, sequence_counts, shift, sums, None, tokens, torch.cat(kept_groups))
     return ActivationStats(sites, token_counts, sequence_counts, shift, sums, outer)

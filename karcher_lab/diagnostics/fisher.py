@@ -22,9 +22,8 @@ from typing import Sequence
 
 import torch
 
-from karcher_lab.diagnostics.function import answer_batches, model_device
+from karcher_lab.diagnostics.function import answer_batches, answer_logits, model_device
 from karcher_lab.errors import EmptyInputError, ParameterError
-from karcher_lab.zoo.sequences import IGNORE
 from karcher_lab.zoo.tasks import Example
 
 
@@ -45,10 +44,8 @@ def diagonal_fisher(
     was_training = model.training
     model.eval()
     try:
-        for input_ids, targets in answer_batches(tokenizer, examples, batch_size=1):
-            logits = model(input_ids=input_ids.to(device)).logits[:, :-1]
-            answer = (targets != IGNORE).to(device)
-            log_probs = torch.log_softmax(logits[answer].float(), dim=-1)  # [T, V]
+        for _, input_ids, targets in answer_batches(tokenizer, examples, batch_size=1):
+            log_probs = torch.log_softmax(answer_logits(model, input_ids, targets).float(), dim=-1)  # [T, V]
             with torch.no_grad():
                 labels = torch.multinomial(log_probs.exp(), samples, replacement=True, generator=generator)  # [T, S]
             for s in range(samples):

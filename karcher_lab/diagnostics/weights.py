@@ -22,8 +22,9 @@ to sum 1 (equal by default):
 - per expert (``other``): ``relative_distance`` = ‖x* − x_i‖ / ‖x_i‖ and ``angle_deg`` = ∠(x*, x_i).
 
 ``norm_only=True`` gives the ``norm_ratio`` rows alone, from N + 1 float64 norms per tensor instead of the
-(N + 1)² Gram, the chord gap's Karcher solve and the per-expert rows (what an interactive panel redraws
-on every merge).
+(N + 1)² Gram, the chord gap's Karcher solve and the per-expert rows. A panel that redraws them on every
+merge computes each expert's norms once (:func:`tensor_norms`) and only the merged model's per update
+(:func:`norm_ratios`).
 
 Tables are tidy: one row per tensor × metric (× expert or pair) with columns ``model``, ``other``,
 ``tensor``, ``layer`` (the decoder block index, NA for embeddings, final norm and head), ``metric``,
@@ -34,7 +35,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -158,13 +159,17 @@ def weight_metrics(
     sources, layout = _open([*experts, merged, *extra], [*labels, merged_name, *["base"] * len(extra)])
     n = len(experts)
     rows = []
+    if norm_only:
+        norms = [{} for _ in range(n + 1)]  # the experts', then the merged model's
+        for name in layout.names:
+            tensors = [s.load(stored[name]) for s, stored in zip(sources, layout.stored_names)][: n + 1]
+            if tensors[0].is_floating_point():
+                for model_norms, t in zip(norms, tensors):
+                    model_norms[name] = _norm(t)
+        return norm_ratios(norms[n], norms[:n], weights=alpha, merged_name=merged_name)
     for name in layout.names:
         tensors = [s.load(stored[name]) for s, stored in zip(sources, layout.stored_names)]
         if not tensors[0].is_floating_point():
-            continue
-        if norm_only:
-            norms = torch.stack([torch.linalg.vector_norm(t, dtype=torch.float64) for t in tensors[: n + 1]]).cpu()
-            rows.append(_row(merged_name, None, name, "norm_ratio", norms[n] / (alpha @ norms[:n])))
             continue
         gram = gram_matrix(tensors[: n + 1])[0]  # experts and the merged tensor
         norms = block_norms(gram.unsqueeze(0))[0]
@@ -181,6 +186,38 @@ def weight_metrics(
             distance = (gram[n, n] - 2 * gram[n, i] + gram[i, i]).clamp_min(0).sqrt() / norms[i]
             rows += [_row(merged_name, label, name, "relative_distance", distance),
                      _row(merged_name, label, name, "angle_deg", to_merged[i])]
+    return _frame(rows)
+
+
+def _norm(tensor: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+
+
+def tensor_norms(state: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """‖x‖₂ (accumulated in float64) of every floating-point tensor of a state dict, by name."""
+    return {name: _norm(t) for name, t in state.items() if t.is_floating_point()}
+
+
+def norm_ratios(
+    merged_norms: Mapping[str, float],
+    expert_norms: Sequence[Mapping[str, float]],
+    *,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    merged_name: str = "merged",
+) -> pd.DataFrame:
+    """``norm_ratio`` rows, ‖x*‖ / Σ_i α_i ‖x_i‖ per tensor of ``merged_norms``, from norms computed
+    beforehand (:func:`tensor_norms`): e.g. the experts' once, the merged model's per merge. Every
+    expert must have a norm for each tensor of the merged model (ParameterError naming one that does not)."""
+    if not expert_norms:
+        raise EmptyInputError("no experts given")
+    alpha = _weights(weights, len(expert_norms))
+    rows = []
+    for name, merged in merged_norms.items():
+        missing = [i for i, norms in enumerate(expert_norms) if name not in norms]
+        if missing:
+            raise ParameterError(f"no norm of tensor {name!r} for expert(s) {missing}")
+        experts = torch.tensor([norms[name] for norms in expert_norms], dtype=torch.float64)
+        rows.append(_row(merged_name, None, name, "norm_ratio", merged / (alpha @ experts)))
     return _frame(rows)
 
 

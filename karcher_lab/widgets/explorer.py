@@ -18,8 +18,8 @@ comes from :mod:`karcher_lab.diagnostics`, figures from :mod:`karcher_lab.plots`
 3. the merged state dict is loaded into ONE preallocated model (``load_state_dict``; nothing is
    re-instantiated).
 4. figures, each refreshed as soon as its numbers exist: convergence trace (karcher's
-   ``GramCache.traces``) and norm ratio per tensor (:func:`~karcher_lab.diagnostics.weight_metrics`
-   with ``norm_only``); per checked task, exact match and answer NLL of the merged model against the
+   ``GramCache.traces``) and norm ratio per tensor (:func:`~karcher_lab.diagnostics.norm_ratios`: the
+   merged state's norms over the experts', which are computed once); per checked task, exact match and answer NLL of the merged model against the
    task's expert (:func:`~karcher_lab.diagnostics.task_quality`) and KL(expert ‖ merged)
    (:func:`~karcher_lab.diagnostics.function_distance`) on ``quality_examples`` held-out examples; layer
    curves of activation variance, effective rank and numerical rank (bootstrap mean ± std,
@@ -64,8 +64,9 @@ from karcher_lab.diagnostics import (
     collapse_metrics,
     encode_probes,
     function_distance,
+    norm_ratios,
     task_quality,
-    weight_metrics,
+    tensor_norms,
 )
 from karcher_lab.diagnostics.activations import check_sites
 from karcher_lab.diagnostics.function import EXACT_MATCH_MODES, AnswerLogProbs, answer_log_probs
@@ -186,6 +187,7 @@ class MergeExplorer(widgets.VBox):
         self._examples: dict[str, list] = {}
         self._expert_scores: dict[str, AnswerLogProbs] = {}
         self._expert_quality: dict[str, pd.DataFrame] = {}
+        self._expert_norms: dict[str, dict[str, float]] = {}
         self._expert_collapse: dict[str, pd.DataFrame] = {}
         self._probes: tuple[torch.Tensor, torch.Tensor] | None = None
         self._lock = threading.Lock()
@@ -413,8 +415,7 @@ class MergeExplorer(widgets.VBox):
         self.state = state
 
         t = time.perf_counter()
-        weights = weight_metrics(state, [self.expert_models[i] for i in members], weights=request["alpha"], names=tasks,
-                                 norm_only=True)
+        weights = norm_ratios(tensor_norms(state), [self._own_norms(i) for i in members], weights=request["alpha"])
         sync_figure(self.convergence_fig, convergence_figure(traces), **WIDE)
         sync_figure(self.norm_fig, norm_ratio_figure(weights), **WIDE)
         timings["weights"] = time.perf_counter() - t
@@ -465,6 +466,13 @@ class MergeExplorer(widgets.VBox):
             self._expert_scores[task] = answer_log_probs(self.expert_models[index], self.tokenizer,
                                                          {task: self._task_examples(task)}, batch_size=EVAL_BATCH)[task]
         return self._expert_scores[task]
+
+    def _own_norms(self, index: int) -> dict[str, float]:
+        """The expert's tensor norms, by name (what the norm ratio divides by)."""
+        task = self.tasks[index]
+        if task not in self._expert_norms:
+            self._expert_norms[task] = tensor_norms(self.expert_models[index].state_dict())
+        return self._expert_norms[task]
 
     def _own_quality(self, index: int) -> pd.DataFrame:
         task = self.tasks[index]
