@@ -200,7 +200,7 @@ def test_bad_input_is_refused_before_anything_is_written(base_dir, adapters, tmp
 
 def test_cli_round_trip(base_dir, adapters, tmp_path, capsys):
     code = main(["lora-merge", *map(str, adapters[:2]), "--method", "knots_ties", "--param", "density=0.5",
-                 "--weights", "2", "1", "--out", str(tmp_path / "cli")])
+                 "--weights", "2", "1", "--workers", "2", "--out", str(tmp_path / "cli")])
     assert code == 0
     assert "knots_ties" in capsys.readouterr().out
     expected = merge_lora(adapters[:2], "knots_ties", weights=[2, 1], density=0.5)
