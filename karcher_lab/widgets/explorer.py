@@ -26,10 +26,13 @@ comes from :mod:`karcher_lab.diagnostics`, figures from :mod:`karcher_lab.plots`
    :func:`~karcher_lab.diagnostics.collapse_metrics`) of the merged model and of each checked expert, on
    a fixed probe batch of ``activation_examples`` sequences per pool task.
 
-**Interactive speed** (issue 7: an update on the tiny pool in ≤ 0.5 s, ``benchmarks/explorer_update.py``):
-the merged model runs exactly twice per update, one teacher-forced forward over every checked task's
-examples at once (:func:`~karcher_lab.diagnostics.function.answer_log_probs`), from which NLL, KL,
-Fisher–Rao and exact match all come, and one forward over the probe batch for the layer metrics.
+**Interactive speed** (issue 7: an update in ≤ 0.5 s on the tiny pool and ≤ 10 s on the SmolLM2 pool
+on 2 CPU cores, ``benchmarks/explorer_update.py``): the merged model runs exactly twice per update, one
+teacher-forced pass over every checked task's examples
+(:func:`~karcher_lab.diagnostics.function.answer_log_probs`: length-sorted batches, the LM head only at
+answer positions), from which NLL, KL, Fisher–Rao and exact match all come, and one forward over the
+probe batch for the layer metrics (whose few tokens are kept, so each bootstrap spectrum is an
+eigvalsh of a token Gram, not of a d×d covariance: :mod:`karcher_lab.diagnostics.activations`).
 Exact match is read from that pass by default (``exact_match_mode="teacher_forced"``: the greedy answer
 is the expected one iff the argmax is the answer token at every answer position; the same 0/1 as greedy
 decoding with the zoo's character tokenizer, see :mod:`karcher_lab.diagnostics.function`);
@@ -40,6 +43,11 @@ the tiny pool), 10 bootstrap draws; raise them for tighter error bars. A small m
 ``SINGLE_THREAD_PARAMETERS``, e.g. the tiny pool's 354k) is updated on one torch thread: its operations
 are too small to split, and on shared cores two threads wait on each other at every one of them
 (measured on 2 loaded cores: 1.8–2.6 s per tiny-pool update with 2 threads, 0.29–0.33 s with 1).
+Measured 2026-11-24 on 2 cores with another single-threaded job running (load 1.0–2.8): tiny pool
+0.41–0.42 s median per weight, η or subset change; SmolLM2 pool (5 experts, 135M parameters each)
+7.5–8.8 s, of which merge 0.64 s, norm ratios 0.25 s, quality 4.8 s, layer metrics 2.5 s (stage medians).
+The code before the answer-position head, length-sorted batches, cached expert norms and token-Gram
+spectra took 14.0–16.3 s in the same conditions (norm ratios 1.15 s, quality 6.4 s, layer metrics 6.5 s).
 
 While an update runs, the ``kl-busy`` element shows "updating…" (empty when idle); any exception
 (a typed :mod:`karcher_lab.errors` error or another) is shown in the ``kl-error`` area, the figures keep
