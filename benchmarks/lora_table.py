@@ -8,7 +8,7 @@ For each pool (``--pool`` may be repeated: ``tiny-lora``, ``smollm2`` or a pool 
 pool.json lists an ``adapter`` per expert) and each merge size m in ``--sizes``, the pool's first m
 experts (pool order) are merged, adapter by adapter, with every method of ``--methods``:
 
-- ``geomerge``: the quotient Fréchet mean (rank r);
+- ``geomerge``: the quotient Fréchet mean (rank r; ``--workers`` processes merge its modules in parallel);
 - ``knots_ta`` and ``knots_ties`` (KnOTS joint-SVD alignment, then TA / TIES on the aligned coefficients);
 - ``task_arithmetic`` (the mean of the ΔW_i; identical to knots_ta by construction) and
   ``task_arithmetic_sum`` (λ = 1, weights 1: Σ ΔW_i, Ilharco et al.'s plain sum);
@@ -104,7 +104,7 @@ def append_cell(partial: Path, rows: list[dict]) -> None:
 
 
 def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_task: int, density: float,
-                   batch_size: int, partial: Path) -> pd.DataFrame:
+                   batch_size: int, partial: Path, workers: int) -> pd.DataFrame:
     pool = find_pool(pool_name)
     done = finished_cells(partial)
     done = done[done.pool == pool.name]
@@ -144,7 +144,8 @@ def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_tas
             start = time.perf_counter()
             cell = dict(pool=pool.name, order=ORDER, method=label, m=m, experts="+".join(tasks))
             try:
-                result = merge_lora([adapters[t] for t in tasks], method, **kwargs)
+                result = merge_lora([adapters[t] for t in tasks], method, **kwargs,
+                                    workers=workers if method == "geomerge" else 1)  # the others take < 1 s/module
             except KarcherLabError as error:  # a method that cannot merge these adapters is a result too
                 FAILURES.append(f"{pool.name} m={m} {label}: {type(error).__name__}: {error}")
                 print(f"{pool.name} m={m} {label:<20} FAILED: {FAILURES[-1]}", flush=True)
@@ -206,6 +207,7 @@ def main() -> None:
     parser.add_argument("--density", type=float, default=0.5, help="TIES / KnOTS-TIES density (default 0.5)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="processes merging modules in parallel (merge_lora)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "lora_table.csv")
     parser.add_argument("--fresh", action="store_true", help="ignore the cells an earlier, stopped run finished")
     args = parser.parse_args()
@@ -217,7 +219,7 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     table = pd.concat([table_for_pool(p, args.sizes, args.methods, args.per_task, args.density, args.batch_size,
-                                      partial) for p in args.pool or ["tiny-lora"]], ignore_index=True)
+                                      partial, args.workers) for p in args.pool or ["tiny-lora"]], ignore_index=True)
     print_table(table)
     if FAILURES:
         print("\nmerges that failed (no row above):\n" + "\n".join(FAILURES))
