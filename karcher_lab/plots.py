@@ -36,6 +36,10 @@ def _require(table: pd.DataFrame, columns: Sequence[str], what: str) -> None:
         raise InputError(f"{what}: the table is empty")
 
 
+LAYER_TICKS = 10
+"""Layer axes show every k-th layer, k = ⌈layers / LAYER_TICKS⌉ (never a fractional layer)."""
+
+
 def layer_curves(
     table: pd.DataFrame, metrics: Sequence[str] | None = None, *, site: str | None = "residual", title: str | None = None,
 ) -> go.Figure:
@@ -69,6 +73,8 @@ def layer_curves(
         if metric.endswith("_ratio"):
             fig.add_hline(y=1.0, line=dict(dash="dot", color="grey"), row=row, col=1)
     fig.update_xaxes(title_text="layer", row=len(metrics), col=1)
+    layers = table["layer"].nunique()
+    fig.update_xaxes(tick0=0, dtick=-(-layers // LAYER_TICKS))  # whole layers only, at most ~LAYER_TICKS ticks
     fig.update_layout(height=260 * len(metrics) + 80, title=title, template="plotly_white")
     return fig
 

@@ -25,6 +25,9 @@ def test_layer_curves_plot_the_means_per_model_and_metric():
     assert list(linear[0].error_y.array) == [0.0, 0.1, 0.2]
     assert [t.showlegend for t in linear] == [True, False]
     assert len(fig.layout.shapes) == 2  # a reference line at 1 on each ratio panel
+    assert (fig.layout.xaxis.tick0, fig.layout.xaxis.dtick, fig.layout.xaxis2.dtick) == (0, 1, 1)  # whole layers
+    thirty = pd.concat([_collapse_table().assign(layer=lambda t, k=k: t["layer"] + 3 * k) for k in range(10)])
+    assert plots.layer_curves(thirty).layout.xaxis.dtick == 3  # 30 layers: every third
     both_sites = plots.layer_curves(_collapse_table(), ["variance_ratio"], site=None)
     assert sorted(t.name for t in both_sites.data) == ["karcher / mlp", "karcher / residual", "linear / mlp", "linear / residual"]
 
