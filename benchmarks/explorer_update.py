@@ -23,8 +23,9 @@ checked again). Printed side by side, medians:
   stage over all updates, and the load average (``os.getloadavg``) before and after.
 
 Targets (issue 7): a full update on the tiny pool ≤ 0.5 s; on the SmolLM2 pool (5 experts) ≤ 10 s on
-2 CPU cores. Measured 2026-11-24 (``--pools tiny smollm2 --repeats 3``, another single-threaded job
-running, load 1.0–2.8): tiny 0.41–0.42 s, SmolLM2 7.5–8.8 s, both met. ``--threads`` sets torch's intra-op threads (default 2) for the from-scratch path
+2 CPU cores. Measured 2026-11-24 (``--pools tiny smollm2 --repeats 3``): idle (load 0.7–1.8) tiny
+0.26–0.28 s, SmolLM2 4.4–4.7 s; with another single-threaded job running (load 1.0–2.8) tiny 0.41–0.42 s,
+SmolLM2 7.5–8.8 s: both met. ``--threads`` sets torch's intra-op threads (default 2) for the from-scratch path
 and for models of SmolLM2's size; the explorer updates a small model such as the tiny pool's (hidden
 size 128) on one thread (``MergeExplorer(single_threaded=...)``): it gains nothing from a second thread,
 and on shared cores two threads wait on each other at every operation (measured 2026-11-24 on 2 shared

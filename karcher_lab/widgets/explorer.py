@@ -43,9 +43,11 @@ the tiny pool), 10 bootstrap draws; raise them for tighter error bars. A small m
 ``SINGLE_THREAD_PARAMETERS``, e.g. the tiny pool's 354k) is updated on one torch thread: its operations
 are too small to split, and on shared cores two threads wait on each other at every one of them
 (measured on 2 loaded cores: 1.8–2.6 s per tiny-pool update with 2 threads, 0.29–0.33 s with 1).
-Measured 2026-11-24 on 2 cores with another single-threaded job running (load 1.0–2.8): tiny pool
-0.41–0.42 s median per weight, η or subset change; SmolLM2 pool (5 experts, 135M parameters each)
-7.5–8.8 s, of which merge 0.64 s, norm ratios 0.25 s, quality 4.8 s, layer metrics 2.5 s (stage medians).
+Measured 2026-11-24 on 2 idle cores: tiny pool 0.26–0.28 s median per weight, η or subset change;
+SmolLM2 pool (5 experts, 135M parameters each) 4.4–4.7 s, of which merge 0.34 s, norm ratios 0.17 s,
+quality 2.6 s, layer metrics 1.4 s (stage medians). With another single-threaded job running (load
+1.0–2.8): tiny 0.41–0.42 s, SmolLM2 7.5–8.8 s (merge 0.64 s, norm ratios 0.25 s, quality 4.8 s,
+layer metrics 2.5 s).
 The code before the answer-position head, length-sorted batches, cached expert norms and token-Gram
 spectra took 14.0–16.3 s in the same conditions (norm ratios 1.15 s, quality 6.4 s, layer metrics 6.5 s).
 
