@@ -31,15 +31,18 @@ modules) and scope ``summary`` rows (avg_normalized_accuracy, avg_accuracy, avg_
 method that raises on some module (e.g. geomerge's Stiefel log on nearly orthogonal adapter subspaces) gets
 a ``merge_failed`` summary row and is listed with its error. Everything is seeded; nothing is tuned.
 
-Resumable: every finished cell (the experts' own scores, then each (m, method)) is appended to
-``<out>.partial.csv`` at once; a later run with the same ``--out`` skips the cells found there (pass
-``--fresh`` to start over), and the final table is written to ``--out`` atomically, the partial file
-removed. A long run (the SmolLM2 pool: 210 modules of 576–1536 dimensions per geomerge merge) thus loses
-at most the cell it was in when stopped.
+Resumable: every finished cell (each expert's own scores, then each (m, method)) is stored at once in
+the run directory ``<out stem>.run/`` beside ``--out`` by the sweep's
+:class:`karcher_lab.experiment.results.ResultStore` (one atomic file per cell, and the measurement
+settings, which a resumed run must repeat); a later run with the same ``--out`` skips the cells found
+there (``--fresh`` starts over). The final table is written to ``--out`` atomically and the run
+directory removed. A long run (the SmolLM2 pool: 210 modules of 576–1536 dimensions per geomerge
+merge) thus loses at most the cell it was in when stopped.
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import time
@@ -55,6 +58,7 @@ import transformers  # noqa: E402
 from karcher_lab.diagnostics import normalized_accuracy, numerical_rank, task_quality  # noqa: E402
 from karcher_lab.errors import InputError, KarcherLabError  # noqa: E402
 from karcher_lab.experiment import RESULT_COLUMNS  # noqa: E402
+from karcher_lab.experiment.results import ResultStore, cell_key  # noqa: E402
 from karcher_lab.io.lora import fold_into_state, read_adapter  # noqa: E402
 from karcher_lab.merge.lora import merge_lora  # noqa: E402
 from karcher_lab.zoo import find_pool, get_task, load  # noqa: E402
@@ -91,24 +95,18 @@ def rank_rows(result) -> list[tuple[str, float, float]]:
             ("stored_rank", statistics.mean(stored), statistics.pstdev(stored))]
 
 
-def finished_cells(partial: Path) -> pd.DataFrame:
-    """The rows of cells a previous run finished (empty when there is no partial file)."""
-    if not partial.is_file():
-        return pd.DataFrame(columns=RESULT_COLUMNS)
-    return pd.read_csv(partial, keep_default_na=False, na_values=["nan", "NaN"])
-
-
-def append_cell(partial: Path, rows: list[dict]) -> None:
-    """Append one finished cell's rows to the partial file (header only when the file is new)."""
-    pd.DataFrame(rows, columns=RESULT_COLUMNS).to_csv(partial, mode="a", header=not partial.is_file(), index=False)
+def stored_cell(store: ResultStore, key: str, label: str, compute) -> pd.DataFrame:
+    """The rows of one cell: read back if an earlier run finished it, else ``compute()``d and stored."""
+    if not store.has(key):
+        store.write(key, pd.DataFrame(compute(), columns=RESULT_COLUMNS))
+    else:
+        print(f"{label:<30} (finished in an earlier run: {store.cells_dir})", flush=True)
+    return store.read(key)
 
 
 def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_task: int, density: float,
-                   batch_size: int, partial: Path, workers: int) -> pd.DataFrame:
+                   batch_size: int, store: ResultStore, workers: int) -> pd.DataFrame:
     pool = find_pool(pool_name)
-    done = finished_cells(partial)
-    done = done[done.pool == pool.name]
-    done_cells = {(int(m), method) for m, method in zip(done.m, done.method)}
     experts = lora_experts(pool)
     model, tokenizer = load(str(pool.base_path))
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -121,55 +119,50 @@ def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_tas
         model.load_state_dict(state)
         return task_quality(model, tokenizer, {t: examples[t] for t in tasks}, model_name=name, batch_size=batch_size)
 
-    experts_done = done[done.method == "expert"]
-    if set(used) <= set(experts_done.task):
-        rows = experts_done[experts_done.task.isin(used)].to_dict("records")
-        own = experts_done[experts_done.task.isin(used)].rename(columns={"method": "model"})
-        own = own.assign(model=[f"expert:{t}" for t in own.task])
-    else:
-        own = pd.concat([score(fold_into_state(base_state, adapters[t].factors()), [t], f"expert:{t}") for t in used])
-        rows = [dict(pool=pool.name, order="", method="expert", m=1, experts=t, scope="task", task=t, site="",
+    def expert_rows(task: str) -> list[dict]:
+        own = score(fold_into_state(base_state, adapters[task].factors()), [task], f"expert:{task}")
+        return [dict(pool=pool.name, order="", method="expert", m=1, experts=task, scope="task", task=task, site="",
                      layer=-1, metric=r.metric, mean=r.mean, std=r.std)
-                for t in used for r in own[own.task == t].itertuples() if r.metric in ("accuracy", "nll")]
-        append_cell(partial, rows)
-    for m in sizes:
+                for r in own.itertuples() if r.metric in ("accuracy", "nll")]
+
+    def merged_rows(m: int, label: str, own: pd.DataFrame) -> list[dict]:
         tasks = used[:m]
+        method, kwargs = method_call(label, m, density)
+        start = time.perf_counter()
+        cell = dict(pool=pool.name, order=ORDER, method=label, m=m, experts="+".join(tasks))
+        try:
+            result = merge_lora([adapters[t] for t in tasks], method, **kwargs,
+                                workers=workers if method == "geomerge" else 1)  # the others take < 1 s/module
+        except KarcherLabError as error:  # a method that cannot merge these adapters is a result too
+            FAILURES.append(f"{pool.name} m={m} {label}: {type(error).__name__}: {error}")
+            print(f"{pool.name} m={m} {label:<20} FAILED: {FAILURES[-1]}", flush=True)
+            return [dict(cell, scope="summary", task="", site="", layer=-1, metric="merge_failed", mean=1.0,
+                         std=float("nan"))]
+        seconds = time.perf_counter() - start
+        quality = score(fold_into_state(base_state, result.factors, result.like.fan_in_fan_out), tasks, label)
+        normalized = normalized_accuracy(quality, own[own.task.isin(tasks)])
+        frame = pd.concat([quality[quality.metric.isin(["accuracy", "nll"])], normalized])
+        rows = [dict(cell, scope="task", task=r.task, site="", layer=-1, metric=r.metric, mean=r.mean, std=r.std)
+                for r in frame.itertuples()]
+        rows += [dict(cell, scope="weights", task="", site="", layer=-1, metric=k, mean=v, std=s)
+                 for k, v, s in rank_rows(result)]
+        summary = {"avg_normalized_accuracy": normalized["mean"].mean(),
+                   "avg_accuracy": quality[quality.metric == "accuracy"]["mean"].mean(),
+                   "avg_nll": quality[quality.metric == "nll"]["mean"].mean(), "merge_seconds": seconds}
+        rows += [dict(cell, scope="summary", task="", site="", layer=-1, metric=k, mean=v, std=float("nan"))
+                 for k, v in summary.items()]
+        print(f"{pool.name} m={m} {label:<20} avg normalized accuracy {summary['avg_normalized_accuracy']:.3f}  "
+              f"merge {seconds:.1f} s", flush=True)
+        return rows
+
+    own = pd.concat([stored_cell(store, f"{pool.name}__{cell_key('', 'expert', 1, t)}", f"{pool.name} expert {t}",
+                                 lambda t=t: expert_rows(t)) for t in used], ignore_index=True)
+    frames = [own]
+    for m in sizes:
         for label in methods:
-            if (m, label) in done_cells:
-                rows += done[(done.m == m) & (done.method == label)].to_dict("records")
-                print(f"{pool.name} m={m} {label:<20} (finished in an earlier run: {partial})", flush=True)
-                continue
-            first_row = len(rows)
-            method, kwargs = method_call(label, m, density)
-            start = time.perf_counter()
-            cell = dict(pool=pool.name, order=ORDER, method=label, m=m, experts="+".join(tasks))
-            try:
-                result = merge_lora([adapters[t] for t in tasks], method, **kwargs,
-                                    workers=workers if method == "geomerge" else 1)  # the others take < 1 s/module
-            except KarcherLabError as error:  # a method that cannot merge these adapters is a result too
-                FAILURES.append(f"{pool.name} m={m} {label}: {type(error).__name__}: {error}")
-                print(f"{pool.name} m={m} {label:<20} FAILED: {FAILURES[-1]}", flush=True)
-                rows.append(dict(cell, scope="summary", task="", site="", layer=-1, metric="merge_failed", mean=1.0,
-                                 std=float("nan")))
-                append_cell(partial, rows[first_row:])
-                continue
-            seconds = time.perf_counter() - start
-            quality = score(fold_into_state(base_state, result.factors, result.like.fan_in_fan_out), tasks, label)
-            normalized = normalized_accuracy(quality, own[own.task.isin(tasks)])
-            frame = pd.concat([quality[quality.metric.isin(["accuracy", "nll"])], normalized])
-            rows += [dict(cell, scope="task", task=r.task, site="", layer=-1, metric=r.metric, mean=r.mean, std=r.std)
-                     for r in frame.itertuples()]
-            rows += [dict(cell, scope="weights", task="", site="", layer=-1, metric=k, mean=v, std=s)
-                     for k, v, s in rank_rows(result)]
-            summary = {"avg_normalized_accuracy": normalized["mean"].mean(),
-                       "avg_accuracy": quality[quality.metric == "accuracy"]["mean"].mean(),
-                       "avg_nll": quality[quality.metric == "nll"]["mean"].mean(), "merge_seconds": seconds}
-            rows += [dict(cell, scope="summary", task="", site="", layer=-1, metric=k, mean=v, std=float("nan"))
-                     for k, v in summary.items()]
-            append_cell(partial, rows[first_row:])
-            print(f"{pool.name} m={m} {label:<20} avg normalized accuracy {summary['avg_normalized_accuracy']:.3f}  "
-                  f"merge {seconds:.1f} s", flush=True)
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+            key = f"{pool.name}__{cell_key(ORDER, label, m, '+'.join(used[:m]))}"
+            frames.append(stored_cell(store, key, f"{pool.name} m={m} {label}", lambda: merged_rows(m, label, own)))
+    return pd.concat(frames, ignore_index=True)
 
 
 def print_table(table: pd.DataFrame) -> None:
@@ -209,24 +202,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--workers", type=int, default=1, help="processes merging modules in parallel (merge_lora)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "lora_table.csv")
-    parser.add_argument("--fresh", action="store_true", help="ignore the cells an earlier, stopped run finished")
+    parser.add_argument("--fresh", action="store_true", help="discard the cells an earlier, stopped run finished")
     args = parser.parse_args()
-    partial = args.out.with_name(f"{args.out.stem}.partial.csv")
+    run_dir = args.out.with_name(f"{args.out.stem}.run")
     if args.fresh:
-        partial.unlink(missing_ok=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+    store = ResultStore(run_dir)
+    store.check_config({"per_task": args.per_task, "density": args.density, "threads": args.threads})
     torch.set_num_threads(args.threads)
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     table = pd.concat([table_for_pool(p, args.sizes, args.methods, args.per_task, args.density, args.batch_size,
-                                      partial, args.workers) for p in args.pool or ["tiny-lora"]], ignore_index=True)
+                                      store, args.workers) for p in args.pool or ["tiny-lora"]], ignore_index=True)
     print_table(table)
     if FAILURES:
         print("\nmerges that failed (no row above):\n" + "\n".join(FAILURES))
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     table.to_csv(tmp, index=False)
     tmp.replace(args.out)
-    partial.unlink(missing_ok=True)
+    shutil.rmtree(run_dir)
     print(f"\nwrote {len(table)} rows to {args.out} in {time.perf_counter() - start:.0f} s")
 
 
