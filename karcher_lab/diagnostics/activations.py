@@ -248,6 +248,7 @@ def capture_activations(
         keep = mask[start : start + batch_size].to(device).bool()
         outputs = _trace_batch(wrapped, sites, ids, mask[start : start + batch_size].to(device))
         groups = group_of[start : start + batch_size].to(device)
+        token_groups = groups[:, None].expand_as(keep)[keep]  # the group of each non-padding token
         members = [(g, keep & (groups == g)[:, None]) for g in groups.unique().tolist()]
         for g, tokens in members:
             token_counts[g] += tokens.sum()
@@ -265,8 +266,7 @@ def capture_activations(
             for layer, h in enumerate(outputs[site]):
                 if keep_tokens:
                     x = h[keep].float() - shift[site][layer].float()
-                    token_group = groups[:, None].expand_as(keep)[keep]
-                    sums[site][layer].index_add_(0, token_group, x.double())
+                    sums[site][layer].index_add_(0, token_groups, x.double())
                     kept[site][layer].append(x)
                     continue
                 for g, tokens in members:
@@ -274,7 +274,7 @@ def capture_activations(
                     sums[site][layer, g] += x.double().sum(0)
                     outer[site][layer, g].addmm_(x.T, x)
         if keep_tokens:
-            kept_groups.append(group_of[start : start + batch_size].to(device)[:, None].expand_as(keep)[keep])
+            kept_groups.append(token_groups)
     sequence_counts = torch.bincount(group_of, minlength=n_groups)
     if keep_tokens:
         tokens = {site: torch.stack([torch.cat(batches) for batches in kept[site]]) for site in sites}

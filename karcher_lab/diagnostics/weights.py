@@ -162,7 +162,7 @@ def weight_metrics(
     if norm_only:
         norms = [{} for _ in range(n + 1)]  # the experts', then the merged model's
         for name in layout.names:
-            tensors = [s.load(stored[name]) for s, stored in zip(sources, layout.stored_names)][: n + 1]
+            tensors = [s.load(stored[name]) for s, stored in zip(sources, layout.stored_names)]  # no base here
             if tensors[0].is_floating_point():
                 for model_norms, t in zip(norms, tensors):
                     model_norms[name] = _norm(t)

@@ -105,7 +105,8 @@ DEFAULT_SELECTED = 4
 SINGLE_THREAD_PARAMETERS = 10_000_000
 """Models with fewer parameters are updated on one torch thread unless ``single_threaded`` says otherwise."""
 EVAL_BATCH = 256
-"""Sequences per forward pass of the evaluation (every checked task's examples in one batch)."""
+"""At most this many sequences per forward pass of the evaluation (batches of similar length,
+:func:`~karcher_lab.diagnostics.function.length_batches`)."""
 
 
 @contextmanager
