@@ -238,8 +238,8 @@ def test_reweighting_a_karcher_session_reuses_the_grams_and_equals_merge_tensors
                 base=base[name] if params.get("task_vectors") else None, **params,
             )
             torch.testing.assert_close(t, expected, rtol=0, atol=0, msg=name)
-    assert session.grams.hits == 2 * n_tensors and session.grams.misses == n_tensors
-    assert session.grams.traces["model.norm.weight"].converged or params.get("max_iter") == 10
+    assert session.states.hits == 2 * n_tensors and session.states.misses == n_tensors
+    assert session.traces["model.norm.weight"].converged or params.get("max_iter") == 10
 
 
 def test_session_with_other_methods_reuses_loaded_inputs(family):

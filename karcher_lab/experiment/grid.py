@@ -85,9 +85,9 @@ class SweepGrid:
 
 def applies(method: str, m: int) -> bool:
     """Whether ``method`` merges m experts in the sweep (see the module docstring)."""
-    if method in PAIR_METHODS:
-        return m == 2
     spec = get_method(method)
+    if spec.pair:
+        return m == 2
     return m >= spec.min_models and (spec.max_models is None or m <= spec.max_models)
 
 

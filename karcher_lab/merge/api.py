@@ -1,8 +1,9 @@
-"""`merge_tensors`: validate inputs once, then run a registered method on one tensor."""
+"""`merge_tensors`: validate a merge of one tensor once (:func:`validate`), then run its method, in one
+phase or, with a :class:`~karcher_lab.merge.prepared.PreparedStates`, from a cached prepared state."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Hashable, Sequence
 
 import torch
 
@@ -10,12 +11,13 @@ from karcher_lab.errors import (
     EmptyInputError,
     InputError,
     MissingBaseError,
-    ModelCountError,
     NonFiniteError,
     ParameterError,
     ShapeMismatchError,
-    WeightError,
 )
+from karcher_lab import checks
+from karcher_lab.checks import where
+from karcher_lab.merge.prepared import PreparedStates
 from karcher_lab.merge.registry import REQUIRED, MergeMethod, get_method
 
 
@@ -25,10 +27,6 @@ class MergeResult:
 
     tensor: torch.Tensor
     trace: Any = None
-
-
-def _where(name: str | None) -> str:
-    return f"tensor {name!r}: " if name else ""
 
 
 def compute_dtype(tensors: Sequence[torch.Tensor]) -> torch.dtype:
@@ -41,32 +39,31 @@ def check_tensors(
 ) -> None:
     """Raise a specific InputError for an empty list, non-tensors, shape mismatches or (unless
     ``finite`` is false: the method finds them in its own pass, see :func:`check_finite`) NaN/Inf."""
-    where = _where(name)
+    label = where(name)
     if tensors is None or len(tensors) == 0:
-        raise EmptyInputError(f"{where}no tensors to merge (got an empty list)")
+        raise EmptyInputError(f"{label}no tensors to merge (got an empty list)")
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
-            raise InputError(f"{where}model {i} is a {type(t).__name__}, not a torch.Tensor")
+            raise InputError(f"{label}model {i} is a {type(t).__name__}, not a torch.Tensor")
         if not (t.is_floating_point()):
-            raise InputError(f"{where}model {i} has dtype {t.dtype}; merging needs floating-point tensors")
+            raise InputError(f"{label}model {i} has dtype {t.dtype}; merging needs floating-point tensors")
     shape = tensors[0].shape
     for i, t in enumerate(tensors[1:], start=1):
         if t.shape != shape:
             raise ShapeMismatchError(
-                f"{where}model {i} has shape {tuple(t.shape)} but model 0 has {tuple(shape)}"
+                f"{label}model {i} has shape {tuple(t.shape)} but model 0 has {tuple(shape)}"
             )
     if base is not None:
         if not isinstance(base, torch.Tensor) or not base.is_floating_point():
-            raise InputError(f"{where}base must be a floating-point torch.Tensor")
+            raise InputError(f"{label}base must be a floating-point torch.Tensor")
         if base.shape != shape:
-            raise ShapeMismatchError(f"{where}base has shape {tuple(base.shape)} but the models have {tuple(shape)}")
+            raise ShapeMismatchError(f"{label}base has shape {tuple(base.shape)} but the models have {tuple(shape)}")
     if finite:
         check_finite(tensors, base, name)
 
 
 def check_finite(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = None, name: str | None = None) -> None:
     """NonFiniteError naming the first model (or the base) that holds NaN or Inf values."""
-    where = _where(name)
     labelled = [(f"model {i}", t) for i, t in enumerate(tensors)]
     if base is not None:
         labelled.append(("base", base))
@@ -76,29 +73,16 @@ def check_finite(tensors: Sequence[torch.Tensor], base: torch.Tensor | None = No
         if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
             n_nan = int(torch.isnan(t).sum())
             n_inf = int(torch.isinf(t).sum())
-            raise NonFiniteError(f"{where}{label} contains {n_nan} NaN and {n_inf} Inf values")
+            raise NonFiniteError(f"{where(name)}{label} contains {n_nan} NaN and {n_inf} Inf values")
 
 
-def check_weights(
+def method_weights(
     weights: Sequence[float] | torch.Tensor | None, n: int, method: MergeMethod, name: str | None = None
 ) -> torch.Tensor:
-    """Per-model weights as float64 [n] (1.0 each when None), checked for length, sign and sum."""
-    where = _where(name)
-    if weights is None:
-        return torch.ones(n, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
-    if w.numel() != n:
-        raise WeightError(f"{where}{method.name}: got {w.numel()} weights for {n} models")
-    if not bool(torch.isfinite(w).all()):
-        raise WeightError(f"{where}{method.name}: weights must be finite, got {w.tolist()}")
-    if method.weights == "nonnegative" and bool((w < 0).any()):
-        raise WeightError(
-            f"{where}{method.name} needs non-negative weights, got {w.tolist()} "
-            "(negative weights are allowed in task_arithmetic-style methods)"
-        )
-    if method.weights != "unused" and bool((w == 0).all()):
-        raise WeightError(f"{where}{method.name}: all weights are zero")
-    return w
+    """Per-model weights as float64 [n] (1.0 each when None), checked under the method's sign rule."""
+    label = f"{where(name)}{method.name}: "
+    return checks.check_weights(weights, n, label=label, nonnegative=method.weights == "nonnegative",
+                                nonzero=method.weights != "unused")
 
 
 def resolve_params(method: MergeMethod, n: int, params: dict[str, Any]) -> dict[str, Any]:
@@ -126,6 +110,52 @@ def resolve_params(method: MergeMethod, n: int, params: dict[str, Any]) -> dict[
     return out
 
 
+@dataclass
+class MergeCall:
+    """One validated merge of one tensor: the method, inputs in the compute dtype, context, parameters."""
+
+    method: MergeMethod
+    tensors: list[torch.Tensor]
+    context: dict[str, Any]
+    params: dict[str, Any]
+    out_dtype: torch.dtype
+
+
+def validate(
+    method: str | MergeMethod,
+    tensors: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    base: torch.Tensor | None = None,
+    seed: int | None = None,
+    out_dtype: torch.dtype | None = None,
+    name: str | None = None,
+    params: dict[str, Any],
+) -> MergeCall:
+    """Every check of one tensor's merge, before any work (see :func:`merge_tensors`)."""
+    m = method if isinstance(method, MergeMethod) else get_method(method)
+    check_tensors(tensors, base, name, finite=not m.checks_finite)
+    n = len(tensors)
+    m.check_count(n, label=where(name))
+    if m.base == "required" and base is None:
+        raise MissingBaseError(f"{where(name)}{m.name} needs a base model (base=...)")
+    if m.base_mode is not None and base is None and m.uses_base(params):
+        raise MissingBaseError(f"{where(name)}{m.name} with {m.base_mode}: true needs a base model")
+    w = method_weights(weights, n, m, name)
+    resolved = resolve_params(m, n, params)
+    dtype = compute_dtype(list(tensors) + ([base] if base is not None else []))
+    xs = [t.to(dtype) for t in tensors]
+    b = base.to(dtype) if (base is not None and m.base != "unused") else None
+    if b is not None and not m.uses_base(resolved) and m.checks_finite:
+        check_finite([], b, name)  # given but unused: still refused when broken, as for other methods
+    generator = None
+    if m.randomized:
+        generator = torch.Generator(device=xs[0].device)
+        generator.manual_seed(0 if seed is None else int(seed))
+    context = dict(weights=w, base=b, generator=generator, name=name)
+    return MergeCall(m, xs, context, resolved, out_dtype or tensors[0].dtype)
+
+
 def merge_tensors(
     method: str,
     tensors: Sequence[torch.Tensor],
@@ -136,40 +166,51 @@ def merge_tensors(
     out_dtype: torch.dtype | None = None,
     name: str | None = None,
     return_trace: bool = False,
+    states: PreparedStates | None = None,
+    key: Hashable = None,
     **params: Any,
 ) -> torch.Tensor | MergeResult:
     """Merge one tensor from N models with a registered method.
 
-    Inputs are validated before any work (errors from :mod:`karcher_lab.errors` name ``name``, the
-    tensor's name, when given; a method registered with ``checks_finite`` finds NaN/Inf in its own
-    first pass over the data, before writing any output). Computation runs in float32 (float64 if any
-    input is float64); the result has the first input's dtype unless ``out_dtype`` is given.
-    ``weights`` are the per-model ``weight`` of mergekit's YAML (1.0 each by default). Randomized
-    methods use ``seed`` (the same seed gives bit-identical output). With ``return_trace=True`` a
-    :class:`MergeResult` is returned, whose ``trace`` is the solver trace for iterative methods (None
-    for closed-form ones).
+    Parameters
+    ----------
+    method : str
+        A registered method's name (:func:`~karcher_lab.merge.list_methods`).
+    tensors : list of N tensors, all of one shape
+        Floating-point inputs; computation runs in float32 (float64 if any input is float64).
+    weights : N floats, optional
+        The per-model ``weight`` of mergekit's YAML (1.0 each by default).
+    base : tensor, optional
+        The base model's tensor, for methods that use one.
+    seed : int, optional
+        Seed of randomized methods (the same seed gives bit-identical output).
+    out_dtype : torch.dtype, optional
+        Dtype of the result (default: the first input's).
+    name : str, optional
+        The tensor's name, quoted by every error.
+    return_trace : bool
+        Return a :class:`MergeResult` whose ``trace`` is the solver trace of iterative methods.
+    states, key : PreparedStates and a hashable, optional
+        For a two-phase method (:class:`~karcher_lab.merge.registry.TwoPhase`), the prepared state
+        cached under ``key`` (which must identify the inputs) is reused: a re-weighted merge skips the
+        pass over the data that preparing makes.
+    **params
+        The method's parameters (:attr:`MergeMethod.params`).
+
+    Returns
+    -------
+    torch.Tensor of the inputs' shape, or MergeResult
+
+    Every input is validated before any work (errors from :mod:`karcher_lab.errors` name ``name``); a
+    method registered with ``checks_finite`` finds NaN/Inf in its own first pass over the data, before
+    writing any output.
     """
-    m = get_method(method)
-    check_tensors(tensors, base, name, finite=not m.checks_finite)
-    n = len(tensors)
-    if n < m.min_models or (m.max_models is not None and n > m.max_models):
-        expected = (
-            f"exactly {m.min_models}" if m.min_models == m.max_models
-            else f"at least {m.min_models}" + (f" and at most {m.max_models}" if m.max_models else "")
-        )
-        raise ModelCountError(f"{_where(name)}{method} merges {expected} models, got {n}")
-    if m.base == "required" and base is None:
-        raise MissingBaseError(f"{_where(name)}{method} needs a base model (base=...)")
-    w = check_weights(weights, n, m, name)
-    resolved = resolve_params(m, n, params)
-    dtype = compute_dtype(list(tensors) + ([base] if base is not None else []))
-    xs = [t.to(dtype) for t in tensors]
-    b = base.to(dtype) if (base is not None and m.base != "unused") else None
-    generator = None
-    if m.randomized:
-        generator = torch.Generator(device=xs[0].device)
-        generator.manual_seed(0 if seed is None else int(seed))
-    out = m.fn(xs, weights=w, base=b, generator=generator, name=name, **resolved)
+    call = validate(method, tensors, weights=weights, base=base, seed=seed, out_dtype=out_dtype, name=name,
+                    params=params)
+    if states is not None and call.method.two_phase is not None:
+        out = states.merge(key, call)
+    else:
+        out = call.method.call(call.tensors, call.context, call.params)
     tensor, trace = out if isinstance(out, tuple) else (out, None)
-    tensor = tensor.to(out_dtype or tensors[0].dtype)
+    tensor = tensor.to(call.out_dtype)
     return MergeResult(tensor, trace) if return_trace else tensor

@@ -8,25 +8,25 @@ from __future__ import annotations
 import torch
 
 from karcher_lab.errors import NonFiniteError, ParameterError, ShapeMismatchError
-from karcher_lab.merge.api import _where
+from karcher_lab.checks import where
 from karcher_lab.merge.registry import REQUIRED, Param, register
 
 
 def check_fishers(fishers: list, shape: torch.Size, name: str | None) -> None:
     """Every Fisher is a tensor of the models' shape, finite and non-negative; raise otherwise."""
-    where = f"{_where(name)}fisher:"
+    label = f"{where(name)}fisher:"
     for i, f in enumerate(fishers):
         if not isinstance(f, torch.Tensor):
-            raise ParameterError(f"{where} the Fisher of model {i} is a {type(f).__name__}, not a torch.Tensor")
+            raise ParameterError(f"{label} the Fisher of model {i} is a {type(f).__name__}, not a torch.Tensor")
         if f.shape != shape:
             raise ShapeMismatchError(
-                f"{where} the Fisher of model {i} has shape {tuple(f.shape)} but the models have {tuple(shape)}"
+                f"{label} the Fisher of model {i} has shape {tuple(f.shape)} but the models have {tuple(shape)}"
             )
         if not bool(torch.isfinite(f).all()):
-            raise NonFiniteError(f"{where} the Fisher of model {i} contains NaN or Inf values")
+            raise NonFiniteError(f"{label} the Fisher of model {i} contains NaN or Inf values")
         if bool((f < 0).any()):
             raise ParameterError(
-                f"{where} the Fisher of model {i} has {int((f < 0).sum())} negative entries; "
+                f"{label} the Fisher of model {i} has {int((f < 0).sum())} negative entries; "
                 "a diagonal Fisher (a mean of squared gradients) is non-negative"
             )
 
@@ -62,7 +62,7 @@ def fisher_merge(
     λ-weighted mean Σ λi θi / Σ λi. Not in mergekit.
     """
     if not fisher_floor > 0:
-        raise ParameterError(f"{_where(name)}fisher: parameter 'fisher_floor' must be > 0, got {fisher_floor}")
+        raise ParameterError(f"{where(name)}fisher: parameter 'fisher_floor' must be > 0, got {fisher_floor}")
     check_fishers(fisher, tensors[0].shape, name)
     numerator = torch.zeros_like(tensors[0])
     denominator = torch.zeros_like(tensors[0])

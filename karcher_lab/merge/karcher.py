@@ -63,21 +63,21 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.errors import InputError, MissingBaseError, ParameterError
+from karcher_lab.errors import InputError, ParameterError
 from karcher_lab.geometry.blocks import BLOCK_GRANULARITIES
 from karcher_lab.geometry.karcher_mean import (
     KARCHER_INITS,
     KarcherTrace,
     block_norms,
-    check_solver_params,
     combine,
     contributing_weights,
     gram_matrix,
     karcher_coefficients,
 )
-from karcher_lab.merge.api import _where, check_finite
+from karcher_lab.checks import where
+from karcher_lab.merge.api import MergeCall, check_finite
 from karcher_lab.merge.fisher import check_fishers
-from karcher_lab.merge.registry import Param, register
+from karcher_lab.merge.registry import Param, TwoPhase, register
 
 NORM_AVERAGES: tuple[str, ...] = ("contributing", "all")
 """Output norm: weighted mean over experts with a direction (default) or over all experts (mergekit)."""
@@ -90,6 +90,27 @@ def output_norms(gram: torch.Tensor, weights: torch.Tensor, norm_average: str) -
     if norm_average == "all":
         return (norms * weights.to(norms)).sum(-1) / float(weights.sum())
     return (norms * contributing_weights(gram, weights)).sum(-1)
+
+
+def prepare_gram(call: MergeCall) -> torch.Tensor:
+    """The weight-independent phase: G = gram_matrix(x [− θ_0]) ``[B, N, N]``, or with ``fisher`` one
+    Gram per Fisher, G^(k) ``[N, B, N, N]`` (:func:`fisher_grams`), which :func:`solve_from_gram` mixes."""
+    p, name = call.params, call.context["name"]
+    center = call.context["base"] if p["task_vectors"] else None
+    if p["fisher"] is None:
+        return checked_gram(call.tensors, p["block"], center=center, name=name)
+    return fisher_grams(call.tensors, p["fisher"], p["block"], center=center, floor=p["fisher_floor"], name=name)
+
+
+def solve_from_gram(gram: torch.Tensor, call: MergeCall) -> tuple[torch.Tensor, KarcherTrace]:
+    """The weighted phase, from :func:`prepare_gram`'s state: the same result as :func:`karcher`."""
+    p, weights, name = call.params, call.context["weights"], call.context["name"]
+    if p["fisher"] is not None:
+        gram = mix_fisher_grams(gram, weights, name)
+    return karcher_from_gram(
+        call.tensors, gram, weights, center=call.context["base"] if p["task_vectors"] else None, block=p["block"],
+        eta=p["eta"], max_iter=p["max_iter"], tol=p["tol"], init=p["init"], norm_average=p["norm_average"], name=name,
+    )
 
 
 @register(
@@ -111,10 +132,14 @@ def output_norms(gram: torch.Tensor, weights: torch.Tensor, norm_average: str) -
         Param("fisher_floor", float, 1e-6, doc="lower bound applied to every Fisher entry (> 0)"),
     ),
     base="optional",
+    base_mode="task_vectors",
     weights="nonnegative",
     min_models=1,
     returns_trace=True,
     checks_finite=True,
+    two_phase=TwoPhase(
+        prepare=prepare_gram, solve=solve_from_gram, prepared_by=("block", "task_vectors", "fisher", "fisher_floor"),
+    ),
     paper="Functionality-Oriented LLM Merging on the Fisher–Rao Manifold (arXiv:2603.04972), §3",
 )
 def karcher(
@@ -142,12 +167,7 @@ def karcher(
     linearly; a base is used only when ``task_vectors`` is true. NaN/Inf in the models (or the base in
     task-vector mode) are found through the Gram diagonal (:func:`checked_gram`), not a pass of their own.
     """
-    check_solver_params(eta=eta, max_iter=max_iter, tol=tol, init=init)
-    if task_vectors and base is None:
-        raise MissingBaseError(f"{_where(name)}karcher with task_vectors: true needs a base model")
     metric = fisher_metric(fisher, weights, tensors[0], fisher_floor, name) if fisher is not None else None
-    if base is not None and not task_vectors:
-        check_finite([], base, name)  # given but unused: still refused when broken, as for other methods
     center = base if task_vectors else None
     gram = checked_gram(tensors, block, center=center, metric=metric, name=name)
     return karcher_from_gram(
@@ -202,7 +222,7 @@ def checked_gram(
     gram = gram_matrix(tensors, block, center=center, metric=metric)
     if not bool(torch.isfinite(gram).all()):
         check_finite(tensors, center, name)
-        raise InputError(f"{_where(name)}the Gram matrix of finite inputs overflows float64 (values near 1e154)")
+        raise InputError(f"{where(name)}the Gram matrix of finite inputs overflows float64 (values near 1e154)")
     return gram
 
 
@@ -210,13 +230,13 @@ def _fisher_weights(weights: torch.Tensor, n: int, name: str | None) -> torch.Te
     """ᾱ = α / Σ α as float64 [n] (per-model weights only: F̄ is one tensor)."""
     w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
     if w.numel() != n:
-        raise ParameterError(f"{_where(name)}karcher: got {n} Fishers for {w.numel()} models")
+        raise ParameterError(f"{where(name)}karcher: got {n} Fishers for {w.numel()} models")
     return w / w.sum()
 
 
 def _checked_fishers(fisher: list, like: torch.Tensor, floor: float, name: str | None) -> None:
     if not floor > 0:
-        raise ParameterError(f"{_where(name)}karcher: parameter 'fisher_floor' must be > 0, got {floor}")
+        raise ParameterError(f"{where(name)}karcher: parameter 'fisher_floor' must be > 0, got {floor}")
     check_fishers(list(fisher), like.shape, name)
 
 

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from karcher_lab.errors import WeightError
-from karcher_lab.merge.api import _where
+from karcher_lab.checks import where
 from karcher_lab.merge.registry import Param, register
 
 CANCELLING_WEIGHTS_RTOL = 1e-9
@@ -54,7 +54,7 @@ def linear(
     total = float(weights.sum())
     if normalize and abs(total) <= CANCELLING_WEIGHTS_RTOL * float(weights.abs().sum()):
         raise WeightError(
-            f"{_where(name)}linear: the weights {weights.tolist()} sum to zero, so they cannot be "
+            f"{where(name)}linear: the weights {weights.tolist()} sum to zero, so they cannot be "
             "normalized; change the weights or set normalize: false"
         )
     out = weighted_sum(tensors, weights.tolist())

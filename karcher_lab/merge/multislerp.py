@@ -11,7 +11,7 @@ import math
 import torch
 
 from karcher_lab.errors import AntipodalError, ParameterError
-from karcher_lab.merge.api import _where
+from karcher_lab.checks import where
 from karcher_lab.merge.linear import weighted_sum
 from karcher_lab.merge.registry import Param, register
 
@@ -67,7 +67,7 @@ def multislerp(
     there for N ≥ 3.
     """
     if not eps > 0:
-        raise ParameterError(f"{_where(name)}multislerp: parameter 'eps' must be > 0, got {eps}")
+        raise ParameterError(f"{where(name)}multislerp: parameter 'eps' must be > 0, got {eps}")
     if len(tensors) == 1:
         return tensors[0]
     w = weights / weights.sum() if normalize_weights else weights
@@ -78,7 +78,7 @@ def multislerp(
     if direction_norm < max(eps, cancellation_tolerance(w, direction.dtype)):
         if len(xs) > 2 and bool((norms[w > 0] > eps).any()):
             raise AntipodalError(
-                f"{_where(name)}multislerp: the weighted directions of the {len(xs)} models cancel "
+                f"{where(name)}multislerp: the weighted directions of the {len(xs)} models cancel "
                 f"(‖Σ wi xi/‖xi‖‖ = {direction_norm:.3g} < eps = {eps:g}), so there is no mean direction; "
                 "the models are (nearly) antipodal for these weights: change the weights"
             )

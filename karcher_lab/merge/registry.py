@@ -1,21 +1,32 @@
 """One registry of merge methods, shared by the Python API, the CLI, YAML recipes and the widgets.
 
-A method is a pure function on tensors::
+A method is a pure function on tensors whose signature is its contract::
 
-    fn(tensors, *, weights, base, generator, name, **params) -> Tensor | (Tensor, trace)
+    fn(tensors, *, [weights], [base], [generator], [name], <one keyword per declared Param>)
+        -> Tensor | (Tensor, trace)
 
-It receives already validated inputs (see :mod:`karcher_lab.merge.api`): ``tensors`` is a list of N
-same-shape floating tensors in the compute dtype, ``weights`` a float64 tensor of shape [N] (the
-per-model ``weight``; 1.0 each when the user gave none), ``base`` the base tensor or None, ``generator``
-a seeded ``torch.Generator`` for randomized methods (None otherwise), ``name`` the tensor's name
-(or None) for error messages, and ``params`` every declared
-parameter with defaults filled in. Per-model parameters arrive as a list of N Python values.
+It receives already validated inputs (see :mod:`karcher_lab.merge.api`), and of the context arguments
+only those its signature names: ``tensors`` is a list of N same-shape floating tensors in the compute
+dtype, ``weights`` a float64 tensor of shape [N] (the per-model ``weight``; 1.0 each when the user gave
+none), ``base`` the base tensor or None, ``generator`` a seeded ``torch.Generator`` for randomized
+methods (None otherwise), ``name`` the tensor's name (or None) for error messages. Every declared
+parameter arrives with its default filled in; per-model parameters as a list of N Python values.
+Registration checks that the keyword parameters of ``fn`` are exactly its declared parameters plus
+context arguments (or, with ``**params``, a subset of them), so a method cannot silently ignore a
+parameter it declares.
+
+Adding a method: write the function in a module of this package, decorate it with
+:func:`register` (its rules: :class:`MergeMethod`'s fields), and import the module in
+``karcher_lab/merge/__init__.py``. Recipes, the CLI, the sweep and the widgets pick it up from here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+import inspect
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, Callable, Literal, Mapping
 
+from karcher_lab.checks import check_model_count
 from karcher_lab.errors import ParameterError, UnknownMethodError
 
 
@@ -86,19 +97,41 @@ class Param:
         return out
 
 
-BaseUse = Literal["required", "optional", "unused"]
+CONTEXT = ("weights", "base", "generator", "name")
+"""Arguments every call provides; a method's function takes those it uses (keyword-only)."""
+
+BaseUse = Literal["required", "optional", "first", "unused"]
 WeightUse = Literal["nonnegative", "any", "unused"]
 
 
 @dataclass(frozen=True)
-class MergeMethod:
-    """Registry entry: the function plus what it needs, so inputs can be checked before any work.
+class TwoPhase:
+    """A method's two-phase form, for re-weighting without another pass over the data.
 
-    base: whether a base tensor is required, optional (e.g. task-vector modes) or unused (ignored
-    when given, as mergekit ignores ``base_model`` for such methods). weights: whether per-model
+    ``prepare(tensors, *, base, name, **params) -> state`` does the weight-independent work (karcher:
+    the Gram matrices, one read of the data); ``solve(state, tensors, *, weights, base, name, **params)``
+    finishes the merge for any weights. ``prepared_by`` names the parameters the state depends on; a
+    cached state is reused only while they (and the inputs) are unchanged.
+    """
+
+    prepare: Callable[..., Any]
+    solve: Callable[..., Any]
+    prepared_by: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """Registry entry: the function plus every rule about its inputs, so callers never branch on a name.
+
+    base: how ``base_model`` is used. ``required`` / ``optional`` (e.g. task-vector modes): it is the
+    method's base tensor; ``first``: it is the method's first input (slerp interpolates from it);
+    ``unused``: it is ignored by the method (a recipe then merges it as one more input, as mergekit
+    does). base_mode: the boolean parameter that switches an optional base on (karcher's
+    ``task_vectors``); without it an optional base is used whenever given. weights: whether per-model
     weights must be non-negative, may be negative (task arithmetic) or are not used at all.
-    checks_finite: the method itself raises NonFiniteError for NaN/Inf inputs, found in a pass over the
-    data it makes anyway (karcher's Gram diagonal), so ``merge_tensors`` skips its own NaN/Inf pass.
+    min_models / max_models: the number of inputs besides the base. checks_finite: the method itself
+    raises NonFiniteError for NaN/Inf inputs, found in a pass over the data it makes anyway (karcher's
+    Gram diagonal), so ``merge_tensors`` skips its own NaN/Inf pass. two_phase: see :class:`TwoPhase`.
     """
 
     name: str
@@ -106,14 +139,15 @@ class MergeMethod:
     summary: str
     params: tuple[Param, ...] = ()
     base: BaseUse = "unused"
+    base_mode: str | None = None
     weights: WeightUse = "nonnegative"
     min_models: int = 1
     max_models: int | None = None
     randomized: bool = False
     returns_trace: bool = False
     checks_finite: bool = False
+    two_phase: TwoPhase | None = None
     paper: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -123,43 +157,71 @@ class MergeMethod:
             f"{self.name}: unknown parameter {name!r}; known: {[p.name for p in self.params] or 'none'}"
         )
 
+    @cached_property
+    def context(self) -> tuple[str, ...]:
+        """The context arguments (:data:`CONTEXT`) that ``fn`` takes."""
+        return tuple(a for a in CONTEXT if a in inspect.signature(self.fn).parameters)
+
+    def call(self, tensors: list[Any], context: Mapping[str, Any], params: Mapping[str, Any]) -> Any:
+        """``fn(tensors, **context, **params)``, passing only the context arguments it takes."""
+        return self.fn(tensors, **{k: context[k] for k in self.context}, **params)
+
+    def uses_base(self, params: Mapping[str, Any] | None = None) -> bool:
+        """Whether ``base_model`` reaches the method as its base (or first input) under ``params``."""
+        if self.base == "unused":
+            return False
+        if self.base_mode is None:
+            return True
+        mode = self.param(self.base_mode)
+        return bool(mode.coerce((params or {}).get(mode.name, mode.default), self.name))
+
+    @property
+    def pair(self) -> bool:
+        """Whether the method merges exactly two models, one of which is its base (slerp from the first
+        to the second; arcee_fusion and nearswap: a base and one model)."""
+        if self.base == "first":
+            return self.max_models == 2
+        return self.base == "required" and self.max_models == 1
+
+    @property
+    def reweightable(self) -> bool:
+        """Whether a prepared state serves every weighting, zero weights excluding a model (two-phase)."""
+        return self.two_phase is not None
+
+    def check_count(self, n: int, *, label: str = "", what: str = "models", given: str = "got") -> None:
+        """ModelCountError unless n inputs (besides the base) fit ``min_models`` … ``max_models``."""
+        check_model_count(n, self.min_models, self.max_models, label=label + self.name, what=what, given=given)
+
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
 
-def register(
-    name: str,
-    *,
-    summary: str,
-    params: tuple[Param, ...] = (),
-    base: BaseUse = "unused",
-    weights: WeightUse = "nonnegative",
-    min_models: int = 1,
-    max_models: int | None = None,
-    randomized: bool = False,
-    returns_trace: bool = False,
-    checks_finite: bool = False,
-    paper: str = "",
-) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``fn`` as merge method ``name`` (names are mergekit's ``merge_method``)."""
+def add_method(method: MergeMethod) -> MergeMethod:
+    """Register ``method`` after checking that its rules are consistent (names unique, ``base_mode`` a
+    bool parameter, ``two_phase.prepared_by`` declared parameters)."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"merge method {method.name!r} registered twice")
+    if method.base_mode is not None and method.param(method.base_mode).kind is not bool:
+        raise ValueError(f"{method.name}: base_mode {method.base_mode!r} must name a bool parameter")
+    for name in method.two_phase.prepared_by if method.two_phase else ():
+        method.param(name)
+    signature = inspect.signature(method.fn).parameters
+    keywords = {n for n, a in signature.items() if a.kind is inspect.Parameter.KEYWORD_ONLY} - set(CONTEXT)
+    declared = {p.name for p in method.params}
+    takes_any = any(a.kind is inspect.Parameter.VAR_KEYWORD for a in signature.values())  # e.g. ``lambda``
+    if keywords != declared and not (takes_any and keywords <= declared):
+        raise ValueError(f"{method.name}: the keyword parameters of {method.fn.__name__} "
+                         f"{sorted(keywords)} differ from the declared parameters {sorted(declared)}")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def register(name: str, **rules: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as merge method ``name`` (mergekit's ``merge_method``); ``rules`` are
+    the other fields of :class:`MergeMethod` (summary, params, base, weights, min_models, ...)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _REGISTRY:
-            raise ValueError(f"merge method {name!r} registered twice")
-        _REGISTRY[name] = MergeMethod(
-            name=name,
-            fn=fn,
-            summary=summary,
-            params=params,
-            base=base,
-            weights=weights,
-            min_models=min_models,
-            max_models=max_models,
-            randomized=randomized,
-            returns_trace=returns_trace,
-            checks_finite=checks_finite,
-            paper=paper,
-        )
+        add_method(MergeMethod(name=name, fn=fn, **rules))
         return fn
 
     return decorate

@@ -55,7 +55,7 @@ def slerp_vectors(
         Param("t", float, REQUIRED, doc="interpolation fraction: 0 gives tensors[0], 1 gives tensors[1]",
               low=0.0, high=1.0),
     ),
-    base="unused",
+    base="first",
     weights="unused",
     min_models=2,
     max_models=2,

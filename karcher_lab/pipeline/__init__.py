@@ -18,9 +18,10 @@ Three steps, each checkable on its own:
 How recipe models become method inputs (mergekit's semantics) is described in :mod:`~karcher_lab.pipeline.plan`.
 
 For repeated merges of the same models (widgets), :class:`MergeSession` keeps the models open and keeps
-per-tensor state between calls: optionally the loaded inputs, and for ``karcher`` the per-tensor Gram
-matrices, so that re-weighting (or changing η, max_iter, tol, init) re-solves in coefficient space and
-only runs the combine pass: no input is re-read or re-normalized.
+per-tensor state between calls: optionally the loaded inputs, the plan (a re-weighted merge is not
+re-planned), and for two-phase methods (karcher) the prepared state, so that re-weighting (or changing
+η, max_iter, tol, init) re-solves in coefficient space and only runs the combine pass: no input is
+re-read or re-normalized. :class:`SubsetMerger` merges any subset of a fixed list of experts.
 
 Modules: :mod:`~karcher_lab.pipeline.plan` (step 2), :mod:`~karcher_lab.pipeline.execute` (step 3),
 :mod:`~karcher_lab.pipeline.write` (the checkpoint directory), :mod:`~karcher_lab.pipeline.session`
@@ -29,9 +30,10 @@ Modules: :mod:`~karcher_lab.pipeline.plan` (step 2), :mod:`~karcher_lab.pipeline
 from karcher_lab.pipeline.execute import MergeStats, TensorCache, execute_plan
 from karcher_lab.pipeline.plan import MergePlan, TensorTask, plan_merge, tensor_seed
 from karcher_lab.pipeline.session import MergeSession, merge_models, open_model, resolve_device, run_recipe
+from karcher_lab.pipeline.subsets import MergedState, SubsetMerger
 from karcher_lab.pipeline.write import resolved_recipe_yaml, write_output
 
 __all__ = [
-    "MergePlan", "MergeSession", "MergeStats", "TensorCache", "TensorTask", "execute_plan", "merge_models",
+    "MergePlan", "MergeSession", "MergeStats", "MergedState", "SubsetMerger", "TensorCache", "TensorTask", "execute_plan", "merge_models",
     "open_model", "plan_merge", "resolve_device", "resolved_recipe_yaml", "run_recipe", "tensor_seed", "write_output",
 ]

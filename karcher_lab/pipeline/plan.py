@@ -17,12 +17,12 @@ on small probe tensors, so that checks a method makes only when called fail here
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping
 
 import torch
 
-from karcher_lab.errors import MissingBaseError, ModelCountError, NotSupportedError, ParameterError, RecipeError
+from karcher_lab.errors import MissingBaseError, NotSupportedError, ParameterError, RecipeError
 from karcher_lab.io.architecture import Layout, Source, check_layout, vocabulary_rows
 from karcher_lab.io.checkpoint import StateDictSource
 from karcher_lab.io.vocabulary import VocabularyAlignment, tokenizer_vocabulary
@@ -33,12 +33,6 @@ from karcher_lab.recipe.schema import DTYPES, ModelEntry, ModelRef, Recipe, chec
 
 WEIGHT = Param("weight", float, 1.0, per_model=True, doc="per-model weight")
 """mergekit's per-model ``weight``, handed to methods as ``weights`` (1.0 when not given)."""
-
-BASE_FIRST_METHODS = ("slerp",)
-"""Methods whose two inputs are [base_model, the other model] (mergekit's slerp: t = 0 is the base)."""
-
-BASE_MODE_PARAMETERS = {"karcher": "task_vectors"}
-"""Methods that use a base only in an opt-in mode: without it, the base is an input as in mergekit."""
 
 PROBE_SHAPE = (2, 3)
 """Shape of the small tensors each distinct parameter set is tried on before any real tensor is read."""
@@ -92,12 +86,12 @@ def _method_inputs(recipe: Recipe, method: MergeMethod) -> tuple[list[ModelEntry
     base = recipe.base_model
     entries = list(recipe.models)
     warnings = []
-    if method.name in BASE_FIRST_METHODS:
+    if method.base == "first":
         if base is None:
             raise MissingBaseError(f"{method.name} interpolates from base_model (t = 0) to one other model: give base_model")
         others = [e for e in entries if e.model != base]
         return [ModelEntry(base)] + others, None, warnings
-    if method.base == "unused" or (method.name in BASE_MODE_PARAMETERS and not _base_mode(recipe, method)):
+    if not method.uses_base(_base_mode(recipe, method)):
         if base is not None and all(e.model != base for e in entries):
             warnings.append(
                 f"{method.name} does not use a base model; base_model {base} is merged as one more input "
@@ -110,23 +104,21 @@ def _method_inputs(recipe: Recipe, method: MergeMethod) -> tuple[list[ModelEntry
     return [e for e in entries if e.model != base], base, warnings
 
 
-def _base_mode(recipe: Recipe, method: MergeMethod) -> bool:
-    """Whether the recipe turns on the method's base mode (one global true/false for the whole merge)."""
-    name = BASE_MODE_PARAMETERS[method.name]
+def _base_mode(recipe: Recipe, method: MergeMethod) -> dict[str, Any]:
+    """The recipe's setting of the method's base mode, if it has one (one global true/false for the
+    whole merge), as ``{base_mode: value}`` for :meth:`MergeMethod.uses_base`."""
+    name = method.base_mode
+    if name is None:
+        return {}
     setting = recipe.parameters.get(name, recipe.slice_parameters.get(name, False))
     if not isinstance(setting, (bool, str, int)):
         raise RecipeError(f"parameters.{name} must be one true/false for the whole merge, got {setting!r}")
-    return bool(method.param(name).coerce(setting, method.name))
+    return {name: setting}
 
 
 def _check_count(method: MergeMethod, n: int) -> None:
-    if n < method.min_models or (method.max_models is not None and n > method.max_models):
-        expected = (
-            f"exactly {method.min_models}" if method.min_models == method.max_models
-            else f"at least {method.min_models}" + (f" and at most {method.max_models}" if method.max_models else "")
-        )
-        base = " (besides the base model)" if method.base != "unused" else ""
-        raise ModelCountError(f"{method.name} merges {expected} model(s){base}, the recipe gives {n}")
+    what = "model(s) (besides the base model)" if method.base in ("required", "optional") else "model(s)"
+    method.check_count(n, what=what, given="the recipe gives")
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
@@ -233,6 +225,21 @@ def plan_merge(
             _probe(method, task, len(entries), base is not None, probed)
         tasks.append(task)
     return MergePlan(recipe, method, inputs, base, layout, tasks, donor, load_dtype, alignment, warnings)
+
+
+def reweighted(plan: MergePlan, weights: list[float]) -> MergePlan:
+    """``plan`` with every tensor's per-model weights set to ``weights`` (one per input model), nothing
+    else re-resolved; each distinct parameter set is probed again with them (see :func:`_probe`)."""
+    if plan.method.weights == "unused":
+        return plan
+    if len(weights) != len(plan.inputs):
+        raise ParameterError(f"{plan.method.name}: got {len(weights)} weights for {len(plan.inputs)} input models")
+    tasks = [replace(task, weights=list(weights)) if task.weights is not None else task for task in plan.tasks]
+    probed: set[str] = set()
+    for task in tasks:
+        if task.floating:
+            _probe(plan.method, task, len(plan.inputs), plan.base is not None, probed)
+    return replace(plan, tasks=tasks)
 
 
 def _vocabulary_alignment(recipe: Recipe, refs: list[ModelRef], sources: list[Source]) -> VocabularyAlignment:

@@ -10,20 +10,32 @@ from typing import Any, Hashable, Mapping, Sequence
 import torch
 
 from karcher_lab.errors import DeviceError, EmptyInputError, ParameterError, WeightError
-from karcher_lab.gram_cache import GramCache
 from karcher_lab.io.architecture import Source
 from karcher_lab.io.checkpoint import Checkpoint, StateDictSource
 from karcher_lab.io.output import check_output_path
 from karcher_lab.io.resolve import resolve_model_dir
 from karcher_lab.io.writer import parse_size
 from karcher_lab.merge.api import merge_tensors
+from karcher_lab.merge.prepared import PreparedStates
 from karcher_lab.merge.registry import get_method
 from karcher_lab.pipeline.execute import MergeStats, TensorCache, execute_plan, peak_rss_bytes
-from karcher_lab.pipeline.plan import MergePlan, plan_merge
+from karcher_lab.pipeline.plan import MergePlan, plan_merge, reweighted
 from karcher_lab.pipeline.write import write_output
 from karcher_lab.recipe.schema import ModelEntry, ModelRef, Recipe, parse_dtype, parse_model_ref, parse_parameters
 
 DEFAULT_SHARD_SIZE = "5GB"
+
+
+def _frozen(value: Any) -> Hashable:
+    """A hashable stand-in for parameter settings: containers by content, other objects (tensors,
+    in-memory state dicts) by identity; the session holds what it was given."""
+    if isinstance(value, Mapping):
+        return tuple((k, _frozen(v)) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return ("id", id(value))
 
 
 def open_model(model: Any, label: str, relative_to: Path | None = None) -> Source:
@@ -52,11 +64,11 @@ class MergeSession:
 
     ``models`` and ``base`` are paths, hub ids (local cache only), ModelRefs, ``{name: tensor}`` dicts
     or transformers models. With ``keep_inputs=True`` every input tensor is loaded once and kept (on
-    ``device``, cast to ``dtype``), so later merges re-read nothing from disk. ``cache_grams`` (on by
-    default) keeps karcher's per-tensor Gram matrices (:class:`karcher_lab.gram_cache.GramCache`), so
-    a re-weighted karcher merge re-solves the N×N problem and runs only the combine pass. karcher
-    tensors always go through that class (which folds the NaN/Inf check into the Gram pass); without
-    ``cache_grams`` it keeps nothing.
+    ``device``, cast to ``dtype``), so later merges re-read nothing from disk. ``cache_states`` (on by
+    default) keeps the prepared state of two-phase methods per tensor
+    (:class:`~karcher_lab.merge.prepared.PreparedStates`; karcher's Gram matrices), so a re-weighted
+    merge skips the preparing pass (karcher: re-solves the N×N problem and runs only the combine pass).
+    Solver traces of the last merge are in ``traces`` (tensor name → trace).
     """
 
     def __init__(
@@ -67,7 +79,7 @@ class MergeSession:
         dtype: str | None = None,
         device: str | torch.device = "cpu",
         keep_inputs: bool = False,
-        cache_grams: bool = True,
+        cache_states: bool = True,
         relative_to: Path | None = None,
     ):
         if models is None or len(models) == 0:
@@ -81,7 +93,9 @@ class MergeSession:
         self.model_refs = [self._add(m, f"model {i}") for i, m in enumerate(models)]
         self.base_ref = self._add(base, "base") if base is not None else None
         self.cache = TensorCache() if keep_inputs else None
-        self.grams = GramCache(keep=cache_grams)
+        self.states = PreparedStates() if cache_states else None
+        self._plans: dict[tuple, MergePlan] = {}
+        self.traces: dict[str, Any] = {}
 
     def _add(self, model: Any, role: str) -> ModelRef:
         if isinstance(model, ModelRef):
@@ -140,9 +154,10 @@ class MergeSession:
         return plan_merge(recipe, self.sources, seed=seed, open_tensor_source=self.open_tensor_source)
 
     def _merge_one(self, method: str, tensors: list[torch.Tensor], *, key: Hashable, **kwargs: Any) -> torch.Tensor:
-        if method == "karcher":
-            return self.grams.merge(key, tensors, **kwargs)
-        return merge_tensors(method, tensors, **kwargs)
+        result = merge_tensors(method, tensors, states=self.states, key=key, return_trace=True, **kwargs)
+        if result.trace is not None:
+            self.traces[kwargs["name"]] = result.trace
+        return result.tensor
 
     def run(
         self,
@@ -156,13 +171,28 @@ class MergeSession:
     ) -> dict[str, torch.Tensor] | MergeStats:
         """Run ``recipe``: the merged state dict when ``out`` is None, else write a checkpoint
         directory (atomically) and return its :class:`MergeStats`."""
-        start = time.perf_counter()
-        stats = MergeStats()
         shard_bytes = parse_size(out_shard_size)
         if out is not None:
             check_output_path(Path(out), overwrite, [s.directory for s in self.sources.values() if s.directory])
-        plan = self.plan(recipe, seed)
+        return self.execute(self.plan(recipe, seed), out=out, seed=seed, overwrite=overwrite,
+                            out_shard_size=shard_bytes, progress=progress)
+
+    def execute(
+        self,
+        plan: MergePlan,
+        *,
+        out: str | Path | None = None,
+        seed: int | None = None,
+        overwrite: bool = False,
+        out_shard_size: int = parse_size(DEFAULT_SHARD_SIZE),
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor] | MergeStats:
+        """Execute a plan of this session (see :meth:`run`; the output path is checked there)."""
+        start = time.perf_counter()
+        stats = MergeStats()
+        shard_bytes = out_shard_size
         stats.warnings = list(plan.warnings)
+        self.traces = {}
         if out is None:
             result: dict[str, torch.Tensor] = {}
             execute_plan(plan, result.__setitem__, device=self.device, stats=stats, cache=self.cache, merge_one=self._merge_one, progress=progress)
@@ -192,9 +222,35 @@ class MergeSession:
         out_shard_size: str | int = DEFAULT_SHARD_SIZE,
         progress: bool = False,
     ) -> dict[str, torch.Tensor] | MergeStats:
-        """Merge the session's models with ``method`` (arguments as in :func:`merge_models`)."""
-        recipe = self.recipe(method, weights=weights, params=params, model_params=model_params, out_dtype=out_dtype)
-        return self.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
+        """Merge the session's models with ``method`` (arguments as in :func:`merge_models`).
+
+        In memory (``out`` None), the plan of each (method, params, model_params, out_dtype, seed) is
+        kept: a merge that changes only ``weights`` re-weights that plan (:func:`reweighted`) instead of
+        building and resolving a recipe again."""
+        if out is not None:
+            recipe = self.recipe(method, weights=weights, params=params, model_params=model_params, out_dtype=out_dtype)
+            return self.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size,
+                            progress=progress)
+        key = (method, _frozen(params), _frozen(model_params), out_dtype, seed)
+        if key not in self._plans:
+            recipe = self.recipe(method, params=params, model_params=model_params, out_dtype=out_dtype)
+            self._plans = {key: self.plan(recipe, seed)}  # the latest plan only: re-weighting reuses it
+        plan = self._plans[key]
+        if weights is not None:
+            plan = reweighted(plan, self._input_weights(plan, weights))
+        return self.execute(plan, progress=progress)
+
+    def _input_weights(self, plan: MergePlan, weights: Sequence[float]) -> list[float]:
+        """The session models' weights in the order of the plan's inputs, as :meth:`recipe` gives them:
+        a model that is also the base is not an input; a base merged as one more input (mergekit's rule
+        for methods that ignore the base) has weight 1."""
+        n = len(self.model_refs)
+        if len(weights) != n:
+            raise WeightError(f"{plan.method.name}: got {len(weights)} weights for {n} models")
+        given = [(ref, float(w)) for ref, w in zip(self.model_refs, weights)]
+        if plan.base is not None:
+            given = [(ref, w) for ref, w in given if ref != plan.base[0]]
+        return [w for _, w in given] + [1.0] * (len(plan.inputs) - len(given))
 
 
 def merge_models(
@@ -225,7 +281,7 @@ def merge_models(
     (CPU tensors) when ``out`` is None; otherwise writes a checkpoint directory atomically and returns
     :class:`MergeStats`. For repeated merges of the same models, use :class:`MergeSession`.
     """
-    session = MergeSession(models, base=base, dtype=dtype, device=device, cache_grams=False)
+    session = MergeSession(models, base=base, dtype=dtype, device=device, cache_states=False)
     return session.merge(
         method, weights=weights, params=params, model_params=model_params, out_dtype=out_dtype, seed=seed,
         out=out, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress,
@@ -253,6 +309,6 @@ def run_recipe(
     check_output_path(Path(out), overwrite, [])
     session = MergeSession(
         [e.model for e in recipe.models], base=recipe.base_model, dtype=recipe.dtype, device=device,
-        cache_grams=False, relative_to=relative_to,
+        cache_states=False, relative_to=relative_to,
     )
     return session.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)

@@ -1,0 +1,106 @@
+"""Merges of any subset of a fixed list of experts: what the explorer and the sweep merge.
+
+Which models a merge gets follows from the method's rules (:class:`~karcher_lab.merge.MergeMethod`),
+never from its name:
+
+- the base: given only when the caller asks for it (``use_base``), a base exists and the method uses
+  one under the given parameters (:meth:`MergeMethod.uses_base`: required, or optional and switched on,
+  e.g. karcher's ``task_vectors``);
+- a method whose base is its first input (slerp), or any call with ``first_as_base``, takes the first
+  member as ``base_model`` and the others as its models (the sweep runs a pair method on two experts so);
+- a two-phase method (:attr:`MergeMethod.reweightable`, karcher) is run in one session over *all*
+  experts, the non-members at weight 0 (excluded from the mean), so its prepared state (the Gram
+  matrices) is computed once and every subset and weighting only re-solves; other methods get a session
+  over the members.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from karcher_lab.errors import EmptyInputError, ParameterError
+from karcher_lab.merge.registry import get_method
+from karcher_lab.pipeline.session import MergeSession, resolve_device
+
+
+@dataclass
+class MergedState:
+    """A merged model's tensors by name (on the CPU) and the per-tensor solver traces (karcher's
+    :class:`~karcher_lab.geometry.karcher_mean.KarcherTrace`; empty for closed-form methods)."""
+
+    state: dict[str, torch.Tensor]
+    traces: dict[str, Any]
+
+
+class SubsetMerger:
+    """Merges of any subset of ``experts`` (paths, state dicts or transformers models) and an optional
+    ``base``, keeping each expert's loaded tensors and the prepared states between merges.
+
+    Sessions are kept for the full expert list (two-phase methods) and for the latest subset.
+    """
+
+    def __init__(self, experts: Sequence[Any], *, base: Any = None, device: str | torch.device = "cpu"):
+        if experts is None or len(experts) == 0:
+            raise EmptyInputError("no experts to merge (got an empty list)")
+        self.experts = list(experts)
+        self.base = base
+        self.device = resolve_device(device)
+        self._sessions: dict[tuple, MergeSession] = {}
+
+    def merge(
+        self,
+        method: str,
+        members: Sequence[int],
+        weights: Sequence[float] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        seed: int | None = 0,
+        use_base: bool = True,
+        first_as_base: bool = False,
+    ) -> MergedState:
+        """Merge the experts at indices ``members`` with their ``weights`` (one per member; the first
+        member's is dropped when it serves as the base) under the rules of the module docstring."""
+        spec = get_method(method)
+        members = self._check_members(members)
+        if weights is not None and len(weights) != len(members):
+            raise ParameterError(f"{method}: got {len(weights)} weights for {len(members)} members")
+        base_index = None
+        if first_as_base or spec.base == "first":
+            base_index, members = members[0], members[1:]
+            weights = None if weights is None else list(weights)[1:]
+        has_base = base_index is not None or (use_base and self.base is not None and spec.uses_base(params))
+        if spec.reweightable:
+            inputs = tuple(i for i in range(len(self.experts)) if i != base_index)
+            if weights is not None or len(members) < len(inputs):
+                given = dict(zip(members, [1.0] * len(members) if weights is None else weights))
+                weights = [given.get(i, 0.0) for i in inputs]
+        else:
+            inputs = tuple(members)
+        session = self._session(inputs, base_index, has_base)
+        state = session.merge(method, weights=weights, params=params, seed=seed)
+        return MergedState(state, dict(session.traces))
+
+    def _check_members(self, members: Sequence[int]) -> list[int]:
+        members = list(members)
+        if not members:
+            raise EmptyInputError("no expert is selected: select at least one")
+        bad = [i for i in members if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.experts)]
+        if bad:
+            raise ParameterError(f"member indices {bad} are not in 0..{len(self.experts) - 1}")
+        if len(set(members)) != len(members):
+            raise ParameterError(f"members {members} name an expert twice")
+        return members
+
+    def _session(self, inputs: tuple[int, ...], base_index: int | None, has_base: bool) -> MergeSession:
+        key = (inputs, base_index, has_base)
+        if key not in self._sessions:
+            full = len(inputs) + (base_index is not None) == len(self.experts)
+            if not full:
+                for old in [k for k in self._sessions if len(k[0]) + (k[1] is not None) != len(self.experts)]:
+                    del self._sessions[old]
+            base = self.experts[base_index] if base_index is not None else self.base if has_base else None
+            self._sessions[key] = MergeSession([self.experts[i] for i in inputs], base=base, device=self.device,
+                                                 keep_inputs=True)
+        return self._sessions[key]
