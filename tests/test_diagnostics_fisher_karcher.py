@@ -10,7 +10,7 @@ import karcher_lab.merge.karcher as karcher_module
 from karcher_lab import MergeSession, merge_models, merge_tensors
 from karcher_lab.errors import MissingBaseError, NonFiniteError, ParameterError, ShapeMismatchError
 from karcher_lab.geometry import sphere
-from karcher_lab.gram_cache import GramCache
+from karcher_lab.merge.prepared import PreparedStates
 from karcher_lab.pipeline.plan import PROBE_SHAPE
 
 F64 = torch.float64
@@ -128,7 +128,7 @@ def test_bad_fishers_are_refused_before_any_work(fishers, kwargs, error, message
     with pytest.raises(error, match=message):
         merge_tensors("karcher", [x1, x2], fisher=fishers(torch.ones(2)), **kwargs)
     with pytest.raises(error, match=message):
-        GramCache().merge("t", [x1, x2], fisher=fishers(torch.ones(2)), **kwargs)
+        merge_tensors("karcher", [x1, x2], fisher=fishers(torch.ones(2)), states=PreparedStates(), key="t", **kwargs)
     assert passes == []
 
 
