@@ -356,3 +356,27 @@ def test_vocabularies_aligned_by_token_with_tokenizer_source(zoo, tmp_path):
     assert tok("t5 x2").input_ids == [r5, row_of["x2"]]
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.generate(torch.tensor([tok("t5 x2").input_ids]), max_new_tokens=2, do_sample=False).shape == (1, 4)
+
+
+def test_passthrough_copies_one_model_and_scales_filtered_tensors(zoo, tmp_path):
+    """mergekit's passthrough_scale test recipe: o_proj and down_proj times 0, every other tensor copied."""
+    recipe = {
+        "merge_method": "passthrough",
+        "models": [{"model": str(zoo / "expert0"), "parameters": {"scale": [
+            {"filter": "o_proj", "value": 0.0}, {"filter": "down_proj", "value": 0.0}, {"value": 1.0}]}}],
+    }
+    out = tmp_path / "passthrough"
+    assert _run(tmp_path, recipe, out) == 0
+    merged, source = _tensors(out), _tensors(zoo / "expert0")
+    assert set(merged) == set(source)
+    zeroed = [n for n in source if "o_proj" in n or "down_proj" in n]
+    assert zeroed
+    for name, t in merged.items():
+        expected = torch.zeros_like(source[name]) if name in zeroed else source[name]
+        assert torch.equal(t, expected), name
+
+
+def test_passthrough_refuses_two_models(zoo, tmp_path, capsys):
+    recipe = {"merge_method": "passthrough", "models": [{"model": str(zoo / "expert0")}, {"model": str(zoo / "expert1")}]}
+    assert _run(tmp_path, recipe, tmp_path / "two") != 0
+    assert "passthrough merges exactly 1 model(s), the recipe gives 2" in capsys.readouterr().err

@@ -280,3 +280,12 @@ def test_fisher_needs_fishers_and_a_positive_floor():
         merge_tensors("fisher", xs)
     with pytest.raises(errors.ParameterError, match="fisher_floor"):
         merge_tensors("fisher", xs, fisher=[torch.ones(2), torch.ones(2)], fisher_floor=0.0)
+
+
+def test_passthrough_returns_the_tensor_times_its_scale():
+    x = torch.randn(3, 4)
+    assert torch.equal(merge_tensors("passthrough", [x]), x)
+    torch.testing.assert_close(merge_tensors("passthrough", [x], scale=0.5), 0.5 * x, rtol=0, atol=0)
+    assert torch.equal(merge_tensors("passthrough", [x.double()], scale=[2.0]), 2.0 * x.double())
+    with pytest.raises(errors.ModelCountError, match="passthrough merges exactly 1 models, got 2"):
+        merge_tensors("passthrough", [x, x])

@@ -10,12 +10,14 @@ from karcher_lab.merge import (  # noqa: F401  (imported for their @register sid
     model_stock,
     multislerp,
     nearswap,
+    passthrough,
     ram,
     sce,
     slerp,
     task_arithmetic,
 )
 from karcher_lab.merge.api import MergeResult, merge_tensors
-from karcher_lab.merge.registry import MergeMethod, Param, get_method, list_methods
+from karcher_lab.merge.prepared import PreparedStates
+from karcher_lab.merge.registry import MergeMethod, Param, TwoPhase, get_method, list_methods
 
-__all__ = ["MergeMethod", "MergeResult", "Param", "get_method", "list_methods", "merge_tensors"]
+__all__ = ["MergeMethod", "MergeResult", "Param", "PreparedStates", "TwoPhase", "get_method", "list_methods", "merge_tensors"]
