@@ -47,6 +47,8 @@ class Param:
     values such as per-model tensors through unchanged). ``per_model``
     parameters may be given as one value for all models or a sequence of N values. ``low``/``high``
     are inclusive bounds (None = unbounded) checked before any work; ``choices`` restricts strings.
+    ``slider``: (min, max, step) of the slider a panel shows for this parameter (e.g. karcher's η on
+    [0.05, 1]), when it differs from the bounds or the parameter has none.
     """
 
     name: str
@@ -57,6 +59,7 @@ class Param:
     low: float | None = None
     high: float | None = None
     choices: tuple[Any, ...] | None = None
+    slider: tuple[float, float, float] | None = None
 
     def coerce(self, value: Any, method: str) -> Any:
         """Convert one value to ``kind`` and check its bounds; raise ParameterError otherwise."""

@@ -2,8 +2,8 @@
 
 Every :class:`karcher_lab.merge.registry.Param` becomes a control of its kind: a checkbox (bool), a
 dropdown (``choices``), an integer or float box (bounded where the parameter is), a text box (free
-strings). Karcher's step size η gets a slider on (0, 1] (the paper's eq. 5 range) carrying the CSS
-class ``kl-eta-slider``. Parameters of kind ``object`` (per-model tensors such as ``fisher``) cannot be
+strings). A parameter that declares a ``slider`` (karcher's step size η: [0.05, 1], within the paper's
+eq. 5 range (0, 1]) gets that slider, carrying the CSS class ``kl-<name>-slider``. Parameters of kind ``object`` (per-model tensors such as ``fisher``) cannot be
 entered in a panel and are listed as such. Values are read back unchecked: the registry's own
 ``Param.coerce`` (called by the merge) reports a bad value as a ParameterError.
 """
@@ -16,7 +16,13 @@ import ipywidgets as widgets
 
 from karcher_lab.merge.registry import REQUIRED, MergeMethod, Param
 
-ETA_CLASS = "kl-eta-slider"
+
+
+def slider_class(name: str) -> str:
+    """The CSS class of a parameter's declared slider (``kl-eta-slider`` for karcher's η)."""
+    return f"kl-{name}-slider"
+
+
 STYLE = {"description_width": "initial"}
 
 
@@ -36,10 +42,11 @@ def param_control(method: MergeMethod, param: Param) -> widgets.Widget | None:
     """The control for one parameter (None for ``object`` parameters), with the doc as its tooltip."""
     value = _initial(param)
     common = dict(description=param.name, tooltip=param.doc, style=STYLE)
-    if method.name == "karcher" and param.name == "eta":
-        control = widgets.FloatSlider(value=value, min=0.05, max=1.0, step=0.05, readout_format=".2f",
+    if param.slider is not None:
+        low, high, step = param.slider
+        control = widgets.FloatSlider(value=value, min=low, max=high, step=step, readout_format=".2f",
                                       continuous_update=False, **common)
-        control.add_class(ETA_CLASS)
+        control.add_class(slider_class(param.name))
         return control
     if param.kind is object:
         return None
