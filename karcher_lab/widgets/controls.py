@@ -16,14 +16,12 @@ import ipywidgets as widgets
 
 from karcher_lab.merge.registry import REQUIRED, MergeMethod, Param
 
+STYLE = {"description_width": "initial"}
 
 
 def slider_class(name: str) -> str:
     """The CSS class of a parameter's declared slider (``kl-eta-slider`` for karcher's η)."""
     return f"kl-{name}-slider"
-
-
-STYLE = {"description_width": "initial"}
 
 
 def _initial(param: Param) -> Any:
