@@ -53,14 +53,7 @@ def lower_quantiles(values: torch.Tensor, qs: tuple[float, ...], generator: torc
     randomized=True,
     paper="Arcee AI, Arcee Fusion (mergekit arcee_fusion)",
 )
-def arcee_fusion(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor | None,
-    generator: torch.Generator | None,
-    name: str | None,
-) -> torch.Tensor:
+def arcee_fusion(tensors: list[torch.Tensor], *, base: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """θ* = θ1 where I ≥ τ, θ0 elsewhere; I from :func:`fusion_importance`, τ = Q2 + 1.5 (Q3 − Q1).
 
     The quartiles Q1, Q2, Q3 of I are :func:`lower_quantiles`. mergekit semantics otherwise: entries

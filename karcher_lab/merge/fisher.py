@@ -12,8 +12,11 @@ from karcher_lab.checks import where
 from karcher_lab.merge.registry import REQUIRED, Param, register
 
 
-def check_fishers(fishers: list, shape: torch.Size, name: str | None) -> None:
-    """Every Fisher is a tensor of the models' shape, finite and non-negative; raise otherwise."""
+def check_fishers(fishers: list, shape: torch.Size, name: str | None, *, floor: float, method: str) -> None:
+    """The floor is > 0 and every Fisher is a tensor of the models' shape, finite and non-negative;
+    raise otherwise (``method`` names the merge method in the floor's message)."""
+    if not floor > 0:
+        raise ParameterError(f"{where(name)}{method}: parameter 'fisher_floor' must be > 0, got {floor}")
     label = f"{where(name)}fisher:"
     for i, f in enumerate(fishers):
         if not isinstance(f, torch.Tensor):
@@ -48,8 +51,6 @@ def fisher_merge(
     tensors: list[torch.Tensor],
     *,
     weights: torch.Tensor,
-    base: torch.Tensor | None,
-    generator: torch.Generator | None,
     name: str | None,
     fisher: list,
     fisher_floor: float,
@@ -61,9 +62,7 @@ def fisher_merge(
     from below, it should be small relative to the Fisher's scale. With equal Fishers the result is the
     λ-weighted mean Σ λi θi / Σ λi. Not in mergekit.
     """
-    if not fisher_floor > 0:
-        raise ParameterError(f"{where(name)}fisher: parameter 'fisher_floor' must be > 0, got {fisher_floor}")
-    check_fishers(fisher, tensors[0].shape, name)
+    check_fishers(fisher, tensors[0].shape, name, floor=fisher_floor, method="fisher")
     numerator = torch.zeros_like(tensors[0])
     denominator = torch.zeros_like(tensors[0])
     for x, f, lam in zip(tensors, fisher, weights.tolist()):

@@ -1,7 +1,8 @@
 """Fisher–Rao Karcher merging with the spherical proxy (the paper's §3; mergekit's ``karcher``).
 
 Per block b (the whole tensor by default, see :mod:`karcher_lab.geometry.blocks`), with experts
-x_1 … x_N (or task vectors δ_i = θ_i − θ_0 in task-vector mode) and weights α_i ≥ 0:
+x_1 … x_N (or task vectors δ_i = θ_i − θ_0 in task-vector mode) and weights α_i ≥ 0 (the per-model
+weights divided by their sum):
 
 1. normalize: n_i = ‖x_i‖, u_i = x_i / n_i (a zero-norm expert has no direction and is dropped);
 2. directional barycenter: u* = weighted spherical Karcher mean of the u_i, by the fixed point of
@@ -16,36 +17,12 @@ All of it runs in coefficient space (:mod:`karcher_lab.geometry.karcher_mean`): 
 over the data, the iteration on N×N matrices, one combining pass; iterations are therefore free, and
 the default runs to convergence.
 
-Differences from mergekit 0.1.5's ``karcher`` (checked by reading and running it):
-
-- weights: mergekit ignores the per-model ``weight`` (α = 1/N always); here α_i = weight_i/Σ weight.
-  With equal weights the two agree.
-- defaults: mergekit stops after ``max_iter: 10`` or once ‖v‖ < ``tol: 1e-5``, which leaves ~1e-6–1e-5
-  relative error against the converged mean (3.1e-6 on benchmarks/karcher_tensor.py's five Gaussian
-  4096×4096 experts); here ``max_iter: 1000``, ``tol: 1e-7`` (converged, 1.6e-7 there, float32
-  rounding; the merge costs the same since steps are O(N²)). ``max_iter: 10, tol: 1e-5`` reproduces
-  mergekit's numbers.
-- precision: mergekit computes norms and dot products as float32 reductions over the whole tensor and
-  casts unit vectors and iterates back to the input dtype (bf16 arithmetic for bf16 inputs). On large
-  tensors the float32 reductions are off by ~1e-6 (a float32 ``vector_norm`` of a 16M-entry unit
-  vector reads 0.9999983), so even its converged output carries ~3e-6 relative error at 4096×4096, and
-  its float32 residual can stay above tol while the exact one is below (there it runs all 10 steps
-  where the exact test stops after 2). Here inputs are upcast exactly, the Gram is accumulated in
-  float64 and only the output is rounded (bf16 results differ from mergekit's by a few bf16 ulps).
-- one tolerance, three roles: mergekit uses ``tol`` also as the cut-off below which a model's norm
-  counts as zero and an expert's angle to the iterate counts as zero (its term is then skipped).
-  Here only an exactly zero block is directionless and no term is skipped (θ/sin θ → 1 is handled),
-  so ``tol`` is purely the stopping rule. With tensors of norm ≤ tol in every model (tiny biases,
-  norms ~1e-6) mergekit returns zeros; here they are merged like any other.
-- zero-norm experts: mergekit drops them from the direction but keeps them in the output norm,
-  Σ_i n_i / N over all models, so each zero model shrinks the result by a factor (N−1)/N; here the
-  norm is averaged over contributing experts (``norm_average: contributing``). ``norm_average: all``
-  reproduces mergekit's Σ α_i n_i over all models.
-- non-unique means: where the chord mean Σ α_i u_i nearly vanishes, mergekit silently restarts from
-  u_1, and near-antipodal experts (θ ≈ π) pass through θ/sin θ unguarded; here both raise
-  AntipodalError naming the tensor and the models.
-- new: ``eta`` (the paper's step size η ∈ (0, 1]), ``block`` ('tensor' as mergekit, 'row', 'column'),
-  ``init`` ('chord' as mergekit, or 'first'), ``task_vectors`` (mergekit has no base for karcher).
+Parameters: ``max_iter`` (1000) and ``tol`` (1e-7) end step 2 (at most max_iter steps, or once
+‖v‖ < tol; ``tol`` is only this stopping rule), ``eta`` is its step size η ∈ (0, 1] and ``init`` its
+start ('chord': the normalized weighted chord mean Σ α_i u_i, or 'first': the first contributing
+expert); ``block`` is the unit normalized onto the sphere ('tensor', 'row' or 'column');
+``task_vectors`` selects task-vector mode; ``norm_average`` is the set of experts step 3 averages the
+norm over ('contributing', or 'all', zero norms included); ``fisher`` and ``fisher_floor``: below.
 
 Fisher preconditioning (the paper's §3.4: diagonal Fisher estimates "as a natural-gradient-style
 preconditioning inside the log map"), the option ``fisher`` (one diagonal Fisher per model, e.g. from
@@ -58,6 +35,8 @@ to G_ij = Σ_e F̄_e x_ie x_je (:func:`fisher_metric`, the ``metric`` of
 As F̄ is linear in α, so is that Gram: G(α) = Σ_k ᾱ_k G^(k) with G^(k) the Gram under max(F_k, floor)
 (:func:`fisher_grams`, :func:`mix_fisher_grams`), which lets a cache re-weight without the data.
 Not in mergekit.
+
+Where and why this differs from mergekit 0.1.5's ``karcher``: docs/methods.md.
 """
 from __future__ import annotations
 
@@ -119,7 +98,7 @@ def solve_from_gram(gram: torch.Tensor, call: MergeCall) -> tuple[torch.Tensor, 
     params=(
         Param("max_iter", int, 1000, low=0, doc="most fixed-point steps (mergekit's default is 10)"),
         Param("tol", float, 1e-7, low=0.0, doc="stop when ‖Σ α_i Log_u(u_i)‖ < tol (mergekit: 1e-5)"),
-        Param("eta", float, 1.0, doc="step size η ∈ (0, 1] of u ← Exp_u(η v) (eq. 5)"),
+        Param("eta", float, 1.0, doc="step size η ∈ (0, 1] of u ← Exp_u(η v) (eq. 5)", slider=(0.05, 1.0, 0.05)),
         Param("block", str, "tensor", choices=BLOCK_GRANULARITIES,
               doc="unit normalized onto the sphere: whole tensor, each row, or each column"),
         Param("init", str, "chord", choices=KARCHER_INITS,
@@ -147,7 +126,6 @@ def karcher(
     *,
     weights: torch.Tensor,
     base: torch.Tensor | None,
-    generator: torch.Generator | None,
     name: str | None,
     max_iter: int,
     tol: float,
@@ -234,19 +212,13 @@ def _fisher_weights(weights: torch.Tensor, n: int, name: str | None) -> torch.Te
     return w / w.sum()
 
 
-def _checked_fishers(fisher: list, like: torch.Tensor, floor: float, name: str | None) -> None:
-    if not floor > 0:
-        raise ParameterError(f"{where(name)}karcher: parameter 'fisher_floor' must be > 0, got {floor}")
-    check_fishers(list(fisher), like.shape, name)
-
-
 def fisher_metric(
     fisher: list[torch.Tensor], weights: torch.Tensor, like: torch.Tensor, floor: float = 1e-6, name: str | None = None
 ) -> torch.Tensor:
     """F̄ = Σ α_i max(F_i, floor) / Σ α_i, in ``like``'s dtype and device: the diagonal metric of the
     Fisher-preconditioned karcher. The Fishers are checked first (count, shape, finite, non-negative)."""
     alpha = _fisher_weights(weights, len(fisher), name)
-    _checked_fishers(fisher, like, floor, name)
+    check_fishers(fisher, like.shape, name, floor=floor, method="karcher")
     mean = torch.zeros_like(like)
     for f, a in zip(fisher, alpha.tolist()):
         if a > 0:
@@ -265,7 +237,7 @@ def fisher_grams(
 ) -> torch.Tensor:
     """G^(k)[b, i, j] = Σ_e max(F_k, floor)_e x_ie x_je per block, one Gram per Fisher: ``[N, B, N, N]``
     float64 (N data passes). :func:`mix_fisher_grams` turns them into the Gram of F̄ for any weights."""
-    _checked_fishers(fisher, tensors[0], floor, name)
+    check_fishers(fisher, tensors[0].shape, name, floor=floor, method="karcher")
     return torch.stack([
         checked_gram(tensors, block, center=center, metric=f.to(tensors[0]).clamp_min(floor), name=name) for f in fisher
     ])

@@ -35,15 +35,7 @@ def weighted_sum(tensors: Sequence[torch.Tensor], coefficients: Sequence[float])
     min_models=1,
     paper="Wortsman et al. 2022, Model soups (arXiv:2203.05482)",
 )
-def linear(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor | None,
-    generator: torch.Generator | None,
-    name: str | None,
-    normalize: bool,
-) -> torch.Tensor:
+def linear(tensors: list[torch.Tensor], *, weights: torch.Tensor, name: str | None, normalize: bool) -> torch.Tensor:
     """θ* = Σ wi θi / Σ wi (``normalize``, the default) or Σ wi θi (``normalize: false``).
 
     mergekit semantics: ``weight`` is per model and may be negative (extrapolation); the base model is

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from karcher_lab.merge.registry import Param, register
+from karcher_lab.merge.stacked import stack_task_vectors
 
 COSINE_NORM_FLOOR = 1e-6
 """cos(δi, δj) divides by max(‖δi‖‖δj‖, this), as mergekit does; a zero task vector has cosine 0."""
@@ -37,15 +38,7 @@ def mean_pairwise_cosine(deltas: torch.Tensor) -> torch.Tensor:
     min_models=2,
     paper="Jang et al. 2024, Model Stock (arXiv:2403.19522)",
 )
-def model_stock(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor | None,
-    generator: torch.Generator | None,
-    name: str | None,
-    filter_wise: bool,
-) -> torch.Tensor:
+def model_stock(tensors: list[torch.Tensor], *, base: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     """θ* = t·mean(θi) + (1 − t)·θ0 with t = N c⁺ / (1 + (N − 1) c⁺), c⁺ = max(c, 0).
 
     c is the mean over model pairs of cos(δi, δj), δi = θi − θ0, taken over the whole flattened tensor,
@@ -60,8 +53,8 @@ def model_stock(
     disagreeing models; t is increasing in c ∈ [0, 1]), and leaves every c ≥ 0 result unchanged.
     """
     rows = (-1, base.shape[-1]) if filter_wise and base.dim() >= 2 else (1, -1)
-    deltas = torch.stack([x.reshape(rows) for x in tensors]).sub_(base.reshape(rows))
     n = len(tensors)
+    deltas = stack_task_vectors(tensors, base).reshape(n, *rows)
     c = mean_pairwise_cosine(deltas).clamp_min(0.0)
     t = (n * c / (1.0 + (n - 1) * c)).to(deltas.dtype)
     return base + (t[:, None] * deltas.mean(dim=0)).reshape(base.shape)

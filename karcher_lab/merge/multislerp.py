@@ -39,7 +39,6 @@ def multislerp(
     *,
     weights: torch.Tensor,
     base: torch.Tensor | None,
-    generator: torch.Generator | None,
     name: str | None,
     normalize_weights: bool,
     eps: float,

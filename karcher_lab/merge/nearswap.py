@@ -25,15 +25,7 @@ DIFFERENCE_FLOOR = 1e-6
     max_models=1,
     paper="alchemonaut, NearSwap (huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001)",
 )
-def nearswap(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor | None,
-    generator: torch.Generator | None,
-    name: str | None,
-    t: float,
-) -> torch.Tensor:
+def nearswap(tensors: list[torch.Tensor], *, base: torch.Tensor, t: float) -> torch.Tensor:
     """θ* = θ0 + w (θ1 − θ0), w = min(1, t / max(|θ0 − θ1|, 1e-6)), per entry.
 
     Entries of the model within t of the base are taken whole; farther ones move the base by exactly

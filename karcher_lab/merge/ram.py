@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from karcher_lab.merge.registry import Param, register
+from karcher_lab.merge.stacked import per_model, stack_task_vectors
 
 _EPSILON = Param("epsilon", float, 1e-5, low=0.0, doc="activity threshold: an entry counts when |δ| > epsilon")
 
@@ -48,7 +49,7 @@ def ram_merge(
     live = task_vectors * active
     unique_part = live * unique
     if unique_scale is not None:
-        unique_part = unique_part * unique_scale.to(live.dtype).reshape(-1, *([1] * (live.dim() - 1)))
+        unique_part = unique_part * per_model(unique_scale, live)
     return base + (unique_part + live * shared / count.clamp(min=1)).sum(dim=0)
 
 
@@ -62,10 +63,6 @@ def ramplus_unique_scale(task_vectors: torch.Tensor, epsilon: float, r: float, a
     return 1 + r * rho.clamp(min=0, max=alpha)
 
 
-def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tensor:
-    return torch.stack([t - base for t in tensors])
-
-
 @register(
     "ram",
     summary="RAM: keep updates unique to one model, average the shared ones",
@@ -75,17 +72,9 @@ def _task_vectors(tensors: list[torch.Tensor], base: torch.Tensor) -> torch.Tens
     min_models=1,
     paper="arXiv:2601.13572",
 )
-def ram(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor,
-    generator: torch.Generator | None = None,
-    name: str | None = None,
-    epsilon: float,
-) -> torch.Tensor:
-    """RAM merge of one tensor (module docstring); ``weights`` are ignored."""
-    return ram_merge(base, _task_vectors(tensors, base), epsilon)
+def ram(tensors: list[torch.Tensor], *, base: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """RAM merge of one tensor (module docstring)."""
+    return ram_merge(base, stack_task_vectors(tensors, base), epsilon)
 
 
 @register(
@@ -102,16 +91,8 @@ def ram(
     paper="arXiv:2601.13572",
 )
 def ramplus_tl(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor,
-    generator: torch.Generator | None = None,
-    name: str | None = None,
-    r: float,
-    alpha: float,
-    epsilon: float,
+    tensors: list[torch.Tensor], *, base: torch.Tensor, r: float, alpha: float, epsilon: float
 ) -> torch.Tensor:
-    """RAM+ (tensor-local) merge of one tensor (module docstring); ``weights`` are ignored."""
-    task_vectors = _task_vectors(tensors, base)
+    """RAM+ (tensor-local) merge of one tensor (module docstring)."""
+    task_vectors = stack_task_vectors(tensors, base)
     return ram_merge(base, task_vectors, epsilon, ramplus_unique_scale(task_vectors, epsilon, r, alpha))

@@ -21,6 +21,7 @@ import torch
 from karcher_lab.merge.consensus import sign_agreement_mask
 from karcher_lab.merge.registry import Param, register
 from karcher_lab.merge.sparsify import rank_window_mask
+from karcher_lab.merge.stacked import per_model, stack_task_vectors
 
 SCE_WEIGHT_SUM_EPS = 1e-6
 """Below this total mean square the matrix-level weights fall back to uniform."""
@@ -52,7 +53,7 @@ def sce_merge(base: torch.Tensor, task_vectors: torch.Tensor, select_topk: float
     """θ0 + Σ ŵi mi δ'i / max(Σ ŵi mi, 1e-6), δ'i the selected task vectors (module docstring)."""
     selected = task_vectors * sce_select_mask(task_vectors, select_topk)
     agree = sign_agreement_mask(selected)
-    w = sce_weights(selected).reshape(-1, *([1] * (selected.dim() - 1)))
+    w = per_model(sce_weights(selected), selected)
     kept_weights = w * agree
     merged = (selected * kept_weights).sum(dim=0)
     return base + merged / kept_weights.sum(dim=0).clamp(min=SCE_DIVISOR_FLOOR)
@@ -71,15 +72,6 @@ def sce_merge(base: torch.Tensor, task_vectors: torch.Tensor, select_topk: float
     min_models=1,
     paper="Wan et al. 2024, arXiv:2408.07990",
 )
-def sce(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor,
-    generator: torch.Generator | None = None,
-    name: str | None = None,
-    int8_mask: bool,
-    select_topk: float,
-) -> torch.Tensor:
-    """SCE merge of one tensor (see the module docstring); ``weights`` are ignored."""
-    return sce_merge(base, torch.stack([t - base for t in tensors]), select_topk)
+def sce(tensors: list[torch.Tensor], *, base: torch.Tensor, int8_mask: bool, select_topk: float) -> torch.Tensor:
+    """SCE merge of one tensor (see the module docstring); ``int8_mask`` is ignored."""
+    return sce_merge(base, stack_task_vectors(tensors, base), select_topk)

@@ -61,15 +61,7 @@ def slerp_vectors(
     max_models=2,
     paper="Shoemake 1985, Animating rotation with quaternion curves",
 )
-def slerp(
-    tensors: list[torch.Tensor],
-    *,
-    weights: torch.Tensor,
-    base: torch.Tensor | None,
-    generator: torch.Generator | None,
-    name: str | None,
-    t: float,
-) -> torch.Tensor:
+def slerp(tensors: list[torch.Tensor], *, t: float) -> torch.Tensor:
     """slerp(t; θ0, θ1) on the whole flattened tensor; t = 0 gives tensors[0], t = 1 gives tensors[1].
 
     mergekit semantics: its ``slerp`` needs ``base_model`` plus exactly one other model and interpolates
@@ -118,8 +110,6 @@ def nuslerp(
     *,
     weights: torch.Tensor,
     base: torch.Tensor | None,
-    generator: torch.Generator | None,
-    name: str | None,
     nuslerp_flatten: bool,
     nuslerp_row_wise: bool,
 ) -> torch.Tensor:

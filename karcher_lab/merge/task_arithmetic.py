@@ -72,6 +72,7 @@ from karcher_lab.merge.sparsify import (
     della_magprune,
     magnitude_prune,
 )
+from karcher_lab.merge.stacked import per_model
 
 TASK_ARITHMETIC_DIVISOR_EPS = 1e-8
 """Without consensus, a normalizing divisor with |Σ wi| below this is replaced by 1 (mergekit)."""
@@ -92,7 +93,7 @@ def combine_task_vectors(
     (|D| < 1e-8 → 1); with consensus mi = [sign(xi) = sign(Σ xk)], Δ = Σ mi xi, D = Σ wi mi (0 → 1).
     The weights are cast to the deltas' dtype first, as in mergekit.
     """
-    w = weights.to(dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * (deltas.dim() - 1)))
+    w = per_model(weights, deltas)
     weighted = deltas * w
     if consensus:
         agree = sign_agreement_mask(weighted)
