@@ -60,7 +60,7 @@ from karcher_lab.errors import InputError, KarcherLabError  # noqa: E402
 from karcher_lab.experiment import RESULT_COLUMNS  # noqa: E402
 from karcher_lab.experiment.results import ResultStore, cell_key  # noqa: E402
 from karcher_lab.io.lora import fold_into_state, read_adapter  # noqa: E402
-from karcher_lab.merge.lora import merge_lora  # noqa: E402
+from karcher_lab.pipeline.lora import merge_lora  # noqa: E402
 from karcher_lab.zoo import find_pool, get_task, load  # noqa: E402
 
 METHODS = ("geomerge", "knots_ta", "knots_ties", "task_arithmetic", "task_arithmetic_sum", "ties", "peft_svd",

@@ -38,6 +38,7 @@ from karcher_lab import plots  # noqa: E402
 from karcher_lab.diagnostics import capture_activations, collapse_ratios, diagonal_fisher, encode_probes  # noqa: E402
 from karcher_lab.diagnostics.function import function_distance, normalized_accuracy, task_quality  # noqa: E402
 from karcher_lab.diagnostics.weights import expert_angles, weight_metrics  # noqa: E402
+from karcher_lab.io import Checkpoint  # noqa: E402
 from karcher_lab.zoo import find_pool, get_task  # noqa: E402
 from karcher_lab.zoo.load import load  # noqa: E402
 
@@ -98,8 +99,9 @@ def main() -> None:
         function_distance(experts[t], merged[m], tokenizer, {t: examples[t]}, reference_name=t, model_name=m)
         for m in merged for t in tasks
     ])
-    weights = pd.concat([weight_metrics(merged[m], paths, base=str(pool.base_path), merged_name=m, names=tasks) for m in merged])
-    angles = expert_angles(paths, base=str(pool.base_path), names=tasks)
+    sources, base_source = [Checkpoint(p) for p in paths], Checkpoint(pool.base_path)
+    weights = pd.concat([weight_metrics(merged[m], sources, base=base_source, merged_name=m, names=tasks) for m in merged])
+    angles = expert_angles(sources, base=base_source, names=tasks)
 
     pd.set_option("display.width", 200)
     print(f"\nprobes: {ids.shape[0]} sequences, {int(mask.sum())} tokens; bootstrap {args.draws} draws over "

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from karcher_lab import merge  # noqa: E402  (after __version__, which the pipeline reads)
 from karcher_lab.merge import get_method, list_methods, merge_tensors  # noqa: E402
-from karcher_lab.merge.lora import merge_lora  # noqa: E402
+from karcher_lab.pipeline.lora import merge_lora  # noqa: E402
 from karcher_lab.pipeline import MergeSession, merge_models  # noqa: E402
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import karcher_lab
+from karcher_lab.diagnostics.examples import Example
 from karcher_lab.diagnostics.fisher import diagonal_fisher
 from karcher_lab.diagnostics.function import (
     AnswerLogProbs, answer_batches, answer_log_probs, answer_logits, answer_nll, exact_matches, forced_exact_matches,
@@ -15,7 +16,6 @@ from karcher_lab.diagnostics.function import (
 from karcher_lab.errors import EmptyInputError, InputError, ParameterError
 from karcher_lab.zoo import get_task
 from karcher_lab.zoo.evaluate import answer_nll as zoo_answer_nll
-from karcher_lab.zoo.tasks import Example
 from karcher_lab.zoo.tokenizer import char_tokenizer
 
 TOKENIZER = char_tokenizer()

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from karcher_lab import merge_tensors
-from karcher_lab.diagnostics.weights import (
-    expert_angles, layer_index, layer_summary, norm_ratios, tensor_norms, weight_metrics,
-)
-from karcher_lab.errors import ArchitectureMismatchError, EmptyInputError, ParameterError, WeightError
+from karcher_lab.diagnostics.weights import expert_angles, layer_summary, norm_ratios, tensor_norms, weight_metrics
+from karcher_lab.errors import ArchitectureMismatchError, EmptyInputError, InputError, ParameterError, WeightError
+from karcher_lab.io import Checkpoint
 
 W = "model.layers.0.mlp.up_proj.weight"
 V = "model.layers.1.self_attn.q_proj.weight"
@@ -92,9 +91,7 @@ def test_pairwise_and_task_vector_angles():
     assert len(plain) == 2 and set(plain["metric"]) == {"angle_deg"}
 
 
-def test_layer_index_and_summary():
-    assert layer_index("model.layers.12.mlp.down_proj.weight") == 12
-    assert layer_index("model.embed_tokens.weight") is None
+def test_layer_summary():
     g = torch.Generator().manual_seed(0)
     names = ["model.layers.0.a.weight", "model.layers.0.b.weight", "model.layers.1.a.weight", "lm_head.weight"]
     experts = [{n: torch.randn(5, 5, generator=g) for n in names} for _ in range(3)]
@@ -109,6 +106,16 @@ def test_layer_index_and_summary():
     assert len(outside) == 1 and outside["tensors"].iloc[0] == 1
 
 
+def test_gpt2_tensor_names_get_their_layer():
+    names = ["transformer.h.3.attn.c_attn.weight", "transformer.h.0.mlp.c_fc.weight", "transformer.wte.weight"]
+    g = torch.Generator().manual_seed(0)
+    experts = [{n: torch.randn(4, 4, generator=g) for n in names} for _ in range(2)]
+    table = weight_metrics({n: (experts[0][n] + experts[1][n]) / 2 for n in names}, experts)
+    layers = table[table["metric"] == "norm_ratio"].set_index("tensor")["layer"]
+    assert layers["transformer.h.3.attn.c_attn.weight"] == 3 and layers["transformer.h.0.mlp.c_fc.weight"] == 0
+    assert pd.isna(layers["transformer.wte.weight"])
+
+
 def test_checkpoint_directories(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -119,12 +126,14 @@ def test_checkpoint_directories(tmp_path):
         torch.manual_seed(seed)
         paths.append(tmp_path / f"m{seed}")
         LlamaForCausalLM(config).save_pretrained(paths[-1])
-    table = weight_metrics(paths[2], paths[:2])
+    table = weight_metrics(Checkpoint(paths[2]), [Checkpoint(p) for p in paths[:2]])
     in_memory = weight_metrics(
         LlamaForCausalLM.from_pretrained(paths[2]), [LlamaForCausalLM.from_pretrained(p) for p in paths[:2]]
     )
     assert len(table) == len(in_memory) > 0
     assert torch.allclose(torch.tensor(table["mean"].values), torch.tensor(in_memory["mean"].values), equal_nan=True)
+    with pytest.raises(InputError, match="open it first"):  # paths are opened by the caller
+        weight_metrics(paths[2], paths[:2])
 
 
 def test_bad_inputs():

@@ -13,7 +13,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from karcher_lab import errors
-from karcher_lab.io import Checkpoint, StateDictSource, atomic_directory, check_layout, check_output_path, parse_size, resolve_model_dir
+from karcher_lab.io import (
+    Checkpoint, StateDictSource, atomic_directory, check_layout, check_output_path, layer_index, parse_size, resolve_model_dir,
+)
 from karcher_lab.io.writer import ShardedSafetensorsWriter, TensorSpec, plan_shards
 
 
@@ -205,6 +207,16 @@ def test_untied_model_without_head_is_a_mismatch():
     missing = StateDictSource(_state(0, head=False), "nohead", config={"tie_word_embeddings": False})
     with pytest.raises(errors.ArchitectureMismatchError, match="lm_head.weight  missing"):
         check_layout([missing, StateDictSource(_state(1), "full")])
+
+
+@pytest.mark.parametrize(
+    "name, index",
+    [("model.layers.7.mlp.up_proj.weight", 7), ("transformer.h.11.attn.c_attn.weight", 11),
+     ("transformer.blocks.2.ffn.up_proj.weight", 2), ("model.embed_tokens.weight", None), ("lm_head.weight", None),
+     ("model.norm.weight", None)],
+)
+def test_layer_index(name, index):
+    assert layer_index(name) == index
 
 
 # ------------------------------------------------------------------------------------------ writing

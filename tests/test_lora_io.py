@@ -9,6 +9,7 @@ import torch
 
 from karcher_lab.cli import main
 from karcher_lab.errors import (
+    AntipodalError,
     ArchitectureMismatchError,
     CheckpointError,
     NotSupportedError,
@@ -18,7 +19,8 @@ from karcher_lab.errors import (
     UnknownMethodError,
 )
 from karcher_lab.io.lora import LoraAdapter, LoraModule, fold_into_base, read_adapter, write_adapter
-from karcher_lab.merge.lora import gauge_transform, merge_lora, random_gauge
+from karcher_lab.merge.lora import gauge_transform, merge_factor_sets, random_gauge
+from karcher_lab.pipeline.lora import merge_lora, module_workers
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -214,3 +216,32 @@ def test_cli_round_trip(base_dir, adapters, tmp_path, capsys):
     assert "unknown LoRA merge method" in capsys.readouterr().err
     assert main(["lora-merge", "--list"]) == 0 and "geomerge" in capsys.readouterr().out
     assert not (tmp_path / "x").exists()
+
+
+def _random_pairs(n, d1=12, d2=9, r=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(d1, r, generator=g, dtype=torch.float64), torch.randn(d2, r, generator=g, dtype=torch.float64))
+            for _ in range(n)]
+
+
+def test_modules_merged_in_worker_processes_equal_the_sequential_merge(adapters):
+    modules = {f"layers.{i}.weight": _random_pairs(3, seed=20 + i) for i in range(4)}
+    sequential = merge_factor_sets(modules, "geomerge", weights=[2, 1, 1])
+    with module_workers(2, len(modules)) as executor:
+        parallel = merge_factor_sets(modules, "geomerge", weights=[2, 1, 1], executor=executor)
+    assert list(parallel) == list(sequential)
+    for name in modules:  # one torch thread in both: the same operations, the same bits
+        assert torch.equal(parallel[name][0], sequential[name][0]) and torch.equal(parallel[name][1], sequential[name][1])
+    (g, h), = _random_pairs(1, r=1, seed=10)
+    with pytest.raises(AntipodalError, match="geomerge failed on layer.7.weight"):  # a worker's error: same type, module named
+        with module_workers(2, 2) as executor:
+            merge_factor_sets({"layer.7.weight": [(g, h), (-g, h)], "other.weight": _random_pairs(2, r=1, seed=11)},
+                              "geomerge", executor=executor)
+    with module_workers(4, 1) as executor:  # one module: merged in this process
+        assert executor is None
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ParameterError, match="workers"):
+            with module_workers(bad, 4):
+                pass
+        with pytest.raises(ParameterError, match="workers"):
+            merge_lora(adapters, "geomerge", workers=bad)

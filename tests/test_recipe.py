@@ -10,7 +10,6 @@ from karcher_lab.recipe import (
     ModelRef,
     check_layer_ranges,
     evaluate_setting,
-    layer_index,
     layer_position,
     load_recipe,
     num_layers,
@@ -106,15 +105,6 @@ def test_yaml_syntax_error_and_missing_file(tmp_path):
         load_recipe("merge_method: [linear\nmodels: a\n")
     with pytest.raises(errors.RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yml")
-
-
-@pytest.mark.parametrize(
-    "name, index",
-    [("model.layers.7.mlp.up_proj.weight", 7), ("transformer.h.11.attn.c_attn.weight", 11),
-     ("model.embed_tokens.weight", None), ("lm_head.weight", None), ("model.norm.weight", None)],
-)
-def test_layer_index(name, index):
-    assert layer_index(name) == index
 
 
 def test_layer_position_as_mergekit_plans_it():

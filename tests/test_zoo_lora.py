@@ -13,9 +13,8 @@ from karcher_lab.cli import main
 from karcher_lab.errors import ParameterError
 from karcher_lab.zoo import find_pool, get_task, load_pool
 from karcher_lab.zoo.evaluate import evaluate
-from karcher_lab.zoo.lora import (
-    TARGET_MODULES, build_lora_pool, lora_config_for, lora_pool_dir, train_lora_expert,
-)
+from karcher_lab.zoo.lora import build_lora_pool, train_lora_expert
+from karcher_lab.zoo.lora_config import TARGET_MODULES, lora_config_for, lora_pool_dir
 from karcher_lab.zoo.pool import PoolNotBuiltError
 
 QUICK = dict(tasks=("uppercase", "double"), steps=200, lr=1e-2, train_examples=1000, eval_examples=40)

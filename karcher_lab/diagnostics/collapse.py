@@ -106,7 +106,7 @@ def batched_eigvalsh(matrices: torch.Tensor) -> torch.Tensor:
     """Eigenvalues of a batch of symmetric matrices [B, d, d]. On the CPU each matrix is solved on one
     thread and the batch is split over torch's threads: LAPACK's own threading synchronizes at every
     column of the tridiagonal reduction, which gains little on a few cores and stalls badly when the
-    cores are shared (measured on 2 cores, d = 576: 10 ms per matrix split, 60+ ms threaded under load)."""
+    cores are shared (timings: benchmarks/README.md)."""
     threads = torch.get_num_threads()
     if matrices.device.type != "cpu" or threads == 1 or matrices.shape[0] < 2:
         return torch.linalg.eigvalsh(matrices)

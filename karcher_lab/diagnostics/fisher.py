@@ -3,7 +3,7 @@
 Matena & Raffel 2022 ("Merging Models with Fisher-Weighted Averaging", arXiv:2111.09832) estimate the
 diagonal of the Fisher F(θ) = E_x E_{y ~ p_θ(·|x)} [∇_θ log p_θ(y|x) ∇_θ log p_θ(y|x)ᵀ] by sampling
 the labels from the model itself (the "true" Fisher, not the empirical one built on the data's labels).
-For a task example x = ``<s> prompt answer </s>`` (teacher-forced, :mod:`karcher_lab.zoo.sequences`)
+For a task example x = ``<s> prompt answer </s>`` (teacher-forced, :mod:`karcher_lab.diagnostics.sequences`)
 the prediction is the next-token distribution at each answer position t, and one sample draws
 ŷ_t ~ p_θ(· | context_t) independently at every answer position:
 
@@ -22,9 +22,9 @@ from typing import Sequence
 
 import torch
 
+from karcher_lab.diagnostics.examples import Example
 from karcher_lab.diagnostics.function import answer_batches, answer_logits, model_device
 from karcher_lab.errors import EmptyInputError, ParameterError
-from karcher_lab.zoo.tasks import Example
 
 
 def diagonal_fisher(

@@ -1,13 +1,13 @@
 """Function-space metrics: how well a model does a task, and how far its predictions are from an expert's.
 
 All metrics read the answer positions of teacher-forced task sequences ``<s> prompt answer </s>``
-(:mod:`karcher_lab.zoo.sequences`): position t predicts answer token a_t (the closing ``</s>``
+(:mod:`karcher_lab.diagnostics.sequences`): position t predicts answer token a_t (the closing ``</s>``
 included) from ``<s> prompt a_<t``. For each example, per-position values are averaged over its
 answer positions; tables report the ``mean`` and ``std`` over examples and their number ``n``.
 
 - **nll**: −(1/T) Σ_t log p_θ(a_t | …) in nats per answer token; **perplexity** = exp(mean NLL over the
   task's examples) (a corpus-level value: its ``std`` is NaN).
-- **accuracy**: greedy exact match (batched greedy decoding, :func:`karcher_lab.zoo.evaluate.greedy_answers`);
+- **accuracy**: greedy exact match (batched greedy decoding, :func:`karcher_lab.diagnostics.sequences.greedy_answers`);
   per example 0 or 1, so std = √(p(1 − p)) up to the n − 1 correction. ``exact_match="teacher_forced"``
   reads it from the teacher-forced pass instead (:func:`forced_exact_matches`): greedy decoding
   reproduces the answer iff argmax_v p(v | <s> prompt a_<t) = a_t at every answer position, ``</s>``
@@ -31,11 +31,10 @@ from typing import Any, Iterator, Mapping, Sequence
 import pandas as pd
 import torch
 
+from karcher_lab.diagnostics.examples import Example
+from karcher_lab.diagnostics.sequences import IGNORE, encode, greedy_answers, teacher_forcing_batch
 from karcher_lab.errors import EmptyInputError, InputError, ParameterError
 from karcher_lab.geometry.simplex import fr_distance
-from karcher_lab.zoo.evaluate import greedy_answers
-from karcher_lab.zoo.sequences import IGNORE, encode, teacher_forcing_batch
-from karcher_lab.zoo.tasks import Example
 
 QUALITY_COLUMNS = ["model", "task", "metric", "mean", "std", "n"]
 DISTANCE_COLUMNS = ["reference", "model", "task", "metric", "mean", "std", "n"]
@@ -80,8 +79,7 @@ this multiple of its real tokens."""
 def length_batches(lengths: Sequence[int], batch_size: int, slack: float = PADDING_SLACK) -> list[list[int]]:
     """Indices of sequences of the given ``lengths`` in batches of at most ``batch_size``, shortest
     first, each batch closed before rows × longest would exceed ``slack`` × its tokens: padding costs a
-    forward pass as much as real tokens (SmolLM2-135M, 16 examples of each of its pool's 5 tasks in one
-    right-padded batch: 1920 cells for 1020 tokens)."""
+    forward pass as much as real tokens."""
     if batch_size < 1:
         raise ParameterError(f"batch_size must be >= 1, got {batch_size}")
     batches, current, tokens = [], [], 0

@@ -1,12 +1,14 @@
 """Weight-space metrics per tensor: norm shrinkage, angles between experts, the chord-versus-geodesic gap,
 and the distance from the merged model to each expert.
 
-Models are anything :func:`karcher_lab.pipeline.open_model` opens (checkpoint directories, cached hub ids,
-``{name: tensor}`` dicts, transformers models); they must share one architecture
-(:func:`karcher_lab.io.architecture.check_layout`). Tensors are read one at a time and every quantity
-comes from one float64 Gram pass (:func:`karcher_lab.geometry.karcher_mean.gram_matrix`) over the
-experts x_1 … x_N and the merged tensor x*, with n_i = ‖x_i‖, u_i = x_i/n_i and weights α normalized
-to sum 1 (equal by default):
+Models are given opened: ``{name: tensor}`` state dicts, in-memory models (anything with
+``state_dict()``, e.g. transformers models) or :mod:`karcher_lab.io` sources
+(:class:`~karcher_lab.io.checkpoint.Checkpoint` for a checkpoint directory, read lazily;
+:func:`karcher_lab.pipeline.open_model` opens paths and cached hub ids); a path is refused. They must
+share one architecture (:func:`karcher_lab.io.architecture.check_layout`). Tensors are read one at a
+time and every quantity comes from one float64 Gram pass
+(:func:`karcher_lab.geometry.karcher_mean.gram_matrix`) over the experts x_1 … x_N and the merged
+tensor x*, with n_i = ‖x_i‖, u_i = x_i/n_i and weights α normalized to sum 1 (equal by default):
 
 - ``norm_ratio`` = ‖x*‖ / Σ_i α_i n_i: below 1 is norm shrinkage (a linear merge of equal-norm,
   non-parallel experts shrinks; karcher keeps the mean norm by construction, §3.4).
@@ -27,37 +29,40 @@ merge computes each expert's norms once (:func:`tensor_norms`) and only the merg
 (:func:`norm_ratios`).
 
 Tables are tidy: one row per tensor × metric (× expert or pair) with columns ``model``, ``other``,
-``tensor``, ``layer`` (the decoder block index, NA for embeddings, final norm and head), ``metric``,
-``mean`` (the value) and ``std`` (NaN: one value per tensor). :func:`layer_summary` averages them per
-layer, with the std over the layer's tensors.
+``tensor``, ``layer`` (the decoder block index, :func:`karcher_lab.io.architecture.layer_index`; NA for
+embeddings, final norm and head), ``metric``, ``mean`` (the value) and ``std`` (NaN: one value per
+tensor). :func:`layer_summary` averages them per layer, with the std over the layer's tensors.
 """
 from __future__ import annotations
 
 import math
-import re
+import os
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 import torch
 
-from karcher_lab.errors import AntipodalError, EmptyInputError, ParameterError, WeightError
+from karcher_lab.checks import check_weights
+from karcher_lab.errors import AntipodalError, EmptyInputError, InputError, ParameterError
 from karcher_lab.geometry.karcher_mean import block_norms, gram_matrix, karcher_coefficients
-from karcher_lab.io.architecture import check_layout
+from karcher_lab.io.architecture import check_layout, layer_index
+from karcher_lab.io.checkpoint import Checkpoint, StateDictSource
 
 COLUMNS = ["model", "other", "tensor", "layer", "metric", "mean", "std"]
-LAYER_PATTERN = re.compile(r"\.layers\.(\d+)\.")
 
 
-def layer_index(name: str) -> int | None:
-    """The decoder block a tensor belongs to (``model.layers.7.mlp...`` → 7), None outside the blocks."""
-    match = LAYER_PATTERN.search(name)
-    return int(match.group(1)) if match else None
+def _source(model: Any, label: str) -> Checkpoint | StateDictSource:
+    """``model`` as a source: a Checkpoint or StateDictSource as it is, a state dict or model wrapped."""
+    if isinstance(model, (Checkpoint, StateDictSource)):
+        return model
+    if isinstance(model, (str, os.PathLike)):
+        raise InputError(f"model {label} is given as the path {str(model)!r}; weight metrics take opened models: "
+                         "open it first, e.g. karcher_lab.io.Checkpoint(path) or karcher_lab.pipeline.open_model(path)")
+    return StateDictSource(model, label)
 
 
 def _open(models: Sequence[Any], labels: Sequence[str]):
-    from karcher_lab.pipeline import open_model
-
-    sources = [open_model(m, label) for m, label in zip(models, labels)]
+    sources = [_source(m, label) for m, label in zip(models, labels)]
     return sources, check_layout(sources)
 
 
@@ -66,13 +71,6 @@ def _labels(names: Sequence[str] | None, n: int, prefix: str) -> list[str]:
     if len(labels) != n or len(set(labels)) != n:
         raise ParameterError(f"need {n} distinct model names, got {labels}")
     return labels
-
-
-def _weights(weights: Sequence[float] | None, n: int) -> torch.Tensor:
-    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
-        raise WeightError(f"need {n} finite non-negative weights with a positive sum, got {w.tolist()}")
-    return w / w.sum()
 
 
 def _angles_deg(gram: torch.Tensor) -> torch.Tensor:
@@ -154,7 +152,7 @@ def weight_metrics(
     if norm_only and base is not None:
         raise ParameterError("norm_only gives norm ratios only, which do not use a base: drop base or norm_only")
     labels = _labels(names, len(experts), "expert")
-    alpha = _weights(weights, len(experts))
+    alpha = check_weights(weights, len(experts), normalize=True, what="experts")
     extra = [base] if base is not None else []
     sources, layout = _open([*experts, merged, *extra], [*labels, merged_name, *["base"] * len(extra)])
     n = len(experts)
@@ -210,7 +208,7 @@ def norm_ratios(
     expert must have a norm for each tensor of the merged model (ParameterError naming one that does not)."""
     if not expert_norms:
         raise EmptyInputError("no experts given")
-    alpha = _weights(weights, len(expert_norms))
+    alpha = check_weights(weights, len(expert_norms), normalize=True, what="experts")
     rows = []
     for name, merged in merged_norms.items():
         missing = [i for i, norms in enumerate(expert_norms) if name not in norms]

@@ -19,6 +19,7 @@ from karcher_lab import plots
 from karcher_lab.diagnostics import expert_angles
 from karcher_lab.experiment.grid import DEFAULT_METHODS, NAMED_ORDERS
 from karcher_lab.experiment.measure import EXPERT
+from karcher_lab.io import Checkpoint
 from karcher_lab.zoo import Pool
 
 FIGURE2_METRICS = ("variance", "effective_rank")
@@ -95,7 +96,8 @@ def heterogeneity(pool: Pool) -> tuple[pd.DataFrame, pd.DataFrame]:
     tensor (:func:`karcher_lab.diagnostics.expert_angles`)."""
     levels = pd.DataFrame([{"task": e["task"], "level": e.get("level"), "accuracy": e.get("accuracy"),
                             "base accuracy": e.get("base_accuracy")} for e in pool.experts]).set_index("task")
-    angles = expert_angles([e["path"] for e in pool.experts], base=str(pool.base_path), names=levels.index.tolist())
+    angles = expert_angles([Checkpoint(e["path"]) for e in pool.experts], base=Checkpoint(pool.base_path),
+                           names=levels.index.tolist())
     return levels, angles
 
 

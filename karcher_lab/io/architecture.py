@@ -10,6 +10,10 @@ output stores a head of its own (its config then says ``tie_word_embeddings: fal
 
 A different number of rows in the embedding (or head) is a vocabulary mismatch, reported as such:
 merging rows of different tokens is meaningless without aligning the vocabularies first.
+
+Tensor names also tell which decoder layer a tensor belongs to (:func:`layer_index`): the number after
+``layers``, ``layer``, ``h`` or ``blocks`` (``model.layers.7.mlp.up_proj.weight``: Llama, Qwen2, Mistral,
+Gemma, GPT-NeoX; ``transformer.h.7.attn.c_attn.weight``: GPT-2, Falcon; ``transformer.blocks.7...``: MPT).
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ EMBEDDINGS = (
     "transformer.word_embeddings.weight", "model.decoder.embed_tokens.weight",
 )
 MAX_TABLE_ROWS = 20
+LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
+"""The decoder-layer index in a tensor name (module docstring)."""
 
 
 class Source(Protocol):
@@ -62,6 +68,14 @@ class Layout:
 def natural_key(name: str) -> tuple:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index of tensor ``name`` (``model.layers.7.mlp.up_proj.weight`` → 7,
+    ``transformer.h.3.attn.c_attn.weight`` → 3), None for tensors outside the layer stack (embeddings,
+    final norm, LM head)."""
+    match = LAYER_INDEX.search(name)
+    return int(match.group(1)) if match else None
 
 
 def _embedding_name(source: Source) -> str | None:

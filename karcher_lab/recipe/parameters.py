@@ -17,29 +17,21 @@ shared parameter looks only in the slice's and the global ones (mergekit never r
 parameter from a model's entry). The first scope where the setting yields a value wins; otherwise the
 method's default applies (or the parameter is required).
 
-The layer position (:func:`layer_position`) is ``t = i / (L − 1)`` for a tensor of decoder layer ``i`` in
-a model of ``L`` layers (``t = 1`` when ``L = 1``, as mergekit's planner does), and ``t = 0`` for every
-tensor outside the layer stack: embeddings, final norm and LM head.
+The layer position (:func:`layer_position`) is ``t = i / (L − 1)`` for a tensor of decoder layer ``i``
+(:func:`karcher_lab.io.architecture.layer_index`) in a model of ``L`` layers (``t = 1`` when ``L = 1``,
+as mergekit's planner does), and ``t = 0`` for every tensor outside the layer stack: embeddings, final
+norm and LM head.
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Iterable, Mapping
 
-LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks)\.(\d+)\.")
-"""The decoder-layer index in a tensor name: ``model.layers.7.mlp...`` (Llama, Qwen2, Mistral, Gemma,
-GPT-NeoX), ``transformer.h.7...`` (GPT-2, Falcon), ``transformer.blocks.7...`` (MPT)."""
+from karcher_lab.io.architecture import layer_index
 
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
 NOT_SET: Any = type("NotSet", (), {"__repr__": lambda self: "NOT_SET"})()
 """Returned when no scope sets a parameter for a tensor (distinct from an explicit value)."""
-
-
-def layer_index(tensor_name: str) -> int | None:
-    """The decoder-layer index of a tensor, or None for tensors outside the layer stack."""
-    match = LAYER_INDEX.search(tensor_name)
-    return int(match.group(1)) if match else None
 
 
 def num_layers(config: Mapping[str, Any], tensor_names: Iterable[str]) -> int:

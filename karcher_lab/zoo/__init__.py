@@ -10,7 +10,8 @@ from karcher_lab.zoo.cache import cache_root, pool_dir
 from karcher_lab.zoo.catalog import TASKS, get_task
 from karcher_lab.zoo.config import SIZES, ZooConfig, config_for
 from karcher_lab.zoo.load import load, model_path
-from karcher_lab.zoo.pool import Pool, PoolNotBuiltError, find_pool, format_table, load_pool
+from karcher_lab.zoo.lookup import find_pool
+from karcher_lab.zoo.pool import Pool, PoolNotBuiltError, format_table, load_pool
 
 __all__ = [
     "SIZES", "TASKS", "Pool", "PoolNotBuiltError", "ZooConfig", "build_pool", "cache_root", "config_for",

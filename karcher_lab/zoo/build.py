@@ -21,12 +21,12 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
-from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from karcher_lab.diagnostics.sequences import encode
 from karcher_lab.errors import NotSupportedError, OutputError
 from karcher_lab.io.output import atomic_directory
 from karcher_lab.zoo.cache import build_key, pool_dir
@@ -35,29 +35,10 @@ from karcher_lab.zoo.config import ExpertRecipe, ZooConfig
 from karcher_lab.zoo.conflicts import conflict_record, task_vectors
 from karcher_lab.zoo.evaluate import evaluate
 from karcher_lab.zoo.pool import POOL_FILE, Pool, load_pool, write_record
-from karcher_lab.zoo.sequences import encode
 from karcher_lab.zoo.tokenizer import char_tokenizer
-from karcher_lab.zoo.train import train_causal_lm
+from karcher_lab.zoo.train import deterministic, train_causal_lm
 
 BASE_DIR, EXPERTS_DIR = "base", "experts"
-
-
-@contextmanager
-def deterministic(threads: int):
-    """Run torch deterministically on ``threads`` threads, without transformers' progress bars; restore after."""
-    from transformers.utils import logging
-
-    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), logging.is_progress_bar_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous[0])
-        torch.use_deterministic_algorithms(previous[1])
-        if previous[2]:
-            logging.enable_progress_bar()
 
 
 def new_base_model(config: ZooConfig, tokenizer):

@@ -14,8 +14,9 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
+from karcher_lab.diagnostics.examples import Example
 from karcher_lab.errors import NotSupportedError
-from karcher_lab.zoo.tasks import Example, Task, split_of
+from karcher_lab.zoo.tasks import Task, split_of
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "text"
 CONTEXT_CHARS = 16

@@ -1,7 +1,8 @@
 """Scoring a causal LM on task examples: exact match of the greedy answer, and answer NLL.
 
-- exact match: greedy decoding from ``<s> prompt`` until ``</s>``; the decoded text must equal the
-  answer exactly. Decoding stops after (longest answer + 2) tokens: anything longer is wrong anyway.
+- exact match: greedy decoding from ``<s> prompt`` until ``</s>``
+  (:func:`karcher_lab.diagnostics.sequences.greedy_answers`); the decoded text must equal the answer
+  exactly.
 - chat: for chat models (SmolLM2), the greedy reply to one user message through the chat template.
 - NLL: mean over examples of -(1/T) Σ_t log p(a_t | <s> prompt a_<t), in nats per token, over the T
   answer tokens plus the closing ``</s>``.
@@ -10,29 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.zoo.sequences import IGNORE, encode, prompt_batch, teacher_forcing_batch
-from karcher_lab.zoo.tasks import Example
+from karcher_lab.diagnostics.examples import Example
+from karcher_lab.diagnostics.sequences import IGNORE, encode, greedy_answers, teacher_forcing_batch
 
 BATCH = 256
-
-
-@torch.no_grad()
-def greedy_answers(model, tokenizer, examples: list[Example]) -> list[str]:
-    """The model's greedy continuation of each prompt, up to (not including) ``</s>``."""
-    items = encode(tokenizer, examples)
-    max_new = max(len(item.ids) - item.prompt_len for item in items) + 1
-    answers = []
-    for start in range(0, len(items), BATCH):
-        input_ids, attention_mask = prompt_batch(items[start : start + BATCH], tokenizer.pad_token_id)
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new, do_sample=False,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-        for row in out[:, input_ids.shape[1] :].tolist():
-            if tokenizer.eos_token_id in row:
-                row = row[: row.index(tokenizer.eos_token_id)]
-            answers.append(tokenizer.decode(row))
-    return answers
+"""Examples scored together by :func:`answer_nll`."""
 
 
 def exact_match(model, tokenizer, examples: list[Example]) -> float:

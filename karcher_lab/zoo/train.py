@@ -4,18 +4,40 @@ Each step draws ``batch_size`` sequences uniformly with replacement from the tra
 generator, so a run is a pure function of its inputs on a fixed thread count), minimises the mean
 next-token cross-entropy over the supervised tokens, clips the gradient norm to 1 and follows a
 linear warm-up over the first 10% of the steps, then a cosine decay to 10% of the peak rate.
+
+Training runs under :func:`deterministic` (deterministic algorithms on a fixed thread count), so the
+same inputs give the same weights.
 """
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 
 import torch
 
-from karcher_lab.zoo.sequences import EncodedExample, teacher_forcing_batch
+from karcher_lab.diagnostics.sequences import EncodedExample, teacher_forcing_batch
 
 WARMUP_FRACTION = 0.1
 FINAL_LR_FRACTION = 0.1
+
+
+@contextmanager
+def deterministic(threads: int):
+    """Run torch deterministically on ``threads`` threads, without transformers' progress bars; restore after."""
+    from transformers.utils import logging
+
+    previous = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), logging.is_progress_bar_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1])
+        if previous[2]:
+            logging.enable_progress_bar()
 
 
 def lr_factor(step: int, steps: int) -> float:

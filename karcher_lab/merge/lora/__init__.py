@@ -1,4 +1,5 @@
-"""Merging LoRA adapters: a registry of methods on low-rank factors, and ``merge_lora`` for PEFT adapters.
+"""Merging LoRA updates: a registry of methods on low-rank factors, and ``merge_factor_sets`` to run one
+on every module (PEFT adapters on disk: :func:`karcher_lab.pipeline.lora.merge_lora`).
 
 Methods (``list_lora_methods()``): ``geomerge`` (quotient Fréchet mean, rank r), ``task_arithmetic``
 and ``ties`` on ΔW, ``knots_ta`` / ``knots_ties`` (KnOTS joint-SVD alignment), and peft's own
@@ -12,12 +13,12 @@ from karcher_lab.merge.lora import (  # noqa: F401  (imported for their @registe
     task_arithmetic,
     ties,
 )
-from karcher_lab.merge.lora.api import LoraMergeResult, merge_factor_sets, merge_lora
+from karcher_lab.merge.lora.api import merge_factor_sets
 from karcher_lab.merge.lora.geomerge import geomerge_factors
 from karcher_lab.merge.lora.registry import LoraMethod, get_lora_method, list_lora_methods
 from karcher_lab.merge.lora.symmetry import gauge_transform, random_gauge, symmetry_gap
 
 __all__ = [
-    "LoraMergeResult", "LoraMethod", "gauge_transform", "geomerge_factors", "get_lora_method", "list_lora_methods",
-    "merge_factor_sets", "merge_lora", "random_gauge", "symmetry_gap",
+    "LoraMethod", "gauge_transform", "geomerge_factors", "get_lora_method", "list_lora_methods",
+    "merge_factor_sets", "random_gauge", "symmetry_gap",
 ]

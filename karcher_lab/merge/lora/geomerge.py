@@ -12,50 +12,46 @@ iterate, θ_i* = θ_i·O_i* (eq. 10, :func:`karcher_lab.geometry.lowrank.align`)
 Riemannian gradient step μ ← Exp_μ(η · hor(Σ_i w_i Log_μ θ_i*)) on the product manifold (eq. 11),
 until ‖hor(Σ_i w_i Log_μ θ_i*)‖ < tol (:func:`karcher_lab.geometry.frechet.frechet_mean`).
 
-Because only polar factors enter, and both the metric and the alignment are O(r)-invariant, the merged
-ΔW does not depend on how each ΔW_i is factored: (G_i A⁻¹, H_i Aᵀ) for any A ∈ GL(r) gives the same
-merge (the paper's core claim; tested). The merged update has rank r.
+Invariance. Only polar factors enter, and both the metric and the alignment are O(r)-invariant, so the
+merged ΔW does not depend on how each ΔW_i is factored: (G_i A⁻¹, H_i Aᵀ) for any A ∈ GL(r) gives the
+same merge (the paper's core claim), up to the solver's tolerance (the mean is fixed to about
+tol / curvature). The merged update has rank r.
 
 Solver. The outer iteration is the paper's (align, then step along the horizontal gradient) with two
-additions that leave its fixed point and stopping rule unchanged: the step direction is a Riemannian
-L-BFGS direction (``memory`` pairs, vector transport by projection, Armijo backtracking on the Fréchet
-objective; ``memory=0`` gives the plain step μ ← Exp_μ(η v) of eq. 11), because the objective is
-nearly flat along directions where the inputs' column spaces are far apart (Hessian of ½d² ≈ θ cot θ
-→ 0 at principal angles θ → π/2), where plain steps converge at rates ~0.97 per iteration; and each
-alignment stops at max(align_tol, 0.1 × the current gradient norm), since an inexact alignment only
-perturbs the gradient by about its residual. Alignments are warm-started from the previous iterate's.
-Measured (benchmarks/geomerge_factors.py: 576×576, r = 16, N = 5 Gaussian adapters, tol 1e-6, on a
-shared 2-core CPU at load 9–17, alignment tolerance 1e-2 × ‖v‖ then): memory 8 converges in 114
-iterations, 26 s; the plain step had not reached tol after 2000 iterations (280 s, before the
-eigendecomposition reuse; same objective to 9 digits).
-Replacing adapter 0 by (G A⁻¹, H Aᵀ), cond A = 18.8, changes the merged ΔW by 1.2e-5 relative
-(the objective is flat, so ΔW is fixed only to about tol / curvature), the factor average by 1.81.
+additions that leave its fixed point and stopping rule unchanged:
 
-Start (``init``): ``"mean"`` (default) is the rank-r truncated SVD of the weighted Euclidean mean
+- the step direction is a Riemannian L-BFGS direction (``memory`` pairs, vector transport by
+  projection, Armijo backtracking on the Fréchet objective; ``memory=0`` gives the plain step
+  μ ← Exp_μ(η v) of eq. 11). The objective is nearly flat along directions where the inputs' column
+  spaces are far apart (the Hessian of ½d² is ≈ θ cot θ → 0 at principal angles θ → π/2), where
+  plain gradient steps converge linearly at rates close to 1;
+- each alignment stops at max(``align_tol``, ``ALIGN_RELATIVE_TOL`` × the current gradient norm), since
+  an inexact alignment perturbs the gradient by about its residual; alignments are warm-started from
+  the previous iterate's.
+
+Start (``init``). ``"mean"`` (default): the rank-r truncated SVD of the weighted Euclidean mean
 Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
-depends only on the ΔW_i, so it keeps the invariance. If that mean has (numerically) rank < r (updates
-that cancel; ``START_RTOL``), the start falls back to ``"first"``: the input with the largest weight
-(first among ties). The trace records which start was used.
+depends only on the ΔW_i, so it keeps the invariance. If that mean has (numerically) rank < r
+(updates that cancel; ``START_RTOL``), the start falls back to ``"first"``: the input with the largest
+weight (first among ties). The trace records which start was used.
 
-Logs beyond their domain. Real LoRA adapters often have nearly orthogonal column spaces (rank 8 in
-dimension 128: principal angles 50–89°), so the start, a cold alignment candidate or a line-search trial
-can be as far from an input as the Stiefel cut locus, where Zimmermann's log iteration meets a rotation
-by π (AntipodalError) or does not converge (ConvergenceError); the mean itself, halfway between, is
-within reach. There, and only for the affected U or V log, the solver uses the projection surrogate
-Proj_{T_U}(Y − U) (:func:`karcher_lab.geometry.stiefel.surrogate_coordinates`: the negative Riemannian
-gradient of ½‖U − Y‖²_F, a descent direction that is defined everywhere and agrees with Log_U(Y) up to
-O(d²)); such an alignment entry keeps its start rotation, and F counts ½‖surrogate‖² for it. The trace
-counts these logs per evaluation (``log_fallbacks``; ``surrogates_computed`` also counts discarded
-candidates and trials). The returned mean must have exact logs only: if
-its last iterate still needs the surrogate, the inputs have no unique mean (ΔW and −ΔW of rank 1:
-antipodal Stiefel columns) or none within the log's reach, and AntipodalError is raised. The surrogate
-is O(r)-equivariant (skew(M O) … for Y·O), so the invariance holds. Measured on two real tiny-lora
-modules (128×128, r = 8, N = 3 and N = 2) that raised before: 44 and 27 iterations, 1.6 s and 0.9 s
-(shared 2-core CPU under load), one surrogate log on the way in each, none at the mean.
+Logs beyond their domain. Inputs with nearly orthogonal column spaces (common for real LoRA adapters)
+put the start, a cold alignment candidate or a line-search trial as far from an input as the Stiefel cut
+locus, where Zimmermann's log iteration meets a rotation by π (AntipodalError) or does not converge
+(ConvergenceError), while the mean itself is within reach. There, and only for the affected U or V
+log, the solver uses the projection surrogate Proj_{T_U}(Y − U)
+(:func:`karcher_lab.geometry.stiefel.surrogate_coordinates`: the negative Riemannian gradient of
+½‖U − Y‖²_F, a descent direction defined everywhere that agrees with Log_U(Y) up to O(d²)); such an
+alignment entry keeps its start rotation, and the objective counts ½‖surrogate‖² for it. The surrogate
+is O(r)-equivariant (skew(M O) … for Y·O), so the invariance holds. The trace counts these logs per
+evaluation (``log_fallbacks``; ``surrogates_computed`` also counts discarded candidates and trials).
+The returned mean must have exact logs only: if its last iterate still needs the surrogate, the inputs
+have no unique mean (ΔW and −ΔW of rank 1: antipodal Stiefel columns) or none within the log's reach,
+and AntipodalError is raised.
 
-All geometry is float64; the output factors have the inputs' dtype promoted to at least float32 and are
-balanced, G = U_s √Σ and H = V_s √Σ with U_s Σ V_sᵀ the SVD of the merged ΔW (columns by decreasing
-singular value).
+Numerics. All geometry is float64; the output factors have the inputs' dtype promoted to at least
+float32 and are balanced, G = U_s √Σ and H = V_s √Σ with U_s Σ V_sᵀ the SVD of the merged ΔW (columns
+by decreasing singular value).
 """
 from __future__ import annotations
 
@@ -73,10 +69,7 @@ from karcher_lab.geometry.numerics import single_threaded
 
 ALIGN_RELATIVE_TOL = 1e-1
 """Each alignment stops at max(align_tol, ALIGN_RELATIVE_TOL × the previous gradient norm): an inexact
-alignment perturbs the gradient by about its residual, so early iterates need no more. Measured on four
-tiny-lora modules (128×128, r = 8, N = 5; shared 2-core CPU under load): 0.1 instead of 1e-2 takes 878
-instead of 1309 alignment steps and 8.6 s instead of 10.8 s, about the same outer iterations, and moves
-the merged ΔW by 2.5e-6–6.4e-6 relative (the mean is fixed only to about tol / curvature anyway)."""
+alignment perturbs the gradient by about its residual, so early iterates need no finer one."""
 
 START_RTOL = 1e-8
 """The 'mean' start falls back to 'first' when the mean update's σ_r is below this fraction of the inputs'
