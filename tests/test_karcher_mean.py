@@ -315,10 +315,15 @@ def test_bad_solver_arguments():
         km.karcher_coefficients(gram, [1, 1], init="random")
     with pytest.raises(WeightError, match="non-negative"):
         km.karcher_coefficients(gram, [1, -1])
-    with pytest.raises(WeightError, match="all Karcher weights are zero"):
+    with pytest.raises(WeightError, match="karcher: all weights are zero"):
         km.karcher_coefficients(gram, [0, 0])
     with pytest.raises(WeightError, match="shape"):
         km.karcher_coefficients(gram, [1, 1, 1])
+    rows = km.gram_matrix(_experts(2, (3, 4)), "row")  # per-block weights [3, 2]
+    with pytest.raises(WeightError, match="tensor 'w': karcher: all weights of block 1 are zero"):
+        km.karcher_coefficients(rows, [[1, 1], [0, 0], [2, 1]], name="w")
+    with pytest.raises(WeightError, match="non-negative"):
+        km.karcher_coefficients(rows, [[1, 1], [1, -1], [2, 1]])
     with pytest.raises(ParameterError, match="unknown block granularity 'cols'"):
         km.gram_matrix(xs, "cols")
 

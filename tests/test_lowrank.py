@@ -126,6 +126,27 @@ def test_alignment_minimizes_over_the_orbit_and_makes_the_log_horizontal():
     assert float(lowrank.norm(mu, PolarTangent(*(a[0] - b for a, b in zip(result.log, hor))))) < 1e-9
 
 
+def test_a_shared_eigendecomposition_cache_changes_no_result():
+    mu = _point(21, d1=10, d2=8, r=3)
+    others = _batch(_point(22, d1=10, d2=8, r=3), _point(23, d1=10, d2=8, r=3))
+    xi, zeta = _tangent(mu, seed=24), _tangent(mu, seed=25)
+    cache = spd.EighCache()
+    for fn, args in [
+        (lowrank.inner, (mu, xi, zeta)),
+        (lowrank.horizontal, (mu, xi)),
+        (lowrank.exp, (mu, xi)),
+        (lowrank.transport, (mu, lowrank.exp(mu, xi), zeta)),
+    ]:
+        with_cache, without = fn(*args, cache=cache), fn(*args)
+        assert all(torch.equal(x, y) for x, y in zip(_parts(with_cache), _parts(without)))
+    cached, fresh = lowrank.align(mu, others, cache=cache), lowrank.align(mu, others)
+    assert torch.equal(cached.O, fresh.O) and all(torch.equal(x, y) for x, y in zip(cached.log, fresh.log))
+
+
+def _parts(x):
+    return tuple(x) if isinstance(x, tuple) else (x,)
+
+
 def test_quotient_distance_is_invariant_under_o_r_on_either_argument():
     p, q = _point(17), _point(18)
     o1, o2 = _orthogonal(3, seed=19), _orthogonal(3, seed=20)

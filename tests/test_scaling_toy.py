@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from karcher_lab.errors import InputError, ParameterError, WeightError
-from karcher_lab.geometry import scaling_toy as toy
+from karcher_lab.teaching import scaling_toy as toy
 
 THETA = torch.tensor([1.3, -0.7], dtype=torch.float64)
 KAPPA = torch.tensor([-0.4, 2.1], dtype=torch.float64)  # same sign of predictor as THETA (both < 0)

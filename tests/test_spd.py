@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from karcher_lab.errors import ManifoldError, NonFiniteError, ShapeMismatchError
+from karcher_lab.errors import ManifoldError, NonFiniteError, ParameterError, ShapeMismatchError
 from karcher_lab.geometry import spd
 
 F64 = torch.float64
@@ -85,10 +85,27 @@ def test_bad_points_are_rejected(matrix, error):
 
 def test_the_cached_eigendecomposition_follows_in_place_changes():
     b = _spd(seed=15)
-    lam, _ = spd.eigh_spd(b)
-    assert spd.eigh_spd(b)[0] is lam  # same tensor, unchanged: reused
+    cache = spd.EighCache()
+    lam, _ = spd.eigh_spd(b, cache=cache)
+    assert spd.eigh_spd(b, cache=cache)[0] is lam  # same tensor, unchanged: reused
+    assert spd.eigh_spd(b)[0] is not lam  # without a cache nothing is kept between calls
     b.mul_(2.0)
-    assert torch.allclose(spd.eigh_spd(b)[0], 2.0 * lam, rtol=1e-12)
+    assert torch.allclose(spd.eigh_spd(b, cache=cache)[0], 2.0 * lam, rtol=1e-12)
     b.copy_(-b)
     with pytest.raises(ManifoldError, match="positive definite"):
-        spd.eigh_spd(b)
+        spd.eigh_spd(b, cache=cache)
+
+
+def test_the_cache_keeps_the_most_recently_used_points_and_changes_no_result():
+    points = [_spd(seed=s) for s in (16, 17, 18)]
+    cache = spd.EighCache(size=2)
+    first = spd.eigh_spd(points[0], cache=cache)[0]
+    spd.eigh_spd(points[1], cache=cache)
+    assert spd.eigh_spd(points[0], cache=cache)[0] is first  # used last: kept when the third arrives
+    spd.eigh_spd(points[2], cache=cache)
+    assert spd.eigh_spd(points[0], cache=cache)[0] is first
+    xi = spd.log(points[0], points[1])
+    assert torch.equal(spd.exp(points[0], xi, cache=cache), spd.exp(points[0], xi))
+    assert torch.equal(spd.inner(points[0], xi, xi, cache=cache), spd.inner(points[0], xi, xi))
+    with pytest.raises(ParameterError, match="size"):
+        spd.EighCache(size=0)

@@ -25,15 +25,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from karcher_lab.errors import (
-    AntipodalError,
-    ConvergenceError,
-    EmptyInputError,
-    ManifoldError,
-    ParameterError,
-    StepSizeError,
-    WeightError,
-)
+from karcher_lab import checks
+from karcher_lab.errors import AntipodalError, ConvergenceError, ManifoldError, ParameterError
 from karcher_lab.geometry import sphere
 
 Point = Any
@@ -100,31 +93,13 @@ def weighted_sum(weights: torch.Tensor, batch: Point) -> Point:
 
 
 def check_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
-    """Weights as a float64 [n] tensor summing to 1; WeightError unless finite, ≥ 0, of length n, not all 0."""
-    if n == 0:
-        raise EmptyInputError("no points given")
-    if weights is None:
-        return torch.full((n,), 1.0 / n, dtype=torch.float64)
-    w = torch.as_tensor(weights, dtype=torch.float64).flatten().cpu()
-    if w.numel() != n:
-        raise WeightError(f"got {w.numel()} weights for {n} points")
-    if not bool(torch.isfinite(w).all()):
-        raise WeightError(f"weights must be finite, got {w.tolist()}")
-    if bool((w < 0).any()):
-        raise WeightError(f"weights must be non-negative, got {w.tolist()}")
-    if float(w.sum()) == 0.0:
-        raise WeightError("all weights are zero")
-    return w / w.sum()
+    """The solver's weights α = w / Σ w, float64 [n] (None: equal), by :func:`karcher_lab.checks.check_weights`."""
+    return checks.check_weights(weights, n, normalize=True, what="points")
 
 
 def check_solver_params(*, eta: float, max_iter: int, tol: float) -> None:
-    """StepSizeError unless 0 < η ≤ 1; ParameterError for max_iter < 0 or tol < 0."""
-    if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and 0.0 < eta <= 1.0):
-        raise StepSizeError(f"step size eta must lie in (0, 1] (eq. 9 of the GeoMerge paper), got {eta!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol >= 0.0):
-        raise ParameterError(f"tol must be a non-negative number, got {tol!r}")
+    """:func:`karcher_lab.checks.check_solver_params`, citing eq. 9 of the GeoMerge paper for the step size."""
+    checks.check_solver_params(eta=eta, max_iter=max_iter, tol=tol, equation="eq. 9 of the GeoMerge paper")
 
 
 def _dot(geometry: Geometry, mu: Point, u: Point, v: Point) -> float:
@@ -162,8 +137,7 @@ def frechet_mean(
     whether non-convergence is an error).
     """
     check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
-        raise ParameterError(f"memory must be a non-negative int, got {memory!r}")
+    checks.check_count("memory", memory, 0)
     if memory > 0 and geometry.transport is None:
         raise ParameterError("memory > 0 (L-BFGS) needs a geometry with a vector transport")
     n = tree_leaves(points)[0].shape[0]

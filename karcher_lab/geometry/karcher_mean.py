@@ -43,14 +43,8 @@ from typing import Sequence
 
 import torch
 
-from karcher_lab.errors import (
-    AntipodalError,
-    EmptyInputError,
-    ParameterError,
-    ShapeMismatchError,
-    StepSizeError,
-    WeightError,
-)
+from karcher_lab import checks
+from karcher_lab.errors import AntipodalError, EmptyInputError, ParameterError, ShapeMismatchError, WeightError
 from karcher_lab.geometry.blocks import block_layout
 from karcher_lab.geometry.sphere import ANTIPODAL_TOL
 
@@ -119,10 +113,6 @@ class KarcherTrace:
         return float(self.residuals[-1])
 
 
-def _where(name: str | None) -> str:
-    return f"tensor {name!r}: " if name else ""
-
-
 def _check_same_shape(tensors: Sequence[torch.Tensor], extras: dict[str, torch.Tensor | None] | None = None) -> None:
     if len(tensors) == 0:
         raise EmptyInputError("no tensors given")
@@ -135,15 +125,9 @@ def _check_same_shape(tensors: Sequence[torch.Tensor], extras: dict[str, torch.T
 
 
 def check_solver_params(*, eta: float, max_iter: int, tol: float, init: str) -> None:
-    """Raise StepSizeError unless 0 < η ≤ 1, ParameterError for max_iter < 0, tol < 0 or an unknown init."""
-    if not (isinstance(eta, (int, float)) and 0.0 < eta <= 1.0):
-        raise StepSizeError(f"step size eta must lie in (0, 1] (eq. 5 of the paper), got {eta!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ParameterError(f"max_iter must be a non-negative int, got {max_iter!r}")
-    if not (isinstance(tol, (int, float)) and tol >= 0.0):
-        raise ParameterError(f"tol must be a non-negative number, got {tol!r}")
-    if init not in KARCHER_INITS:
-        raise ParameterError(f"unknown init {init!r}; choose one of {list(KARCHER_INITS)}")
+    """The settings of eq. 5: :func:`karcher_lab.checks.check_solver_params`, and ``init`` one of ``KARCHER_INITS``."""
+    checks.check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
+    checks.check_choice("init", init, KARCHER_INITS)
 
 
 def gram_matrix(
@@ -254,25 +238,34 @@ def block_norms(gram: torch.Tensor) -> torch.Tensor:
     return gram.diagonal(dim1=-2, dim2=-1).clamp_min(0).sqrt()
 
 
-def _weights(weights: Sequence[float] | torch.Tensor, blocks: int, n: int, device: torch.device) -> torch.Tensor:
+def _weights(
+    weights: Sequence[float] | torch.Tensor, blocks: int, n: int, device: torch.device, name: str | None
+) -> torch.Tensor:
+    """α as float64 ``[blocks, n]`` on ``device`` from one row ``[n]`` for all blocks or one per block
+    ``[blocks, n]``; WeightError unless finite, ≥ 0 and, in every row, not all zero."""
     w = torch.as_tensor(weights, dtype=torch.float64, device=device)
     if w.shape not in ((n,), (blocks, n)):
         raise WeightError(f"got weights of shape {tuple(w.shape)} for {n} models (expected [{n}] or [{blocks}, {n}])")
-    if not bool(torch.isfinite(w).all()):
-        raise WeightError(f"weights must be finite, got {w.tolist()}")
-    if bool((w < 0).any()):
-        raise WeightError(f"Karcher weights must be non-negative, got {w.tolist()}")
-    if bool((w.sum(-1) == 0).any()):
-        raise WeightError("all Karcher weights are zero")
+    label = f"{checks.where(name)}karcher: "
+    if w.ndim == 1:
+        checks.check_weights(w, n, label=label)
+    else:  # finite and ≥ 0 over all rows at once, then no row all zero
+        checks.check_weights(w.flatten(), w.numel(), label=label)
+        zero_rows = (w == 0).all(-1)
+        if bool(zero_rows.any()):
+            raise WeightError(f"{label}all weights of block {int(zero_rows.nonzero()[0, 0])} are zero")
     return w.expand(blocks, n)
 
 
-def contributing_weights(gram: torch.Tensor, weights: Sequence[float] | torch.Tensor) -> torch.Tensor:
+def contributing_weights(
+    gram: torch.Tensor, weights: Sequence[float] | torch.Tensor, *, name: str | None = None
+) -> torch.Tensor:
     """α̂[b, i]: the weights renormalized per block over the points that contribute a direction
     (non-zero weight and non-zero norm); zero elsewhere, and all zero for a block where nothing contributes.
+    ``name`` (the tensor's) prefixes the error messages.
     """
     blocks, n = gram.shape[0], gram.shape[-1]
-    alpha = _weights(weights, blocks, n, gram.device)
+    alpha = _weights(weights, blocks, n, gram.device, name)
     alpha = torch.where(block_norms(gram) > 0, alpha, 0.0)
     total = alpha.sum(-1, keepdim=True)
     return alpha / torch.where(total > 0, total, 1.0)
@@ -297,7 +290,7 @@ def _check_unique(points: torch.Tensor, alpha: torch.Tensor, name: str | None) -
         b, i, j = pair.nonzero()[0].tolist()
         where = f" in block {b} of {points.shape[0]}" if points.shape[0] > 1 else ""
         raise AntipodalError(
-            f"{_where(name)}models {i} and {j} are (nearly) antipodal{where} (cos = {float(cos[b, i, j]):.9f}): "
+            f"{checks.where(name)}models {i} and {j} are (nearly) antipodal{where} (cos = {float(cos[b, i, j]):.9f}): "
             "their Karcher mean is not unique. Drop or reweight one of them, or use a finer block granularity."
         )
     chord = (points @ alpha.unsqueeze(-1)).squeeze(-1).norm(dim=-1)
@@ -307,7 +300,7 @@ def _check_unique(points: torch.Tensor, alpha: torch.Tensor, name: str | None) -
         models = contributing[b].nonzero().flatten().tolist()
         where = f" in block {b} of {points.shape[0]}" if points.shape[0] > 1 else ""
         raise AntipodalError(
-            f"{_where(name)}the weighted chord mean of models {models} nearly vanishes{where} "
+            f"{checks.where(name)}the weighted chord mean of models {models} nearly vanishes{where} "
             f"(norm {float(chord[b]):.3g}): the points do not lie in an open hemisphere, so their "
             "Karcher mean is not unique."
         )
@@ -323,7 +316,7 @@ def _tangent(
     if bool(antipodal.any()):
         b, i = antipodal.nonzero()[0].tolist()
         raise AntipodalError(
-            f"{_where(name)}a Karcher iterate became antipodal to model {i} (block {b}): the points are "
+            f"{checks.where(name)}a Karcher iterate became antipodal to model {i} (block {b}): the points are "
             "too spread out for a unique mean"
         )
     sin = (points - u.unsqueeze(-1) * cos.unsqueeze(-2)).norm(dim=-2)
@@ -358,7 +351,7 @@ def karcher_coefficients(
         gram = gram.unsqueeze(0)
     if gram.ndim != 3 or gram.shape[-1] != gram.shape[-2]:
         raise ParameterError(f"gram must be [N, N] or [B, N, N], got shape {tuple(gram.shape)}")
-    alpha = contributing_weights(gram, weights)
+    alpha = contributing_weights(gram, weights, name=name)
     norms = block_norms(gram)
     points = _sphere_factor(gram, norms)
     _check_unique(points, alpha, name)

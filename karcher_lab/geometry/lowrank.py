@@ -37,14 +37,15 @@ Stiefel metric (:mod:`~karcher_lab.geometry.stiefel`) and the affine-invariant S
   ordered eigenvalues). Or, warm (inputs already aligned to a nearby point), the identity, with the
   Stiefel logs warm-started. Then L-BFGS on O(r) whose initial inverse Hessian is the inverse vertical
   metric c⁻¹ (so its first step is the Gauss–Newton step that removes the vertical part of the log in
-  a flat space), with Armijo backtracking, until ‖vert part of Log_μ(θ·O)‖ < tol. Plain Gauss–Newton
-  steps stall where the Stiefel parts are far apart (there d barely depends on O, while the model
-  curvature c stays ≥ 1): on random points of St(576, 16) they left a 1e-3 residual after 100 steps,
-  where L-BFGS reaches 1e-10 in 54.
+  a flat space), with Armijo backtracking, until ‖vert part of Log_μ(θ·O)‖ < tol. L-BFGS rather than
+  plain Gauss–Newton steps, because those stall where the Stiefel parts are far apart: there d barely
+  depends on O, while the model curvature c stays ≥ 1.
 - **Quotient distance** (eq. 1, 7): d([μ], [θ]) = min_O d(μ, θ·O) = d(μ, θ·O*).
 
 Points and tangents are :class:`Polar` / :class:`PolarTangent` named tuples of float64 tensors with
-optional leading batch axes. Everything is float64.
+optional leading batch axes. Everything is float64. The functions that need the eigendecomposition of a
+point's B take ``cache``, an :class:`~karcher_lab.geometry.spd.EighCache` through which a solver reuses
+it across calls (one cache per solve).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ from typing import NamedTuple
 
 import torch
 
-from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ParameterError, ShapeMismatchError
+from karcher_lab import checks
+from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ShapeMismatchError
 from karcher_lab.geometry import spd, stiefel
 from karcher_lab.geometry.numerics import single_threaded
 
@@ -153,7 +155,7 @@ def vertical(point: Polar, omega: torch.Tensor) -> PolarTangent:
     return PolarTangent(point.U @ omega, point.B @ omega - omega @ point.B, point.V @ omega)
 
 
-def inner(point: Polar, xi: PolarTangent, zeta: PolarTangent) -> torch.Tensor:
+def inner(point: Polar, xi: PolarTangent, zeta: PolarTangent, *, cache: spd.EighCache | None = None) -> torch.Tensor:
     """Product metric ⟨ξ, ζ⟩ = ⟨ξ_U, ζ_U⟩_U^can + ⟨ξ_B, ζ_B⟩_B^AI + ⟨ξ_V, ζ_V⟩_V^can.
 
     Points and tangents here are float64 and produced by this module, so the Stiefel parts skip the
@@ -161,14 +163,14 @@ def inner(point: Polar, xi: PolarTangent, zeta: PolarTangent) -> torch.Tensor:
     """
     return (
         stiefel.canonical_inner(point.U, xi.U, zeta.U)
-        + spd.inner(point.B, xi.B, zeta.B).to(F64)
+        + spd.inner(point.B, xi.B, zeta.B, cache=cache).to(F64)
         + stiefel.canonical_inner(point.V, xi.V, zeta.V)
     )
 
 
-def norm(point: Polar, xi: PolarTangent) -> torch.Tensor:
+def norm(point: Polar, xi: PolarTangent, *, cache: spd.EighCache | None = None) -> torch.Tensor:
     """‖ξ‖ in the product metric."""
-    return inner(point, xi, xi).clamp_min(0).sqrt()
+    return inner(point, xi, xi, cache=cache).clamp_min(0).sqrt()
 
 
 def _vertical_metric(lam: torch.Tensor) -> torch.Tensor:
@@ -185,36 +187,43 @@ def _omega_rhs(lam: torch.Tensor, p: torch.Tensor, ut_xi: torch.Tensor, vt_xi: t
     return stiefel.skew(0.5 * (ut_xi + vt_xi) + p @ (bt * (inv.unsqueeze(-2) - inv.unsqueeze(-1))) @ p.mT)
 
 
-def vertical_generator(point: Polar, xi: PolarTangent) -> torch.Tensor:
+def vertical_generator(point: Polar, xi: PolarTangent, *, cache: spd.EighCache | None = None) -> torch.Tensor:
     """The skew Ω with ξ − vert(Ω) horizontal: the solution of the §2 equation (closed form, module doc)."""
-    lam, p = spd.eigh_spd(point.B, "B")
+    lam, p = spd.eigh_spd(point.B, "B", cache=cache)
     rhs = _omega_rhs(lam, p, point.U.mT @ xi.U, point.V.mT @ xi.V, xi.B)
     return stiefel.skew(p @ ((p.mT @ rhs @ p) / _vertical_metric(lam)) @ p.mT)
 
 
-def horizontal(point: Polar, xi: PolarTangent) -> PolarTangent:
+def horizontal(point: Polar, xi: PolarTangent, *, cache: spd.EighCache | None = None) -> PolarTangent:
     """Orthogonal projection of ξ onto the horizontal space: ξ − vert(Ω), Ω from :func:`vertical_generator`."""
-    v = vertical(point, vertical_generator(point, xi))
+    v = vertical(point, vertical_generator(point, xi, cache=cache))
     return PolarTangent(xi.U - v.U, xi.B - v.B, xi.V - v.V)
 
 
-def transport(point: Polar, target: Polar, xi: PolarTangent) -> PolarTangent:
+def transport(point: Polar, target: Polar, xi: PolarTangent, *, cache: spd.EighCache | None = None) -> PolarTangent:
     """Vector transport from T_point to the horizontal space at ``target`` by orthogonal projection:
     the Stiefel parts onto T St at target.U / target.V, the (symmetric) SPD part unchanged, then
     :func:`horizontal` at ``target``. Used by the L-BFGS variant of the Fréchet solver."""
     moved = PolarTangent(stiefel.tangent_part(target.U, xi.U), spd.sym(xi.B), stiefel.tangent_part(target.V, xi.V))
-    return horizontal(target, moved)
+    return horizontal(target, moved, cache=cache)
 
 
-def exp(point: Polar, xi: PolarTangent) -> Polar:
+def exp(point: Polar, xi: PolarTangent, *, cache: spd.EighCache | None = None) -> Polar:
     """Product exponential (Stiefel Exp of eq. 5 on U and V, SPD Exp of eq. 4a on B)."""
     return Polar(
-        stiefel.exp(point.U, xi.U).to(F64), spd.exp(point.B, xi.B).to(F64), stiefel.exp(point.V, xi.V).to(F64)
+        stiefel.exp(point.U, xi.U).to(F64),
+        spd.exp(point.B, xi.B, cache=cache).to(F64),
+        stiefel.exp(point.V, xi.V).to(F64),
     )
 
 
 def log(
-    point: Polar, other: Polar, *, tol: float = stiefel.LOG_TOL, max_iter: int = stiefel.LOG_MAX_ITER
+    point: Polar,
+    other: Polar,
+    *,
+    tol: float = stiefel.LOG_TOL,
+    max_iter: int = stiefel.LOG_MAX_ITER,
+    cache: spd.EighCache | None = None,
 ) -> PolarTangent:
     """Total-space logarithm (Stiefel Log on U and V, SPD Log of eq. 4b on B); horizontal only if aligned.
 
@@ -222,14 +231,14 @@ def log(
     """
     return PolarTangent(
         stiefel.log(point.U, other.U, tol=tol, max_iter=max_iter).to(F64),
-        spd.log(point.B, other.B).to(F64),
+        spd.log(point.B, other.B, cache=cache).to(F64),
         stiefel.log(point.V, other.V, tol=tol, max_iter=max_iter).to(F64),
     )
 
 
-def dist(point: Polar, other: Polar, **log_params) -> torch.Tensor:
+def dist(point: Polar, other: Polar, *, cache: spd.EighCache | None = None, **log_params) -> torch.Tensor:
     """Total-space geodesic distance ‖Log_point(other)‖ (depends on the representatives)."""
-    return norm(point, log(point, other, **log_params))
+    return norm(point, log(point, other, cache=cache, **log_params), cache=cache)
 
 
 @dataclass(frozen=True)
@@ -276,10 +285,10 @@ def _polar_of(k: torch.Tensor) -> torch.Tensor:
     return p @ zt
 
 
-def _closed_form_candidates(point: Polar, other: Polar) -> list[torch.Tensor]:
+def _closed_form_candidates(point: Polar, other: Polar, cache: spd.EighCache) -> list[torch.Tensor]:
     """Procrustes on U_θᵀU_μ + V_θᵀV_μ, and SPD eigenvector matching with signs from that cross term."""
     cross = other.U.mT @ point.U + other.V.mT @ point.V
-    _, p_mu = spd.eigh_spd(point.B, "B")
+    _, p_mu = spd.eigh_spd(point.B, "B", cache=cache)
     _, p_th = spd.eigh_spd(other.B, "B")
     diag = torch.diagonal(p_th.mT @ cross @ p_mu, dim1=-2, dim2=-1)
     signs = torch.where(diag < 0, -1.0, 1.0).to(F64)
@@ -330,14 +339,16 @@ class _OrbitObjective:
     R = skew(½(A_U + A_V)) + ξ_B B⁻¹ − B⁻¹ ξ_B: the right-hand side of the §2 Ω equation.
     """
 
-    def __init__(self, point: Polar, other: Polar, log_tol: float, log_max_iter: int, log_surrogate: bool = False):
-        self.point, self.other = point, other
+    def __init__(
+        self, point: Polar, other: Polar, log_tol: float, log_max_iter: int, log_surrogate: bool, cache: spd.EighCache
+    ):
+        self.point, self.other, self.cache = point, other, cache
         (m_u, self.q_u, n_u), (m_v, self.q_v, n_v) = (
             stiefel.coordinates(point.U, other.U),
             stiefel.coordinates(point.V, other.V),
         )
         self.m, self.n = torch.cat([m_u, m_v]), torch.cat([n_u, n_v])  # U and V logs as one batch [2N, r, r]
-        self.lam, self.p = spd.eigh_spd(point.B, "B")
+        self.lam, self.p = spd.eigh_spd(point.B, "B", cache=cache)
         self.log_params = dict(tol=log_tol, max_iter=log_max_iter, surrogate=log_surrogate)
         self.surrogates = 0  # surrogate Stiefel logs over every evaluation (candidates and rejected trials too)
 
@@ -349,7 +360,7 @@ class _OrbitObjective:
         if not info.converged:
             raise stiefel.not_converged_error(info)
         (a_u, a_v), (b_u, b_v) = a.chunk(2), b.chunk(2)
-        xi_b = spd.log(self.point.B, spd.sym(o.mT @ self.other.B @ o)).to(F64)
+        xi_b = spd.log(self.point.B, spd.sym(o.mT @ self.other.B @ o), cache=self.cache).to(F64)
         bt = self.p.mT @ xi_b @ self.p
         inv = 1.0 / self.lam
         sq = lambda x: (x * x).sum(dim=(-2, -1))  # noqa: E731
@@ -379,6 +390,7 @@ def align(
     log_tol: float = stiefel.LOG_TOL,
     log_max_iter: int = stiefel.LOG_MAX_ITER,
     log_surrogate: bool = False,
+    cache: spd.EighCache | None = None,
 ) -> Alignment:
     """Orbit minimization O* = argmin_O d(point, other·O)² (eq. 2 / eq. 10), batched over ``other``'s leading axis.
 
@@ -394,19 +406,21 @@ def align(
     it meets the cut locus; with ``log_surrogate`` such logs are the projection surrogate of
     :func:`stiefel.log_coordinates` instead (counted in :attr:`Alignment.log_fallback`), and an entry
     whose current log uses the surrogate takes no further steps (R is the gradient of ½d² only for
-    exact logs; its rotation stays the start's or the last accepted one).
+    exact logs; its rotation stays the start's or the last accepted one). ``cache``: the solver's
+    :class:`~karcher_lab.geometry.spd.EighCache` (without one, a cache local to this call still computes
+    the eigendecomposition of ``point.B`` once).
     """
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and tol > 0):
-        raise ParameterError(f"alignment tol must be a positive number, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ParameterError(f"alignment max_iter must be a non-negative int, got {max_iter!r}")
+    checks.check_positive("alignment tol", tol)
+    checks.check_count("alignment max_iter", max_iter, 0)
+    if cache is None:
+        cache = spd.EighCache()
     n, r = other.U.shape[0], other.U.shape[-1]
-    objective = _OrbitObjective(point, other, max(log_tol, LOG_TOL_FRACTION * tol), log_max_iter, log_surrogate)
+    objective = _OrbitObjective(point, other, max(log_tol, LOG_TOL_FRACTION * tol), log_max_iter, log_surrogate, cache)
     if warm_start:
         o = torch.eye(r, dtype=F64, device=other.U.device).expand(n, r, r)
         f, grad, state = objective(o, log_starts)
     else:
-        first, second = _closed_form_candidates(point, other)
+        first, second = _closed_form_candidates(point, other, cache)
         o, (f, grad, state) = first, objective(first)
         cf, cg, cs = objective(second)
         better = cf < f
@@ -465,15 +479,17 @@ def align(
     )
 
 
-def quotient_dist(point: Polar, other: Polar, **align_params) -> torch.Tensor:
+def quotient_dist(point: Polar, other: Polar, *, cache: spd.EighCache | None = None, **align_params) -> torch.Tensor:
     """Quotient distance d([point], [other]) = min_O d(point, other·O) (eq. 1), per entry of ``other``'s batch.
 
     Raises ConvergenceError if the alignment did not reach its tolerance.
     """
-    al = align(point, other, **align_params)
+    if cache is None:
+        cache = spd.EighCache()
+    al = align(point, other, cache=cache, **align_params)
     if not al.converged:
         raise ConvergenceError(
             f"alignment did not converge: vertical residual {float(al.residuals.max()):.3g} ≥ tol {al.tol:g} "
             f"after {al.iterations} iterations (raise max_iter or tol)"
         )
-    return norm(point, al.log)
+    return norm(point, al.log, cache=cache)

@@ -2,11 +2,10 @@
 
 - :func:`result_dtype`: the manifold maps compute in float64 and return the inputs' dtype promoted to
   at least float32.
-- :func:`single_threaded`: the iterative maps (Stiefel log, orbit alignment, GeoMerge) are thousands
-  of operations on r×r and 2r×2r matrices, which intra-op threads do not speed up; on a loaded 2-core
-  machine their synchronization made them ~50× slower (a batch of three St(30, 4) logs: 3.6 s with 2
-  threads, 0.07 s with 1). They run inside this context, which restores the thread count after
-  (a call costs ~2 µs).
+- :func:`single_threaded`: the iterative maps (Stiefel log, orbit alignment, GeoMerge) consist of many
+  small operations on r×r and 2r×2r matrices, which intra-op threads do not speed up while their
+  synchronization costs time (much of it on a loaded machine); they run inside this context, which
+  sets one intra-op thread and restores the previous count after.
 """
 from __future__ import annotations
 
@@ -17,7 +16,18 @@ import torch
 
 
 def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """The promoted dtype of the inputs, at least float32."""
+    """The dtype the manifold maps return.
+
+    Parameters
+    ----------
+    *tensors : torch.Tensor
+        The inputs of the map (at least one).
+
+    Returns
+    -------
+    dtype : torch.dtype
+        The inputs' promoted dtype, promoted further to at least float32.
+    """
     dtype = tensors[0].dtype
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
@@ -26,7 +36,11 @@ def result_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 @contextmanager
 def single_threaded() -> Iterator[None]:
-    """Run torch with one intra-op thread for the duration of the block (restored after)."""
+    """Run torch with one intra-op thread for the duration of the block.
+
+    The previous thread count is restored on exit. Usable as a context manager or, called, as a
+    function decorator (``@single_threaded()``).
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

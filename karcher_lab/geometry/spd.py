@@ -15,12 +15,15 @@ used). With B = P diag(λ) Pᵀ (eigh), functions of B are P diag(f(λ)) Pᵀ:
 Points are checked (:func:`check_spd`: finite, square, symmetric to ``SYMMETRY_RTOL`` relative to the
 largest entry, smallest eigenvalue > 0) before any work; violations raise ManifoldError (NonFiniteError
 for NaN/Inf). Everything is computed in float64 and returned in the inputs' dtype promoted to at
-least float32.
+least float32. :func:`inner`, :func:`norm`, :func:`exp`, :func:`log` and :func:`dist` take ``cache``, an
+:class:`EighCache` through which a solver reuses the eigendecomposition of the point B across calls
+(the second point C of Log and the distance is decomposed on every call).
 """
 from __future__ import annotations
 
 import torch
 
+from karcher_lab import checks
 from karcher_lab.errors import ManifoldError, NonFiniteError, ShapeMismatchError
 from karcher_lab.geometry.numerics import result_dtype
 
@@ -42,31 +45,74 @@ def _check_square(b: torch.Tensor, name: str) -> None:
         raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
-_LAST_EIGH: tuple = (None, -1, None)
-"""(B, B._version, (λ, P)) of the last :func:`eigh_spd` call. Iterative solvers ask for the same point's
-eigendecomposition dozens of times per step (inner products, projections, Exp); holding a reference
-to B keeps its identity unique, and its version counter changes with every in-place write, so a hit
-is exact."""
+class EighCache:
+    """Checked eigendecompositions of the SPD points a solver visits, reused across calls.
 
+    An iterative solver asks for one point's eigendecomposition many times per step (inner products,
+    projections, Exp, Log). Pass one cache as ``cache=`` to the functions of this module and of
+    :mod:`~karcher_lab.geometry.lowrank` for the duration of one solve: :func:`eigh_spd` then computes
+    (λ, P) of a tensor once and returns the stored result while the tensor is unmodified.
 
-def eigh_spd(b: torch.Tensor, name: str = "B") -> tuple[torch.Tensor, torch.Tensor]:
-    """Check that ``b`` is SPD and return its float64 eigendecomposition (λ ascending, P) with B = P diag(λ) Pᵀ.
+    Parameters
+    ----------
+    size : int
+        Number of tensors kept; the least recently used entry is dropped first.
 
-    Raises ManifoldError if B is not symmetric (to ``SYMMETRY_RTOL``) or not positive definite. The
-    last call's result is reused when called again with the same, unmodified tensor (``_LAST_EIGH``):
-    do not modify the returned tensors in place.
+    Notes
+    -----
+    Entries are keyed by the tensor's identity and its version counter, which every in-place write
+    increments, and hold a reference to the tensor, so an identity is not reused while its entry lives
+    and a hit is exact. A cache belongs to one solve on one thread: it is not safe to share between
+    threads. Do not modify the returned tensors in place.
     """
-    global _LAST_EIGH
-    try:
-        version = b._version
-    except (AttributeError, RuntimeError):  # not a tensor (rejected below), or an inference tensor: no cache
-        return _checked_eigh(b, name)
-    cached, cached_version, result = _LAST_EIGH
-    if cached is b and cached_version == version:
-        return result
-    result = _checked_eigh(b, name)
-    _LAST_EIGH = (b, version, result)
-    return result
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = checks.check_count("size", size)
+        self._entries: dict[int, tuple[torch.Tensor, int, tuple[torch.Tensor, torch.Tensor]]] = {}
+
+    def eigh(self, b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(λ, P) of ``b`` as :func:`eigh_spd`, from the cache when ``b`` is stored and unmodified."""
+        try:
+            version = b._version
+        except (AttributeError, RuntimeError):  # not a tensor (rejected by the check), or an inference tensor
+            return _checked_eigh(b, name)
+        entry = self._entries.pop(id(b), None)
+        if entry is None or entry[1] != version:
+            entry = (b, version, _checked_eigh(b, name))
+        self._entries[id(b)] = entry  # most recently used last
+        while len(self._entries) > self.size:
+            del self._entries[next(iter(self._entries))]
+        return entry[2]
+
+
+def eigh_spd(b: torch.Tensor, name: str = "B", *, cache: EighCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check that ``b`` is SPD and return its float64 eigendecomposition B = P diag(λ) Pᵀ.
+
+    Parameters
+    ----------
+    b : torch.Tensor, shape [..., r, r]
+        Symmetric (to ``SYMMETRY_RTOL``) positive definite matrices.
+    name : str
+        Name of ``b`` in error messages.
+    cache : EighCache, optional
+        Reuse the result of an earlier call on the same, unmodified tensor.
+
+    Returns
+    -------
+    lam : torch.Tensor, float64 [..., r]
+        Eigenvalues, ascending.
+    p : torch.Tensor, float64 [..., r, r]
+        Orthonormal eigenvectors (columns).
+
+    Raises
+    ------
+    ManifoldError
+        ``b`` is not symmetric or not positive definite (NonFiniteError for NaN/Inf, ShapeMismatchError
+        unless square).
+    """
+    if cache is not None:
+        return cache.eigh(b, name)
+    return _checked_eigh(b, name)
 
 
 def _checked_eigh(b: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,9 +149,9 @@ def _tangent(xi: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
     return sym(xi.to(torch.float64))
 
 
-def inner(b: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
+def inner(b: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor, *, cache: EighCache | None = None) -> torch.Tensor:
     """⟨ξ, η⟩_B = tr(B⁻¹ ξ B⁻¹ η) (paper §2), over the batch axes."""
-    lam, p = eigh_spd(b)
+    lam, p = eigh_spd(b, cache=cache)
     xt = p.mT @ _tangent(xi, b, "xi") @ p
     et = p.mT @ _tangent(eta, b, "eta") @ p
     inv = 1.0 / lam
@@ -113,17 +159,17 @@ def inner(b: torch.Tensor, xi: torch.Tensor, eta: torch.Tensor) -> torch.Tensor:
     return out.to(result_dtype(b, xi, eta))
 
 
-def norm(b: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+def norm(b: torch.Tensor, xi: torch.Tensor, *, cache: EighCache | None = None) -> torch.Tensor:
     """‖ξ‖_B = ‖B^-½ ξ B^-½‖_F."""
-    lam, p = eigh_spd(b)
+    lam, p = eigh_spd(b, cache=cache)
     isq = lam.rsqrt()
     xt = (p.mT @ _tangent(xi, b, "xi") @ p) * isq.unsqueeze(-1) * isq.unsqueeze(-2)
     return xt.norm(dim=(-2, -1)).to(result_dtype(b, xi))
 
 
-def exp(b: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
+def exp(b: torch.Tensor, xi: torch.Tensor, *, cache: EighCache | None = None) -> torch.Tensor:
     """Exp_B(ξ) = B^½ expm(B^-½ ξ B^-½) B^½ (eq. 4a); SPD for every symmetric ξ (S++ is complete)."""
-    lam, p = eigh_spd(b)
+    lam, p = eigh_spd(b, cache=cache)
     half = _from_eig(p, lam.sqrt())
     ihalf = _from_eig(p, lam.rsqrt())
     mu, q = torch.linalg.eigh(sym(ihalf @ _tangent(xi, b, "xi") @ ihalf))
@@ -131,23 +177,23 @@ def exp(b: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
     return out.to(result_dtype(b, xi))
 
 
-def _relative_eig(b: torch.Tensor, c: torch.Tensor):
+def _relative_eig(b: torch.Tensor, c: torch.Tensor, cache: EighCache | None):
     """(λ, P) of B and (μ, Q) of B^-½ C B^-½ (μ = the eigenvalues of B⁻¹C), after checking both points."""
-    lam, p = eigh_spd(b, "B")
+    lam, p = eigh_spd(b, "B", cache=cache)
     eigh_spd(c, "C")
     ihalf = _from_eig(p, lam.rsqrt())
     mu, q = torch.linalg.eigh(sym(ihalf @ c.to(torch.float64) @ ihalf))
     return lam, p, mu, q
 
 
-def log(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def log(b: torch.Tensor, c: torch.Tensor, *, cache: EighCache | None = None) -> torch.Tensor:
     """Log_B(C) = B^½ logm(B^-½ C B^-½) B^½ (eq. 4b), the symmetric tangent at B pointing to C, ‖·‖_B = d(B, C)."""
-    lam, p, mu, q = _relative_eig(b, c)
+    lam, p, mu, q = _relative_eig(b, c, cache)
     half = _from_eig(p, lam.sqrt())
     return sym(half @ _from_eig(q, mu.log()) @ half).to(result_dtype(b, c))
 
 
-def dist(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def dist(b: torch.Tensor, c: torch.Tensor, *, cache: EighCache | None = None) -> torch.Tensor:
     """d(B, C) = ‖logm(B^-½ C B^-½)‖_F = (Σ_k log² μ_k(B⁻¹C))^½, over the batch axes."""
-    mu = _relative_eig(b, c)[2]
+    mu = _relative_eig(b, c, cache)[2]
     return mu.log().norm(dim=-1).to(result_dtype(b, c))

@@ -14,7 +14,7 @@
 
 Both are ``ipywidgets.VBox`` subclasses (display them directly); their plotly ``FigureWidget`` figures
 (``.figures``, CSS class ``kl-figure``) are updated in place. All math comes from
-:mod:`karcher_lab.geometry` (``simplex``, ``teaching``, ``scaling_toy``).
+:mod:`karcher_lab.geometry.simplex` and :mod:`karcher_lab.teaching`.
 """
 from __future__ import annotations
 
@@ -24,8 +24,10 @@ import ipywidgets as W
 import plotly.graph_objects as go
 import torch
 
+from karcher_lab import teaching
 from karcher_lab.errors import KarcherLabError
-from karcher_lab.geometry import scaling_toy, simplex, teaching
+from karcher_lab.geometry import simplex
+from karcher_lab.teaching import scaling_toy
 
 TRIANGLE = ((0.0, 0.0), (1.0, 0.0), (0.5, math.sqrt(3) / 2))
 """Corners of the simplex picture for the outcomes 1, 2, 3 (barycentric coordinates → the plane)."""

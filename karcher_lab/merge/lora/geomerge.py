@@ -57,12 +57,13 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Sequence
 
 import torch
 
 from karcher_lab.errors import AntipodalError, EmptyInputError, NotSupportedError, ParameterError, ShapeMismatchError
-from karcher_lab.geometry import lowrank
+from karcher_lab.geometry import lowrank, spd
 from karcher_lab.geometry.frechet import FrechetTrace, Geometry, check_solver_params, check_weights, frechet_mean
 from karcher_lab.geometry.lowrank import Polar
 from karcher_lab.geometry.numerics import single_threaded
@@ -235,6 +236,7 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
     surrogates_computed: list[int] = []
 
     state = {"log_starts": None, "tol": align_tol}
+    cache = spd.EighCache()  # the eigendecompositions of the iterates' B, reused across the solver's calls
 
     def align(mu: Polar, xs: Polar, *, warm_start: bool = True) -> tuple[Polar, lowrank.PolarTangent]:
         result = lowrank.align(
@@ -245,9 +247,12 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
             tol=state["tol"],
             max_iter=align_max_iter,
             log_surrogate=True,
+            cache=cache,
         )
         # far from the mean the alignment need not be finer than a fraction of the gradient it feeds
-        grad_norm = float(lowrank.norm(mu, lowrank.PolarTangent(*(torch.tensordot(w, t, dims=1) for t in result.log))))
+        grad_norm = float(
+            lowrank.norm(mu, lowrank.PolarTangent(*(torch.tensordot(w, t, dims=1) for t in result.log)), cache=cache)
+        )
         state["log_starts"], state["tol"] = result.log_starts, max(align_tol, ALIGN_RELATIVE_TOL * grad_norm)
         align_iterations.append(result.iterations)
         align_residuals.append(float(result.residuals.max()))
@@ -257,12 +262,12 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
 
     aligned, _ = align(start, points, warm_start=False)  # cold: only O(r)-equivariant candidates
     geometry = Geometry(
-        exp=lowrank.exp,
-        log=lowrank.log,
-        inner=lowrank.inner,
+        exp=partial(lowrank.exp, cache=cache),
+        log=partial(lowrank.log, cache=cache),
+        inner=partial(lowrank.inner, cache=cache),
         align=align,
-        horizontal=lowrank.horizontal,
-        transport=lowrank.transport,
+        horizontal=partial(lowrank.horizontal, cache=cache),
+        transport=partial(lowrank.transport, cache=cache),
     )
     mean, ftrace = frechet_mean(geometry, aligned, w, start, eta=eta, max_iter=max_iter, tol=tol, memory=memory)
     if log_fallbacks[-1]:

@@ -28,8 +28,8 @@ from typing import Sequence
 
 import torch
 
+from karcher_lab import checks
 from karcher_lab.errors import InputError, ParameterError
-from karcher_lab.geometry.teaching import normalized_weights
 
 
 def _points(theta, what: str = "theta") -> torch.Tensor:
@@ -58,6 +58,11 @@ def _rows(thetas) -> torch.Tensor:
     if t.ndim != 2 or t.shape[0] == 0:
         raise InputError(f"thetas must be [N, 2] with N >= 1 points, got shape {tuple(t.shape)}")
     return t
+
+
+def _alpha(weights: Sequence[float] | None, n: int) -> torch.Tensor:
+    """α = w / Σ w over the N points (None: equal), checked."""
+    return checks.check_weights(weights, n, normalize=True, what="points")
 
 
 def predictor(theta) -> torch.Tensor:
@@ -134,13 +139,13 @@ def fisher_information(theta, s_xx: float = 1.0, sigma: float = 1.0) -> torch.Te
 def euclidean_mean(thetas, weights: Sequence[float] | None = None) -> torch.Tensor:
     """Σ αᵢ θᵢ: parameter averaging in the ambient coordinates (representative-dependent)."""
     t = _rows(thetas)
-    return normalized_weights(weights, t.shape[0]) @ t
+    return _alpha(weights, t.shape[0]) @ t
 
 
 def fisher_mean(thetas, weights: Sequence[float] | None = None, s_xx: float = 1.0, sigma: float = 1.0) -> torch.Tensor:
     """Fisher merging (Σ αᵢ Fᵢ ⊙ θᵢ) ⊘ (Σ αᵢ Fᵢ) with the diagonal Fisher Fᵢ = diag I(θᵢ) (§5; Matena & Raffel)."""
     t = _rows(thetas)
-    alpha = normalized_weights(weights, t.shape[0]).unsqueeze(-1)
+    alpha = _alpha(weights, t.shape[0]).unsqueeze(-1)
     diag = fisher_information(t, s_xx, sigma).diagonal(dim1=-2, dim2=-1)
     return (alpha * diag * t).sum(0) / (alpha * diag).sum(0)
 
@@ -152,7 +157,7 @@ def quotient_mean(thetas, weights: Sequence[float] | None = None, *, reference=N
     representative is the balanced one (sign(w*)√|w*|, √|w*|) or, with ``reference``, the point of the
     orbit with the reference's ratio θ₁/θ₂ (on the horizontal geodesic through the reference)."""
     t = _rows(thetas)
-    alpha = normalized_weights(weights, t.shape[0])
+    alpha = _alpha(weights, t.shape[0])
     w = predictor(t)
     signs = torch.sign(w[alpha > 0])
     if bool((signs != signs[0]).any()):

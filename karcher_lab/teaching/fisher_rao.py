@@ -25,17 +25,10 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from karcher_lab import checks
 from karcher_lab.errors import InputError, ParameterError, WeightError
 from karcher_lab.geometry import simplex, sphere
 from karcher_lab.geometry.karcher_mean import check_solver_params
-
-
-def normalized_weights(weights: Sequence[float] | torch.Tensor | None, n: int) -> torch.Tensor:
-    """α = w / Σ w as float64 [n] (equal weights for None); WeightError unless finite, ≥ 0, with a positive sum."""
-    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    if w.shape != (n,) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
-        raise WeightError(f"need {n} finite non-negative weights with a positive sum, got {w.tolist()}")
-    return w / w.sum()
 
 
 def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -48,19 +41,16 @@ def kl_divergence(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
 
 def mixture(ps: Sequence[torch.Tensor], weights: Sequence[float] | None = None) -> torch.Tensor:
     """Σ_i α_i p_i, the arithmetic (Euclidean) mean of distributions, α normalized to sum 1."""
-    if len(ps) == 0:
-        raise InputError("mixture: no distributions given")
+    alpha = checks.check_weights(weights, len(ps), label="mixture: ", normalize=True, what="distributions")
     for p in ps:
         simplex.fr_distance(p, ps[0])  # validates each against the first (shape and simplex)
-    alpha = normalized_weights(weights, len(ps))
     return sum(a * p.to(torch.float64) for a, p in zip(alpha, ps))
 
 
 def fr_versus_kl(p: torch.Tensor, q: torch.Tensor, steps: int = 50) -> pd.DataFrame:
     """Along the mixture path p_t = (1 − t)p + tq, t ∈ (0, 1]: ``t``, ``fisher_rao`` = d_FR(p, p_t),
     ``sqrt_2kl`` = √(2 KL(p ‖ p_t)) and their ``ratio`` (→ 1 as t → 0: d_FR² ≈ 2 KL, eq. 1)."""
-    if not (isinstance(steps, int) and steps >= 1):
-        raise ParameterError(f"steps must be a positive int, got {steps!r}")
+    checks.check_count("steps", steps)
     ts = torch.linspace(1.0 / steps, 1.0, steps, dtype=torch.float64)
     p64, q64 = p.to(torch.float64), q.to(torch.float64)
     path = (1 - ts).unsqueeze(-1) * p64 + ts.unsqueeze(-1) * q64
@@ -105,7 +95,7 @@ def karcher_path(
     if not bool(torch.isfinite(x).all()) or bool((norms == 0).any()):
         raise InputError("points must be finite and non-zero")
     units = x / norms
-    alpha = normalized_weights(weights, x.shape[0])
+    alpha = checks.check_weights(weights, x.shape[0], normalize=True, what="points")
     u = alpha @ units if init == "chord" else units[0].clone()
     u = u / u.norm()
     iterates, residuals = [u], []
@@ -122,8 +112,7 @@ def karcher_path(
 
 def mean_norm_ratio(n: int, cos) -> torch.Tensor:
     """‖(1/N) Σ u_i‖ for N unit vectors with equal pairwise cosine c: √((1 + (N − 1)c)/N)."""
-    if not (isinstance(n, int) and n >= 1):
-        raise ParameterError(f"n must be a positive int, got {n!r}")
+    checks.check_count("n", n)
     c = torch.as_tensor(cos, dtype=torch.float64)
     if bool((c < -1.0 / max(n - 1, 1)).any()) or bool((c > 1).any()):
         raise ParameterError(f"N = {n} unit vectors cannot all have pairwise cosine {c.tolist()} (need -1/(N-1) <= c <= 1)")
@@ -133,13 +122,12 @@ def mean_norm_ratio(n: int, cos) -> torch.Tensor:
 def random_mean_norm_ratio(dims: Sequence[int], n: int, trials: int = 20, seed: int = 0) -> pd.DataFrame:
     """Monte Carlo: ‖(1/N) Σ u_i‖ for N independent uniform unit vectors in each dimension D; rows
     ``dim``, ``mean``, ``std`` (over trials) and ``limit`` = 1/√N (c = 0), approached as D grows."""
-    if not (isinstance(n, int) and n >= 1 and isinstance(trials, int) and trials >= 1):
-        raise ParameterError(f"n and trials must be positive ints, got n={n!r}, trials={trials!r}")
+    checks.check_count("n", n)
+    checks.check_count("trials", trials)
     gen = torch.Generator().manual_seed(seed)
     rows = []
     for dim in dims:
-        if not (isinstance(dim, int) and dim >= 1):
-            raise ParameterError(f"dimensions must be positive ints, got {dim!r}")
+        checks.check_count("dimension", dim)
         u = torch.randn(trials, n, dim, generator=gen, dtype=torch.float64)
         ratios = (u / u.norm(dim=-1, keepdim=True)).mean(1).norm(dim=-1)
         rows.append(dict(dim=dim, mean=float(ratios.mean()), std=float(ratios.std()) if trials > 1 else 0.0,
