@@ -156,7 +156,7 @@ def main() -> None:
         {
             "karcher": lambda: merge_tensors("karcher", xs, return_trace=True),
             "karcher_mk": lambda: merge_tensors("karcher", xs, max_iter=10, tol=1e-5),
-            "method": lambda: karcher.fn(xs, weights=w64, base=None, generator=None, name=None, **defaults)[0],
+            "method": lambda: karcher.call(xs, dict(weights=w64, base=None, generator=None, name=None), defaults)[0],
             "linear": lambda: merge_tensors("linear", xs),
             "sum": inplace_sum,
             # where the time goes: the Gram pass (as taken, and with float64 products), the solve, the
