@@ -111,3 +111,29 @@ def test_the_pool_key_hashes_the_diagnostics_code_the_zoo_builds_with():
             if _within(module, "karcher_lab.diagnostics")
             and (PACKAGE_DIR.parent / module.replace(".", "/")).with_suffix(".py").is_file()}
     assert used <= hashed, f"the zoo builds with {sorted(used - hashed)}, which the pool key (BUILD_MODULES) does not hash"
+
+
+def method_name_comparisons(path: Path, names: set[str]) -> list[str]:
+    """``x == "karcher"``-style comparisons (==, !=, in, not in) against a registered method's name."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if not isinstance(node, ast.Compare):
+            continue
+        operands = [node.left, *node.comparators]
+        literals = {c.value for o in operands for c in ([o] if isinstance(o, ast.Constant) else
+                                                      getattr(o, "elts", [])) if isinstance(c, ast.Constant)}
+        hit = sorted(literals & names)
+        if hit:
+            found.append(f"{path.relative_to(PACKAGE_DIR.parent)}:{node.lineno} compares with {hit}")
+    return found
+
+
+def test_no_caller_branches_on_a_merge_methods_name():
+    """Method rules live in the method objects (karcher_lab.merge.registry.MergeMethod), so nothing
+    outside merge/ asks which method it has by name."""
+    from karcher_lab.merge import list_methods
+
+    names = set(list_methods())
+    found = [hit for path in sorted(PACKAGE_DIR.rglob("*.py")) if "merge" not in path.relative_to(PACKAGE_DIR).parts[:1]
+             for hit in method_name_comparisons(path, names)]
+    assert not found, "\n".join(found)
