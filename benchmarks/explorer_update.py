@@ -23,13 +23,11 @@ checked again). Printed side by side, medians:
   stage over all updates, and the load average (``os.getloadavg``) before and after.
 
 Targets (issue 7): a full update on the tiny pool ≤ 0.5 s; on the SmolLM2 pool (5 experts) ≤ 10 s on
-2 CPU cores. Measured 2026-11-24 (``--pools tiny smollm2 --repeats 3``): idle (load 0.7–1.8) tiny
-0.26–0.28 s, SmolLM2 4.4–4.7 s; with another single-threaded job running (load 1.0–2.8) tiny 0.41–0.42 s,
-SmolLM2 7.5–8.8 s: both met. ``--threads`` sets torch's intra-op threads (default 2) for the from-scratch path
-and for models of SmolLM2's size; the explorer updates a small model such as the tiny pool's (hidden
-size 128) on one thread (``MergeExplorer(single_threaded=...)``): it gains nothing from a second thread,
-and on shared cores two threads wait on each other at every operation (measured 2026-11-24 on 2 shared
-cores, before that choice: 1.7–2.7 s per update with 2 threads at load ~3, 0.31–0.39 s with one). A pool that is not built is skipped with a message. ``--smollm2-stand-in DIR`` then
+2 CPU cores; measured figures are in benchmarks/README.md. ``--threads`` sets torch's intra-op threads
+(default 2) for the from-scratch path and for models of SmolLM2's size; the explorer updates a small
+model such as the tiny pool's (hidden size 128) on one thread (``MergeExplorer(single_threaded=...)``):
+it gains nothing from a second thread, and on shared cores two threads wait on each other at every
+operation. ``--pools`` takes pool names or pool directories. A pool that is not built is skipped with a message. ``--smollm2-stand-in DIR`` then
 measures a stand-in of the same size instead, clearly labelled: SmolLM2-135M-Instruct as the base and
 five experts = base + a seeded random task vector of 5% of each tensor's norm (untrained: the timings
 are those of the SmolLM2 pool's sizes, the quality numbers mean nothing).
@@ -143,7 +141,7 @@ def run_pool(name: str, args) -> None:
           f"update (Gram pass, expert-side caches) in {time.perf_counter() - start:.1f} s")
     exact = "off" if args.no_exact_match else args.exact_match_mode
     print(f"evaluation: {args.quality_examples} examples/task (exact match {exact}), "
-          f"activations on {explorer._probe_batch()[0].shape[0]} probe sequences, {args.draws} bootstrap draws")
+          f"activations on {explorer.engine.data.probe_ids.shape[0]} probe sequences, {args.draws} bootstrap draws")
 
     paths = [e["path"] for e in pool.experts]
     rows, stage_times = [], {}

@@ -77,7 +77,7 @@ def test_moving_a_weight_updates_normalized_values_and_figures_in_place(explorer
     # KL from the cached expert log-probabilities equals running both models now
     for index, task in enumerate(explorer.tasks):
         direct = function_distance(explorer.expert_models[index], explorer.model, explorer.tokenizer,
-                                   {task: explorer._task_examples(task)}, reference_name=task)
+                                   {task: explorer.engine.data.examples[task]}, reference_name=task)
         shown = explorer.tables["distance"].query("task == @task").reset_index(drop=True)
         np.testing.assert_allclose(shown["mean"], direct["mean"], rtol=1e-6, atol=1e-9)
         np.testing.assert_allclose(shown["std"], direct["std"], rtol=1e-6, atol=1e-9)
@@ -101,11 +101,11 @@ def test_karcher_fast_path_equals_karcher_lab_merge(explorer, pool):
     top = [max(float(r[k]) for r in residuals if len(r) > k) for k in range(max(len(r) for r in residuals))]
     np.testing.assert_allclose(explorer.convergence_fig.data[0].y, top)
     # a second karcher update re-solves from the cached Grams: no new Gram is computed
-    session = next(iter(explorer._sessions.values()))
-    misses = session.grams.misses
+    session = next(iter(explorer.merger._sessions.values()))
+    misses = session.states.misses
     explorer.param_controls["eta"].value = 0.8
     assert explorer.update()
-    assert session.grams.misses == misses and session.grams.hits > 0
+    assert session.states.misses == misses and session.states.hits > 0
     expected = karcher_lab.merge(paths(pool, range(4)), "karcher", weights=alpha, params={"eta": 0.8, "block": "row"})
     assert_same_state(explorer.state, expected)
 

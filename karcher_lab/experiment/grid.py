@@ -7,9 +7,10 @@ Everything here is checked before any model is loaded, so bad input fails at onc
   or an explicit comma-separated task list ``"units,dates,double"``. The first m experts of an order are
   merged at m.
 - **Methods** come from the one registry (:mod:`karcher_lab.merge.registry`). Equal weights
-  wᵢ = 1/m, as in the paper; methods that need a base get the pool's base. Two-model methods apply at
-  m = 2 only: ``slerp`` at t = 0.5 between the two experts, and ``arcee_fusion`` (mergekit's base + one
-  model) with the first expert in the place of the base and the second as the model. A method is
+  wᵢ = 1/m, as in the paper; methods that need a base get the pool's base. Pair methods
+  (:attr:`~karcher_lab.merge.registry.MergeMethod.pair`) apply at m = 2 only, the first expert in the
+  place of the base: ``slerp`` at t = 0.5 between the two experts, ``arcee_fusion`` (mergekit's base +
+  one model) with the second expert as the model. A method is
   skipped at the m where it does not apply (``model_stock`` needs m ≥ 2); asking for a method that
   applies at none of the requested m is an error.
 - **Parameters** (:data:`DEFAULT_PARAMS`): mergekit's defaults, except density 0.5 for the sparsifying
@@ -30,9 +31,6 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "sce", "arcee_fusion", "karcher",
 )
 """The paper's baselines (§4.1, mergekit names) and karcher."""
-
-PAIR_METHODS = ("slerp", "arcee_fusion")
-"""Methods of exactly two models (arcee_fusion: a base and one model), run at m = 2 only."""
 
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {
     "slerp": {"t": 0.5},

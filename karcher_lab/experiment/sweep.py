@@ -8,10 +8,13 @@ The grid (orders, methods, m, parameters) is :mod:`~karcher_lab.experiment.grid`
 :mod:`~karcher_lab.experiment.measure`; the results table and its resumable storage are
 :mod:`~karcher_lab.experiment.results`; the HTML report is :mod:`~karcher_lab.experiment.report`.
 
-Merges run in memory through :class:`karcher_lab.MergeSession` on the experts' state dicts, with equal
-weights 1/m. karcher uses one session per order over all of that order's experts, giving weight 0 to
-the experts beyond m (zero-weight experts are excluded from the Karcher mean), so every expert's Gram
-matrices are computed once per order and each m only re-solves the small m × m problem.
+Merges run in memory through one :class:`karcher_lab.pipeline.SubsetMerger` per order on the experts'
+state dicts, with equal weights 1/m; a method that requires a base gets the pool's, and a pair method
+(slerp, arcee_fusion, nearswap) takes the order's first expert as its base. karcher keeps one session
+over all of the order's experts, giving weight 0 to the experts beyond m (zero-weight experts are
+excluded from the Karcher mean), so every expert's Gram matrices are computed once per order and each m
+only re-solves the small m × m problem. Every cell and expert is measured by one
+:class:`karcher_lab.measurement.MeasurementEngine` (exact match by greedy decoding).
 """
 from __future__ import annotations
 
@@ -20,18 +23,20 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
-import torch
 
-from karcher_lab.diagnostics.activations import SITES, check_sites
-from karcher_lab.errors import ParameterError
-from karcher_lab.experiment.grid import DEFAULT_METHODS, PAIR_METHODS, Cell, SweepGrid, make_grid
-from karcher_lab.experiment.measure import EXPERT, Reference, measure_merge, probe_tasks
+from karcher_lab.checks import check_count
+from karcher_lab.diagnostics.activations import SITES
+from karcher_lab.experiment.grid import DEFAULT_METHODS, Cell, SweepGrid, make_grid
+from karcher_lab.experiment.measure import EXPERT, expert_rows, measure_merge
 from karcher_lab.experiment.results import ResultStore, cell_key, load_results
+from karcher_lab.measurement import MeasurementSettings, engine_for_pool, probe_tasks
 from karcher_lab.merge.registry import get_method
-from karcher_lab.pipeline.session import MergeSession, resolve_device
+from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.zoo import Pool
 
 DEFAULT_OUT = "runs/sweep"
+MEASURE_BATCH = 64
+"""Sequences per forward pass when measuring (evaluation examples and probes)."""
 
 
 def _progress(iterable, enabled: bool, **kwargs):
@@ -48,28 +53,6 @@ def _key(cell: Cell) -> str:
 
 def _expert_key(task: str) -> str:
     return cell_key("", EXPERT, 1, task)
-
-
-class _Merger:
-    """Merged state dicts for the cells of one order (one karcher session with a Gram cache)."""
-
-    def __init__(self, reference: Reference, tasks: Sequence[str], params: Mapping[str, Mapping[str, Any]], seed: int):
-        self.reference, self.tasks, self.params, self.seed = reference, tuple(tasks), params, seed
-        self._karcher: MergeSession | None = None
-
-    def merge(self, cell: Cell) -> dict[str, torch.Tensor]:
-        ref, m, params = self.reference, cell.m, dict(self.params.get(cell.method, {}))
-        if cell.method == "karcher":
-            if self._karcher is None:
-                self._karcher = MergeSession([ref.state(t) for t in self.tasks], keep_inputs=True)
-            weights = [1.0 / m] * m + [0.0] * (len(self.tasks) - m)
-            return self._karcher.merge("karcher", weights=weights, params=params)
-        if cell.method in PAIR_METHODS:  # mergekit's base_model + one model: the first expert takes the base's place
-            session = MergeSession([ref.state(cell.tasks[1])], base=ref.state(cell.tasks[0]))
-            return session.merge(cell.method, params=params, seed=self.seed)
-        base = ref.base_state if get_method(cell.method).base == "required" else None
-        session = MergeSession([ref.state(t) for t in cell.tasks], base=base)
-        return session.merge(cell.method, weights=[1.0 / m] * m, params=params, seed=self.seed)
 
 
 def run_sweep(
@@ -100,16 +83,15 @@ def run_sweep(
     ``out`` are skipped; a run directory holds one pool and one set of measurement settings. With
     ``report``, writes ``out/report.html`` and logs the summary table through ``log``.
     """
-    sites = check_sites(sites)
-    for name, value, low in (("per_task", per_task, 1), ("probes_per_task", probes_per_task, 1), ("draws", draws, 2)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ParameterError(f"{name} must be an integer >= {low}, got {value!r}")
-    resolve_device(device)
+    settings = MeasurementSettings(sites=sites, draws=draws, seed=seed, exact_match_mode="greedy",
+                                   eval_batch_size=MEASURE_BATCH, probe_batch_size=MEASURE_BATCH, device=device)
+    check_count("per_task", per_task)
+    check_count("probes_per_task", probes_per_task)
     grid = make_grid(pool, methods=methods, m_values=m_values, orders=orders, params=params)
     store = ResultStore(out)
     store.check_config(dict(pool=grid.pool.name, pool_key=grid.pool.record.get("key", str(grid.pool.path)),
                             per_task=per_task, probes_per_task=probes_per_task, probe_tasks=list(probe_tasks(grid.pool)),
-                            draws=draws, sites=list(sites),
+                            draws=draws, sites=list(settings.sites),
                             seed=seed, params=grid.params))
     cells = grid.cells()
     todo = [c for c in cells if not store.has(_key(c))]
@@ -118,8 +100,8 @@ def run_sweep(
         log(f"sweep of pool {grid.pool.name} into {store.run_dir}: {len(cells)} cells "
             f"({len(cells) - len(todo)} already done), orders {', '.join(grid.orders)}, m = {list(grid.m_values)}")
     if todo or experts:
-        _run_cells(grid, store, todo, experts, per_task=per_task, probes_per_task=probes_per_task, draws=draws,
-                   sites=sites, seed=seed, device=device, progress=progress)
+        _run_cells(grid, store, todo, experts, settings, per_task=per_task, probes_per_task=probes_per_task,
+                   progress=progress)
     store.consolidate()
     results = load_results(store.run_dir)
     if report:
@@ -132,21 +114,24 @@ def run_sweep(
     return results
 
 
-def _run_cells(grid: SweepGrid, store: ResultStore, todo: list[Cell], experts: list[str], *, per_task: int,
-               probes_per_task: int, draws: int, sites: Sequence[str], seed: int, device: str, progress: bool) -> None:
-    reference = Reference(grid.pool, grid.tasks(), per_task=per_task, probes_per_task=probes_per_task, sites=sites,
-                          draws=draws, seed=seed, device=device)
+def _run_cells(grid: SweepGrid, store: ResultStore, todo: list[Cell], experts: list[str], settings: MeasurementSettings,
+               *, per_task: int, probes_per_task: int, progress: bool) -> None:
+    engine = engine_for_pool(grid.pool, examples_per_task=per_task, probes_per_task=probes_per_task,
+                             settings=settings, tasks=grid.tasks(), seed=settings.seed)
     for task in _progress(experts, progress, desc="experts", unit="expert"):
-        store.write(_expert_key(task), reference.expert_rows(grid.pool.name, task))
+        store.write(_expert_key(task), expert_rows(engine, grid.pool.name, task))
     bar = _progress(todo, progress, desc="merges", unit="cell")
-    mergers = {order: _Merger(reference, tasks[: max(grid.m_values)], grid.params, seed)
+    mergers = {order: SubsetMerger([engine.experts.state(t) for t in tasks[: max(grid.m_values)]],
+                                   base=grid.pool.base_path)
                for order, tasks in grid.orders.items()}
     for cell in bar:
         if progress:
             bar.set_postfix_str(f"{cell.order} m={cell.m} {cell.method}")
+        method = get_method(cell.method)
         start = time.perf_counter()
-        state = mergers[cell.order].merge(cell)
+        merged = mergers[cell.order].merge(cell.method, range(cell.m), [1.0 / cell.m] * cell.m,
+                                           params=grid.params.get(cell.method, {}), seed=settings.seed,
+                                           use_base=method.base == "required", first_as_base=method.pair)
         seconds = time.perf_counter() - start
         identity = dict(pool=grid.pool.name, order=cell.order, method=cell.method, m=cell.m, experts=cell.experts)
-        store.write(_key(cell), measure_merge(reference, state, identity, cell.tasks, seconds))
-
+        store.write(_key(cell), measure_merge(engine, merged.state, identity, cell.tasks, seconds))

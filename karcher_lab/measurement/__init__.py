@@ -1,0 +1,27 @@
+"""Measuring merged models against their experts: the one engine behind the sweep and the explorer.
+
+- :mod:`~karcher_lab.measurement.settings`: :class:`MeasurementSettings` (sites, draws, seed, exact match,
+  batch sizes, device);
+- :mod:`~karcher_lab.measurement.data`: :class:`EvaluationData` (tokenizer, examples per task, probe batch);
+- :mod:`~karcher_lab.measurement.experts`: :class:`ExpertMeasurements`, every expert-side number
+  computed once;
+- :mod:`~karcher_lab.measurement.engine`: :class:`MeasurementEngine`, the weight, function and layer
+  metrics of a merged model, stage by stage or all at once (:meth:`MeasurementEngine.measure`);
+- :mod:`~karcher_lab.measurement.results`: what it returns (:class:`Measurement`, :class:`FunctionMetrics`,
+  :class:`LayerMetrics`);
+- :mod:`~karcher_lab.measurement.pools`: :func:`engine_for_pool`, the engine of a zoo pool.
+
+The engine takes plain data (models or loaders, a tokenizer, examples, probe texts); only
+:mod:`~karcher_lab.measurement.pools` knows the zoo.
+"""
+from karcher_lab.measurement.data import EvaluationData, evaluation_data
+from karcher_lab.measurement.engine import MeasurementEngine
+from karcher_lab.measurement.experts import ExpertMeasurements
+from karcher_lab.measurement.pools import engine_for_pool, probe_tasks
+from karcher_lab.measurement.results import FunctionMetrics, LayerMetrics, Measurement
+from karcher_lab.measurement.settings import MeasurementSettings
+
+__all__ = [
+    "EvaluationData", "ExpertMeasurements", "FunctionMetrics", "LayerMetrics", "Measurement", "MeasurementEngine",
+    "MeasurementSettings", "engine_for_pool", "evaluation_data", "probe_tasks",
+]

@@ -1,0 +1,214 @@
+"""One engine that measures merged models against their experts: the sweep's cells and the explorer's
+updates go through it.
+
+A :class:`MeasurementEngine` is made from plain data: the experts (name → model or loader), a tokenizer,
+evaluation examples per task, probe texts, the task each expert is judged on, one model that merged
+states are loaded into, and :class:`~karcher_lab.measurement.settings.MeasurementSettings`. The experts'
+side is computed once per expert (:class:`~karcher_lab.measurement.experts.ExpertMeasurements`). A merged
+model is measured in three stages, each a method, so that a panel can draw each stage's figures as soon
+as its numbers exist; :meth:`MeasurementEngine.measure` runs all three:
+
+1. :meth:`~MeasurementEngine.weight_metrics`: from the merged state dict, per tensor ``norm_ratio`` =
+   ‖x*‖ / Σ_i α_i ‖x_i‖ from cached expert norms (``norm_only``), or every
+   :func:`~karcher_lab.diagnostics.weight_metrics` row (relative distance to each expert, …).
+2. :meth:`~MeasurementEngine.function_metrics`: ONE teacher-forced pass of the merged model over the
+   merged experts' tasks (:func:`~karcher_lab.diagnostics.function.answer_log_probs`), from which
+   come the answer NLL, exact match (``teacher_forced`` mode; ``greedy`` decodes instead), KL(p_expert ‖
+   p_merged) (eq. 2) and the Fisher–Rao distance against each expert's cached log-probabilities on its
+   own task, and the normalized accuracy (merged / expert exact match).
+3. :meth:`~MeasurementEngine.layer_metrics`: one forward of the merged model over the probe batch
+   (:func:`~karcher_lab.diagnostics.capture_activations`): variance, effective rank and numerical rank
+   per layer with bootstrap mean ± std, and optionally their paired ratios to the experts'.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+import torch
+
+from karcher_lab import diagnostics
+from karcher_lab.checks import check_weights
+from karcher_lab.diagnostics.examples import Example
+from karcher_lab.diagnostics.function import answer_log_probs
+from karcher_lab.errors import CheckpointError, InputError
+from karcher_lab.measurement.data import Probes, evaluation_data
+from karcher_lab.measurement.experts import ExpertMeasurements, ModelOrLoader, check_model_or_loader, loaded
+from karcher_lab.measurement.results import FunctionMetrics, LayerMetrics, Measurement
+from karcher_lab.measurement.settings import MeasurementSettings
+
+MERGED_LABEL = "merged"
+"""The ``model`` of the merged model's rows."""
+
+
+class MeasurementEngine:
+    """Measures merged models against a fixed set of experts (see the module docstring).
+
+    Parameters
+    ----------
+    experts : mapping of str to model or loader
+        The experts by name, each a torch causal LM (Llama-style decoder blocks at
+        ``model.model.layers`` for the layer metrics) or a function without arguments that loads one.
+    tokenizer
+        The tokenizer every model shares.
+    examples : mapping of str to sequence of Example
+        Held-out evaluation examples per task.
+    probes : sequence of str, or (input_ids, attention_mask)
+        The probe batch of the layer metrics: texts, or already encoded and right-padded.
+    model : model or loader
+        The one model every merged state is loaded into (:meth:`load_state`; the experts' architecture).
+    expert_tasks : mapping of str to str, optional
+        The task each expert is judged on; default: its name.
+    settings : MeasurementSettings, optional
+        Sites, bootstrap draws, seed, exact match, batch sizes, device (defaults: ``MeasurementSettings()``).
+
+    Every argument is checked before any model is loaded or run.
+    """
+
+    def __init__(
+        self,
+        experts: Mapping[str, ModelOrLoader],
+        tokenizer: Any,
+        examples: Mapping[str, Sequence[Example]],
+        probes: Probes,
+        *,
+        model: ModelOrLoader,
+        expert_tasks: Mapping[str, str] | None = None,
+        settings: MeasurementSettings | None = None,
+    ):
+        settings = MeasurementSettings() if settings is None else settings
+        if not isinstance(settings, MeasurementSettings):
+            raise InputError(f"settings must be MeasurementSettings, got {type(settings).__name__}")
+        check_model_or_loader(model, "model")
+        self.settings = settings
+        self.data = evaluation_data(tokenizer, examples, probes)
+        """Tokenizer, evaluation examples and encoded probe batch."""
+        tasks = {name: name for name in experts} if expert_tasks is None else expert_tasks
+        self.experts = ExpertMeasurements(experts, tasks, self.data, settings)
+        """The experts' own measurements, each computed once."""
+        self._model_source = model
+        self._model: torch.nn.Module | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The model merged states are loaded into (loaded on first use, on the settings' device)."""
+        if self._model is None:
+            self._model = loaded(self._model_source, self.settings.device, "model")
+        return self._model
+
+    def load_state(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """Copy a merged state dict into :attr:`model` (nothing is re-instantiated) and return the model.
+
+        Raises
+        ------
+        CheckpointError
+            The state lacks a tensor of the model (other than a tied output head) or has one it lacks.
+        """
+        model = self.model
+        result = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
+        missing = set(result.missing_keys) - tied
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"the merged state does not fit the model: missing {sorted(missing)[:5]}, "
+                                  f"unexpected {sorted(result.unexpected_keys)[:5]}")
+        return model
+
+    def _checked(self, members: Sequence[str], weights: Sequence[float] | None) -> tuple[list[str], list[float] | None]:
+        """The members as a list of experts' names and their weights normalized to α (None: equal)."""
+        names = list(members)
+        self.experts.check_names(names)
+        if weights is None:
+            return names, None
+        return names, check_weights(weights, len(names), normalize=True, label="merge weights: ",
+                                    what="merged experts").tolist()
+
+    def weight_metrics(self, state: Mapping[str, torch.Tensor], members: Sequence[str],
+                       weights: Sequence[float] | None = None, *, norm_only: bool = False) -> pd.DataFrame:
+        """Weight-space metrics of the merged ``state`` against the ``members`` (experts' names).
+
+        Parameters
+        ----------
+        state : mapping of str to torch.Tensor
+            The merged tensors by name.
+        members : sequence of str
+            The merged experts.
+        weights : sequence of float, optional
+            Their merge weights (normalized to α here; default equal).
+        norm_only : bool
+            Only ``norm_ratio`` = ‖x*‖ / Σ_i α_i ‖x_i‖ per tensor, from the experts' cached norms
+            (:func:`~karcher_lab.diagnostics.norm_ratios`); else every
+            :func:`~karcher_lab.diagnostics.weight_metrics` row (``other`` = the expert's name).
+
+        Returns
+        -------
+        DataFrame
+            One row per tensor × metric (× expert), :mod:`karcher_lab.diagnostics.weights` columns.
+        """
+        names, alpha = self._checked(members, weights)
+        if norm_only:
+            return diagnostics.norm_ratios(diagnostics.tensor_norms(state), [self.experts.norms(n) for n in names],
+                                           weights=alpha, merged_name=MERGED_LABEL)
+        return diagnostics.weight_metrics(state, [self.experts.state(n) for n in names], weights=alpha,
+                                          merged_name=MERGED_LABEL, names=names)
+
+    def function_metrics(self, members: Sequence[str]) -> FunctionMetrics:
+        """Quality of :attr:`model` on the ``members``' tasks and its distance to each member on its own
+        task, from one teacher-forced pass (see :class:`~karcher_lab.measurement.results.FunctionMetrics`)."""
+        names, _ = self._checked(members, None)
+        s, tokenizer, model = self.settings, self.data.tokenizer, self.model
+        tasks = list(dict.fromkeys(self.experts.tasks[n] for n in names))
+        examples = {task: self.data.examples[task] for task in tasks}
+        scores = answer_log_probs(model, tokenizer, examples, batch_size=s.eval_batch_size)
+        quality = diagnostics.task_quality(model, tokenizer, examples, model_name=MERGED_LABEL,
+                                           batch_size=s.eval_batch_size, accuracy=s.exact_match,
+                                           exact_match=s.exact_match_mode, log_probs=scores)
+        expert_quality = pd.concat([self.experts.quality(n) for n in names], ignore_index=True)
+        distance = pd.concat([
+            diagnostics.function_distance({task: self.experts.log_probs(n)}, {task: scores[task]}, tokenizer,
+                                          {task: examples[task]}, reference_name=n, model_name=MERGED_LABEL,
+                                          batch_size=s.eval_batch_size)
+            for n, task in ((n, self.experts.tasks[n]) for n in names)
+        ], ignore_index=True)
+        return FunctionMetrics(quality, expert_quality, distance, diagnostics.normalized_accuracy(quality, expert_quality))
+
+    def layer_metrics(self, members: Sequence[str], weights: Sequence[float] | None = None, *,
+                      ratios: bool = False) -> LayerMetrics:
+        """Layer metrics of :attr:`model` on the probe batch, the ``members``' (cached), and with
+        ``ratios`` the merged model's over the members' α-weighted ones (``weights`` normalized; default
+        equal), paired per bootstrap draw (see :class:`~karcher_lab.measurement.results.LayerMetrics`)."""
+        names, alpha = self._checked(members, weights)
+        s = self.settings
+        stats = diagnostics.capture_activations(self.model, self.data.probe_ids, self.data.probe_mask, sites=s.sites,
+                                                batch_size=s.probe_batch_size)
+        merged = diagnostics.collapse_metrics(stats, model=MERGED_LABEL, draws=s.draws, seed=s.seed)
+        experts = pd.concat([self.experts.collapse(n) for n in names], ignore_index=True)
+        ratio_table = (diagnostics.collapse_ratios(stats, [self.experts.activations(n) for n in names], alpha,
+                                                   model=MERGED_LABEL, draws=s.draws, seed=s.seed)
+                       if ratios else None)
+        return LayerMetrics(merged, experts, ratio_table)
+
+    def measure(self, state: Mapping[str, torch.Tensor], members: Sequence[str], weights: Sequence[float] | None = None,
+                *, norm_only: bool = False, ratios: bool = True) -> Measurement:
+        """Load ``state`` into :attr:`model` and run the three stages (weights, function, layers).
+
+        Parameters
+        ----------
+        state : mapping of str to torch.Tensor
+            The merged model's tensors.
+        members : sequence of str
+            The experts it merges.
+        weights : sequence of float, optional
+            Their merge weights (normalized to α; default equal): the norm ratios' and collapse ratios'
+            denominators Σ_i α_i (·)_i.
+        norm_only, ratios : bool
+            As in :meth:`weight_metrics` and :meth:`layer_metrics`.
+
+        Returns
+        -------
+        Measurement
+        """
+        self._checked(members, weights)
+        self.load_state(state)
+        weight_table = self.weight_metrics(state, members, weights, norm_only=norm_only)
+        return Measurement(self.function_metrics(members), self.layer_metrics(members, weights, ratios=ratios),
+                           weight_table)
