@@ -9,7 +9,7 @@ Inputs: N seeded Gaussian factor pairs G_i [d1, r], H_i [d2, r] (entries N(0, 1/
 row spaces of the ΔW_i are nearly orthogonal to each other: the hard case for the quotient Fréchet mean
 (its objective is nearly flat along the Stiefel directions). For each L-BFGS ``--memory`` (0 = the
 paper's plain horizontal gradient step, eq. 11) it prints the wall time of
-:func:`karcher_lab.merge.lora.geomerge.geomerge_factors`, the outer iterations, the alignment steps
+:func:`karcher_lab.methods.lora.geomerge.geomerge_factors`, the outer iterations, the alignment steps
 (cold start and total), the final gradient norm and Fréchet objective, and the relative difference of
 the merged ΔW from the first memory's. Then the symmetry check of the paper: adapter 0 replaced by
 (G A⁻¹, H Aᵀ) for a seeded well-conditioned A ∈ GL(r): the relative change of geomerge's ΔW, against
@@ -32,7 +32,7 @@ import warnings
 import torch
 
 from karcher_lab.io.lora import read_adapter
-from karcher_lab.merge.lora.geomerge import geomerge_factors
+from karcher_lab.methods.lora.geomerge import geomerge_factors
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:

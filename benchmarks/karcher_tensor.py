@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from karcher_lab import get_method, merge_tensors  # noqa: E402
-from karcher_lab.merge.api import check_finite  # noqa: E402
+from karcher_lab.methods.api import check_finite  # noqa: E402
 from karcher_lab.geometry import karcher_mean as km, sphere  # noqa: E402
 from tools.peer_env import ensure_peer_python  # noqa: E402
 

@@ -6,7 +6,7 @@
 The ``--experts`` experts with the highest heterogeneity level (the farthest from the base: the most
 fine-tuning steps at the highest rate, see karcher_lab/zoo/config.py) are merged with equal weights by
 ``linear`` and by ``karcher`` (defaults: whole-tensor blocks, converged), and by ``karcher`` with the
-Fisher preconditioning of §3.4 (its ``fisher`` option, see :mod:`karcher_lab.merge.karcher`: each
+Fisher preconditioning of §3.4 (its ``fisher`` option, see :mod:`karcher_lab.methods.karcher`: each
 expert's diagonal Fisher, labels sampled from the model, on ``--fisher-examples`` training examples of
 its own task). The probe set is
 ``--per-task`` held-out examples of each merged task, as ``<s> prompt answer`` text. Reported:

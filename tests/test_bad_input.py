@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from karcher_lab import errors, list_methods, merge_tensors
-from karcher_lab.merge import get_method
+from karcher_lab.methods import get_method
 
 
 def _models(n=3, shape=(4, 5), seed=0):

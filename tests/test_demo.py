@@ -40,7 +40,7 @@ def test_demo_runs_the_sweep_and_says_where_the_report_is(micro_demo, tmp_path, 
 def test_demo_grid_is_valid_for_the_tiny_pool():
     """The shipped grid passes the sweep's checks for a 13-expert pool (methods exist, m fits)."""
     from karcher_lab.experiment.grid import applies
-    from karcher_lab.merge.registry import get_method
+    from karcher_lab.methods.registry import get_method
 
     for method in demo.DEMO_METHODS:
         get_method(method)

@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-import karcher_lab.merge.karcher as karcher_module
+import karcher_lab.methods.karcher as karcher_module
 from karcher_lab import MergeSession, merge_models, merge_tensors
 from karcher_lab.errors import MissingBaseError, NonFiniteError, ParameterError, ShapeMismatchError
 from karcher_lab.geometry import sphere
-from karcher_lab.merge.prepared import PreparedStates
+from karcher_lab.methods.prepared import PreparedStates
 from karcher_lab.pipeline.plan import PROBE_SHAPE
 
 F64 = torch.float64

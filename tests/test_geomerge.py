@@ -17,7 +17,7 @@ from karcher_lab.errors import (
     WeightError,
 )
 from karcher_lab.geometry import lowrank
-from karcher_lab.merge.lora.geomerge import geomerge_factors
+from karcher_lab.methods.lora.geomerge import geomerge_factors
 
 F64 = torch.float64
 D1, D2, R = 12, 10, 3

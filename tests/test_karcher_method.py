@@ -1,4 +1,4 @@
-"""The ``karcher`` merge method (karcher_lab.merge.karcher): the paper's §3 with the spherical proxy.
+"""The ``karcher`` merge method (karcher_lab.methods.karcher): the paper's §3 with the spherical proxy.
 
 Conformance with mergekit's own outputs is in test_golden.py; here: SLERP equivalence, norm
 preservation, weights, blocks, task-vector mode, zero norms and the documented deviations.

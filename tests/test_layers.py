@@ -16,8 +16,8 @@ PACKAGE_DIR = Path(__file__).resolve().parents[1] / "karcher_lab"
 RULES = {
     # layer: modules and libraries none of its modules may import
     "diagnostics": ("karcher_lab.zoo", "karcher_lab.pipeline"),
-    "merge": ("karcher_lab.io", "karcher_lab.pipeline", "karcher_lab.zoo"),
-    "geometry": ("karcher_lab.merge", "karcher_lab.io", "karcher_lab.zoo", "karcher_lab.diagnostics", "pandas",
+    "methods": ("karcher_lab.io", "karcher_lab.pipeline", "karcher_lab.zoo"),
+    "geometry": ("karcher_lab.methods", "karcher_lab.io", "karcher_lab.zoo", "karcher_lab.diagnostics", "pandas",
                  "transformers"),
 }
 
@@ -129,11 +129,11 @@ def method_name_comparisons(path: Path, names: set[str]) -> list[str]:
 
 
 def test_no_caller_branches_on_a_merge_methods_name():
-    """Method rules live in the method objects (karcher_lab.merge.registry.MergeMethod), so nothing
-    outside merge/ asks which method it has by name."""
-    from karcher_lab.merge import list_methods
+    """Method rules live in the method objects (karcher_lab.methods.registry.MergeMethod), so nothing
+    outside methods/ asks which method it has by name."""
+    from karcher_lab.methods import list_methods
 
     names = set(list_methods())
-    found = [hit for path in sorted(PACKAGE_DIR.rglob("*.py")) if "merge" not in path.relative_to(PACKAGE_DIR).parts[:1]
+    found = [hit for path in sorted(PACKAGE_DIR.rglob("*.py")) if "methods" not in path.relative_to(PACKAGE_DIR).parts[:1]
              for hit in method_name_comparisons(path, names)]
     assert not found, "\n".join(found)

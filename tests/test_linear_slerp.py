@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from karcher_lab import errors, merge_tensors
-from karcher_lab.merge import get_method
+from karcher_lab.methods import get_method
 
 F64 = torch.float64
 

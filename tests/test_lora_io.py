@@ -19,7 +19,7 @@ from karcher_lab.errors import (
     UnknownMethodError,
 )
 from karcher_lab.io.lora import LoraAdapter, LoraModule, fold_into_base, read_adapter, write_adapter
-from karcher_lab.merge.lora import gauge_transform, merge_factor_sets, random_gauge
+from karcher_lab.methods.lora import gauge_transform, merge_factor_sets, random_gauge
 from karcher_lab.pipeline.lora import merge_lora, module_workers
 
 peft = pytest.importorskip("peft")

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from karcher_lab.errors import AntipodalError, NonFiniteError, ParameterError, ShapeMismatchError, UnknownMethodError, WeightError
-from karcher_lab.merge import merge_tensors
-from karcher_lab.merge.lora import gauge_transform, geomerge_factors, merge_factor_sets, random_gauge, symmetry_gap
-from karcher_lab.merge.lora.knots import joint_svd
+from karcher_lab.methods import merge_tensors
+from karcher_lab.methods.lora import gauge_transform, geomerge_factors, merge_factor_sets, random_gauge, symmetry_gap
+from karcher_lab.methods.lora.knots import joint_svd
 
 
 def _pairs(n=3, d1=12, d2=9, r=3, seed=0, dtype=torch.float64):

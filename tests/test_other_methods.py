@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from karcher_lab import errors, merge_tensors
-from karcher_lab.merge import arcee_fusion, get_method
+from karcher_lab.methods import arcee_fusion, get_method
 
 F64 = torch.float64
 

@@ -1,7 +1,9 @@
 """Model-level merging (karcher_lab.merge / merge_models / MergeSession): semantics, caching, memory."""
 from __future__ import annotations
 
+import inspect
 import json
+import pydoc
 import subprocess
 import sys
 import textwrap
@@ -44,7 +46,9 @@ def family():
 def test_callable_module_and_merge_models_agree_with_merge_tensors(family):
     _, experts = family
     merged = karcher_lab.merge(experts, "linear", weights=[1.0, 2.0, 3.0])
-    assert karcher_lab.merge.linear.__name__ == "karcher_lab.merge.linear"  # still the package
+    assert karcher_lab.merge is karcher_lab.merge_models
+    assert str(inspect.signature(karcher_lab.merge)).startswith("(models: 'Sequence[Any]', method: 'str', *, weights")
+    assert "Merge whole models" in pydoc.render_doc(karcher_lab.merge)
     assert set(merged) == set(experts[0])
     for name, t in merged.items():
         torch.testing.assert_close(t, (experts[0][name] + 2 * experts[1][name] + 3 * experts[2][name]) / 6, rtol=0, atol=1e-6)
@@ -212,7 +216,7 @@ KARCHER_MODES = [
 
 @pytest.mark.parametrize("params", KARCHER_MODES)
 def test_reweighting_a_karcher_session_reuses_the_grams_and_equals_merge_tensors(family, params, monkeypatch):
-    import karcher_lab.merge.karcher as karcher_module
+    import karcher_lab.methods.karcher as karcher_module
 
     base, experts = family
     sources = [CountingSource(e, f"e{i}") for i, e in enumerate(experts)]

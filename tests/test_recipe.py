@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from karcher_lab import errors
-from karcher_lab.merge.registry import Param
+from karcher_lab.methods.registry import Param
 from karcher_lab.recipe import (
     NOT_SET,
     ModelRef,

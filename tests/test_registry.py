@@ -7,8 +7,8 @@ import torch
 
 import karcher_lab
 from karcher_lab.errors import MissingBaseError, ModelCountError
-from karcher_lab.merge import registry
-from karcher_lab.merge.registry import MergeMethod, Param, register
+from karcher_lab.methods import registry
+from karcher_lab.methods.registry import MergeMethod, Param, register
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ import torch
 
 from karcher_lab import get_method, merge_tensors
 from karcher_lab.errors import MissingBaseError, ParameterError
-from karcher_lab.merge.sce import sce_select_mask, sce_weights
+from karcher_lab.methods.sce import sce_select_mask, sce_weights
 
 
 def _f64(values) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 
 from karcher_lab import get_method, merge_tensors
 from karcher_lab.errors import MissingBaseError, ParameterError
-from karcher_lab.merge.sparsify import (
+from karcher_lab.methods.sparsify import (
     breadcrumbs_prune,
     dare_drop,
     della_keep_probabilities,

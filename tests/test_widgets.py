@@ -1,5 +1,5 @@
 """MergeExplorer on the micro pool: controls, in-place figures, the karcher fast path against
-karcher_lab.merge, subsets, errors in the panel, debouncing."""
+karcher_lab.methods, subsets, errors in the panel, debouncing."""
 from __future__ import annotations
 
 import threading

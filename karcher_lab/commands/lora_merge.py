@@ -26,7 +26,7 @@ def _parse_params(items: list[str]) -> dict:
 
 
 def _list() -> int:
-    from karcher_lab.merge.lora import get_lora_method, list_lora_methods
+    from karcher_lab.methods.lora import get_lora_method, list_lora_methods
 
     for name in list_lora_methods():
         m = get_lora_method(name)

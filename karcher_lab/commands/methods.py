@@ -5,7 +5,7 @@ import argparse
 
 
 def run(args: argparse.Namespace) -> int:
-    from karcher_lab.merge import get_method, list_methods
+    from karcher_lab.methods import get_method, list_methods
 
     for name in list_methods():
         m = get_method(name)

@@ -6,9 +6,9 @@ Everything here is checked before any model is loaded, so bad input fails at onc
   (ascending heterogeneity level: the experts closest to the base first), ``far`` (descending level),
   or an explicit comma-separated task list ``"units,dates,double"``. The first m experts of an order are
   merged at m.
-- **Methods** come from the one registry (:mod:`karcher_lab.merge.registry`). Equal weights
+- **Methods** come from the one registry (:mod:`karcher_lab.methods.registry`). Equal weights
   wᵢ = 1/m, as in the paper; methods that need a base get the pool's base. Pair methods
-  (:attr:`~karcher_lab.merge.registry.MergeMethod.pair`) apply at m = 2 only, the first expert in the
+  (:attr:`~karcher_lab.methods.registry.MergeMethod.pair`) apply at m = 2 only, the first expert in the
   place of the base: ``slerp`` at t = 0.5 between the two experts, ``arcee_fusion`` (mergekit's base +
   one model) with the second expert as the model. A method is
   skipped at the m where it does not apply (``model_stock`` needs m ≥ 2); asking for a method that
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 from karcher_lab.errors import ModelCountError, ParameterError
-from karcher_lab.merge.registry import get_method
+from karcher_lab.methods.registry import get_method
 from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_METHODS: tuple[str, ...] = (

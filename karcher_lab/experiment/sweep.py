@@ -30,7 +30,7 @@ from karcher_lab.experiment.grid import DEFAULT_METHODS, Cell, SweepGrid, make_g
 from karcher_lab.experiment.measure import EXPERT, expert_rows, measure_merge
 from karcher_lab.experiment.results import ResultStore, cell_key, load_results
 from karcher_lab.measurement import MeasurementSettings, engine_for_pool, probe_tasks
-from karcher_lab.merge.registry import get_method
+from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.zoo import Pool
 

@@ -16,7 +16,7 @@ tensors or named tuples of tensors (a product manifold); a *batch* of points car
 length N in every tensor. :data:`SPHERE` is the unit sphere (the Fisher–Rao Karcher merge of the first
 paper runs this iteration in coefficient space, :mod:`karcher_lab.geometry.karcher_mean`; this solver
 reproduces it directly in the ambient space); the LoRA quotient geometry is built in
-:mod:`karcher_lab.merge.lora.geomerge`.
+:mod:`karcher_lab.methods.lora.geomerge`.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ import torch
 from karcher_lab.errors import InputError
 from karcher_lab.io.architecture import Source
 from karcher_lab.io.writer import TensorSpec
-from karcher_lab.merge.api import merge_tensors
+from karcher_lab.methods.api import merge_tensors
 from karcher_lab.pipeline.plan import MergePlan
 
 

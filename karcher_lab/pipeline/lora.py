@@ -3,7 +3,7 @@
 :func:`merge_lora` reads the adapters (:func:`karcher_lab.io.lora.read_adapter`), checks that they fit
 together (:func:`karcher_lab.io.lora.check_compatible`: one base model, one layout, the same adapted
 weights of the same shapes), merges every module's factors with one LoRA method
-(:func:`karcher_lab.merge.lora.merge_factor_sets`), optionally in worker processes
+(:func:`karcher_lab.methods.lora.merge_factor_sets`), optionally in worker processes
 (:func:`module_workers`), and writes the merged update as a PEFT adapter
 (:func:`karcher_lab.io.lora.write_adapter`) or folded into a base checkpoint as a full model
 (:func:`karcher_lab.io.lora.fold_into_base`). Every check runs before any work, and nothing is written
@@ -31,7 +31,7 @@ from karcher_lab.checks import check_count
 from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.io.lora import Factors, LoraAdapter, check_compatible, fold_into_base, layout_delta, read_adapter
 from karcher_lab.io.lora import write_adapter
-from karcher_lab.merge.lora import get_lora_method, merge_factor_sets
+from karcher_lab.methods.lora import get_lora_method, merge_factor_sets
 
 
 def _worker_start() -> None:
@@ -41,7 +41,7 @@ def _worker_start() -> None:
 @contextmanager
 def module_workers(workers: int, modules: int) -> Iterator[Executor | None]:
     """``min(workers, modules)`` spawned processes of one torch thread each to merge modules in, for
-    :func:`karcher_lab.merge.lora.merge_factor_sets`' ``executor``; None (merge in this process) for one
+    :func:`karcher_lab.methods.lora.merge_factor_sets`' ``executor``; None (merge in this process) for one
     worker or one module. ParameterError unless ``workers`` is an integer ≥ 1."""
     check_count("workers", workers)
     if workers == 1 or modules <= 1:
@@ -109,7 +109,7 @@ def merge_lora(
     adapters : sequence of path or LoraAdapter
         The N adapters; they must share a base model, layout and adapted weights.
     method : str
-        A registered LoRA method (:func:`karcher_lab.merge.lora.list_lora_methods`: geomerge,
+        A registered LoRA method (:func:`karcher_lab.methods.lora.list_lora_methods`: geomerge,
         task_arithmetic, ties, knots_ta, knots_ties, peft_cat, peft_linear, peft_svd, peft_ties,
         peft_ties_svd).
     weights : sequence of float, optional

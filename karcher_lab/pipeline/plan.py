@@ -26,8 +26,8 @@ from karcher_lab.errors import MissingBaseError, NotSupportedError, ParameterErr
 from karcher_lab.io.architecture import Layout, Source, check_layout, vocabulary_rows
 from karcher_lab.io.checkpoint import StateDictSource
 from karcher_lab.io.vocabulary import VocabularyAlignment, tokenizer_vocabulary
-from karcher_lab.merge.api import merge_tensors
-from karcher_lab.merge.registry import REQUIRED, MergeMethod, Param, get_method
+from karcher_lab.methods.api import merge_tensors
+from karcher_lab.methods.registry import REQUIRED, MergeMethod, Param, get_method
 from karcher_lab.recipe.parameters import NOT_SET, layer_position, num_layers, resolve_setting
 from karcher_lab.recipe.schema import DTYPES, ModelEntry, ModelRef, Recipe, check_layer_ranges
 

@@ -15,9 +15,9 @@ from karcher_lab.io.checkpoint import Checkpoint, StateDictSource
 from karcher_lab.io.output import check_output_path
 from karcher_lab.io.resolve import resolve_model_dir
 from karcher_lab.io.writer import parse_size
-from karcher_lab.merge.api import merge_tensors
-from karcher_lab.merge.prepared import PreparedStates
-from karcher_lab.merge.registry import get_method
+from karcher_lab.methods.api import merge_tensors
+from karcher_lab.methods.prepared import PreparedStates
+from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.execute import MergeStats, TensorCache, execute_plan, peak_rss_bytes
 from karcher_lab.pipeline.plan import MergePlan, plan_merge, reweighted
 from karcher_lab.pipeline.write import write_output
@@ -66,7 +66,7 @@ class MergeSession:
     or transformers models. With ``keep_inputs=True`` every input tensor is loaded once and kept (on
     ``device``, cast to ``dtype``), so later merges re-read nothing from disk. ``cache_states`` (on by
     default) keeps the prepared state of two-phase methods per tensor
-    (:class:`~karcher_lab.merge.prepared.PreparedStates`; karcher's Gram matrices), so a re-weighted
+    (:class:`~karcher_lab.methods.prepared.PreparedStates`; karcher's Gram matrices), so a re-weighted
     merge skips the preparing pass (karcher: re-solves the N×N problem and runs only the combine pass).
     Solver traces of the last merge are in ``traces`` (tensor name → trace).
     """

@@ -1,6 +1,6 @@
 """Merges of any subset of a fixed list of experts: what the explorer and the sweep merge.
 
-Which models a merge gets follows from the method's rules (:class:`~karcher_lab.merge.MergeMethod`),
+Which models a merge gets follows from the method's rules (:class:`~karcher_lab.methods.MergeMethod`),
 never from its name:
 
 - the base: given only when the caller asks for it (``use_base``), a base exists and the method uses
@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from karcher_lab.errors import EmptyInputError, ParameterError
-from karcher_lab.merge.registry import get_method
+from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.session import MergeSession, resolve_device
 
 

@@ -19,7 +19,7 @@ from karcher_lab.io.output import (
     write_json,
 )
 from karcher_lab.io.writer import ShardedSafetensorsWriter, TensorSpec
-from karcher_lab.merge.registry import REQUIRED
+from karcher_lab.methods.registry import REQUIRED
 from karcher_lab.pipeline.execute import MergeStats, TensorCache, execute_plan
 from karcher_lab.pipeline.plan import MergePlan
 from karcher_lab.recipe.schema import ModelEntry, ModelRef

@@ -1,6 +1,6 @@
 """ipywidgets controls generated from the merge registry's parameter declarations.
 
-Every :class:`karcher_lab.merge.registry.Param` becomes a control of its kind: a checkbox (bool), a
+Every :class:`karcher_lab.methods.registry.Param` becomes a control of its kind: a checkbox (bool), a
 dropdown (``choices``), an integer or float box (bounded where the parameter is), a text box (free
 strings). A parameter that declares a ``slider`` (karcher's step size η: [0.05, 1], within the paper's
 eq. 5 range (0, 1]) gets that slider, carrying the CSS class ``kl-<name>-slider``. Parameters of kind ``object`` (per-model tensors such as ``fisher``) cannot be
@@ -14,7 +14,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from karcher_lab.merge.registry import REQUIRED, MergeMethod, Param
+from karcher_lab.methods.registry import REQUIRED, MergeMethod, Param
 
 STYLE = {"description_width": "initial"}
 

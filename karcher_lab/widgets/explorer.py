@@ -51,7 +51,7 @@ from karcher_lab.checks import check_count
 from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.geometry import numerics
 from karcher_lab.measurement import MeasurementSettings, engine_for_pool
-from karcher_lab.merge.registry import get_method
+from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
 from karcher_lab.widgets.explorer_figures import ExplorerFigures

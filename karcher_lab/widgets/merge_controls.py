@@ -15,7 +15,7 @@ import ipywidgets as widgets
 
 from karcher_lab.checks import check_model_count, check_weights
 from karcher_lab.errors import EmptyInputError
-from karcher_lab.merge.registry import get_method, list_methods
+from karcher_lab.methods.registry import get_method, list_methods
 from karcher_lab.widgets.controls import STYLE, method_controls
 
 WEIGHT_CLASS = "kl-weight-slider"

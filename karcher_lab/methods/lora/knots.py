@@ -9,7 +9,7 @@ singular values below ``rtol`` · σ_1). A merge method then combines the aligne
 V_mergedᵀ = merge(V_1ᵀ, …, V_Nᵀ), and the merged update is ΔW = U Σ V_mergedᵀ, of rank ≤ Σ r_i:
 
 - ``knots_ta``: task arithmetic, V_mergedᵀ = λ Σ w_i V_iᵀ (equal to task arithmetic on the ΔW_i);
-- ``knots_ties``: TIES (mergekit's semantics, :mod:`karcher_lab.merge.lora.ties`) on the V_iᵀ.
+- ``knots_ties``: TIES (mergekit's semantics, :mod:`karcher_lab.methods.lora.ties`) on the V_iᵀ.
 
 As in KnOTS's reference implementation, the merge acts on the singular-vector coefficients V_iᵀ, not on
 Σ V_iᵀ (the two agree for task arithmetic; TIES trims by magnitude, so they differ there).
@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.lora.registry import register_lora
-from karcher_lab.merge.lora.task_arithmetic import LAMBDA
-from karcher_lab.merge.lora.ties import TIES_PARAMS, ties_on
-from karcher_lab.merge.registry import Param
+from karcher_lab.methods.lora.registry import register_lora
+from karcher_lab.methods.lora.task_arithmetic import LAMBDA
+from karcher_lab.methods.lora.ties import TIES_PARAMS, ties_on
+from karcher_lab.methods.registry import Param
 
 RTOL = Param("rtol", float, 1e-5, low=0.0, high=1.0,
              doc="joint singular values at or below rtol · σ_1 are dropped (KnOTS drops s ≤ 1e-5)")

@@ -10,7 +10,7 @@ import torch
 
 from karcher_lab.errors import WeightError
 from karcher_lab.checks import where
-from karcher_lab.merge.registry import Param, register
+from karcher_lab.methods.registry import Param, register
 
 CANCELLING_WEIGHTS_RTOL = 1e-9
 """With ``normalize``, weights whose sum is at most this fraction of Σ|wi| count as summing to zero."""

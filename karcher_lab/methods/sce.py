@@ -8,7 +8,7 @@ With task vectors δi = θi − θ0 (i = 1…N) and τ = ``select_topk``:
    Every δi is multiplied by this mask.
 2. Calculate: one weight per model for the whole matrix, ŵi = mean(δi²) / Σk mean(δk²) (uniform 1/N
    when that sum is below 1e-6), computed after the selection.
-3. Erase: the TIES sign election on the unweighted δi (:mod:`karcher_lab.merge.consensus`),
+3. Erase: the TIES sign election on the unweighted δi (:mod:`karcher_lab.methods.consensus`),
    mi = [sign(δi) = sign(Σ δk)].
 
 θ = θ0 + Σ ŵi mi δi / max(Σ ŵi mi, 1e-6). No user weights (mergekit has none); ``int8_mask`` is
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.consensus import sign_agreement_mask
-from karcher_lab.merge.registry import Param, register
-from karcher_lab.merge.sparsify import rank_window_mask
-from karcher_lab.merge.stacked import per_model, stack_task_vectors
+from karcher_lab.methods.consensus import sign_agreement_mask
+from karcher_lab.methods.registry import Param, register
+from karcher_lab.methods.sparsify import rank_window_mask
+from karcher_lab.methods.stacked import per_model, stack_task_vectors
 
 SCE_WEIGHT_SUM_EPS = 1e-6
 """Below this total mean square the matrix-level weights fall back to uniform."""

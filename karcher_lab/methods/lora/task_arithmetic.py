@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.lora.registry import register_lora
-from karcher_lab.merge.registry import Param
+from karcher_lab.methods.lora.registry import register_lora
+from karcher_lab.methods.registry import Param
 
 LAMBDA = Param("lambda", float, 1.0, doc="scale of the merged update")
 

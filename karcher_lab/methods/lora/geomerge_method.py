@@ -3,7 +3,7 @@
 GeoMerge (the paper's §2.2 and §3, eq. 10–11) averages the updates ΔW_i = G_i H_iᵀ on the quotient of
 the polar factorizations (U, B, V) by O(r), so the merged update does not depend on which factors
 (G_i A⁻¹, H_i Aᵀ), A ∈ GL(r), represent each ΔW_i; its rank is the adapters' common rank r. The
-geometry and the solver live in :mod:`karcher_lab.merge.lora.geomerge`; this module only registers
+geometry and the solver live in :mod:`karcher_lab.methods.lora.geomerge`; this module only registers
 the method, with that function's own parameter defaults. Fréchet weights are non-negative and used
 normalized to sum 1.
 """
@@ -13,9 +13,9 @@ import inspect
 
 import torch
 
-from karcher_lab.merge.lora.geomerge import geomerge_factors
-from karcher_lab.merge.lora.registry import register_lora
-from karcher_lab.merge.registry import Param
+from karcher_lab.methods.lora.geomerge import geomerge_factors
+from karcher_lab.methods.lora.registry import register_lora
+from karcher_lab.methods.registry import Param
 
 _DEFAULTS = {name: p.default for name, p in inspect.signature(geomerge_factors).parameters.items()}
 
@@ -32,5 +32,5 @@ GEOMERGE_PARAMS = (
                rank="r (the adapters' common rank)", params=GEOMERGE_PARAMS, equal_ranks=True,
                weights="nonnegative", paper="GeoMerge (Fréchet averages on quotient manifolds), §3, eq. 10–11")
 def geomerge(pairs, *, weights: torch.Tensor, name: str | None = None, **params):
-    """:func:`karcher_lab.merge.lora.geomerge.geomerge_factors` on one module's factors."""
+    """:func:`karcher_lab.methods.lora.geomerge.geomerge_factors` on one module's factors."""
     return geomerge_factors(pairs, weights / weights.sum(), **params)

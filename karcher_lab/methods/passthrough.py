@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.registry import Param, register
+from karcher_lab.methods.registry import Param, register
 
 
 @register(

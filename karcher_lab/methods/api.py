@@ -1,5 +1,5 @@
 """`merge_tensors`: validate a merge of one tensor once (:func:`validate`), then run its method, in one
-phase or, with a :class:`~karcher_lab.merge.prepared.PreparedStates`, from a cached prepared state."""
+phase or, with a :class:`~karcher_lab.methods.prepared.PreparedStates`, from a cached prepared state."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -17,8 +17,8 @@ from karcher_lab.errors import (
 )
 from karcher_lab import checks
 from karcher_lab.checks import where
-from karcher_lab.merge.prepared import PreparedStates
-from karcher_lab.merge.registry import REQUIRED, MergeMethod, get_method
+from karcher_lab.methods.prepared import PreparedStates
+from karcher_lab.methods.registry import REQUIRED, MergeMethod, get_method
 
 
 @dataclass
@@ -175,7 +175,7 @@ def merge_tensors(
     Parameters
     ----------
     method : str
-        A registered method's name (:func:`~karcher_lab.merge.list_methods`).
+        A registered method's name (:func:`~karcher_lab.methods.list_methods`).
     tensors : list of N tensors, all of one shape
         Floating-point inputs; computation runs in float32 (float64 if any input is float64).
     weights : N floats, optional
@@ -191,7 +191,7 @@ def merge_tensors(
     return_trace : bool
         Return a :class:`MergeResult` whose ``trace`` is the solver trace of iterative methods.
     states, key : PreparedStates and a hashable, optional
-        For a two-phase method (:class:`~karcher_lab.merge.registry.TwoPhase`), the prepared state
+        For a two-phase method (:class:`~karcher_lab.methods.registry.TwoPhase`), the prepared state
         cached under ``key`` (which must identify the inputs) is reused: a re-weighted merge skips the
         pass over the data that preparing makes.
     **params

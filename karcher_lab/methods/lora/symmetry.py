@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 
 from karcher_lab.errors import ParameterError
-from karcher_lab.merge.lora.api import merge_factor_sets
+from karcher_lab.methods.lora.api import merge_factor_sets
 
 
 def gauge_transform(g: torch.Tensor, h: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

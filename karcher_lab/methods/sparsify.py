@@ -2,7 +2,7 @@
 
 Each function takes one delta and returns the trimmed delta, optionally rescaled so that its L1 norm
 is unchanged (mergekit's ``rescale: true``; see :func:`masked_delta`). They are the trim steps of the
-task-arithmetic family (:mod:`karcher_lab.merge.task_arithmetic`):
+task-arithmetic family (:mod:`karcher_lab.methods.task_arithmetic`):
 
 * :func:`magnitude_prune` — TIES trim (Yadav et al. 2023, arXiv:2306.01708, §3 "Trim"): keep the
   k = max(1, int(ρ n)) largest |δ| over the whole tensor.

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from karcher_lab.merge.registry import REQUIRED, Param, register
+from karcher_lab.methods.registry import REQUIRED, Param, register
 
 SLERP_LERP_ABOVE = 0.9995
 """slerp interpolates linearly where |cos Ω| exceeds this (mergekit's ``dot_threshold``)."""

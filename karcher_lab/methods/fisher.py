@@ -9,7 +9,7 @@ import torch
 
 from karcher_lab.errors import NonFiniteError, ParameterError, ShapeMismatchError
 from karcher_lab.checks import where
-from karcher_lab.merge.registry import REQUIRED, Param, register
+from karcher_lab.methods.registry import REQUIRED, Param, register
 
 
 def check_fishers(fishers: list, shape: torch.Size, name: str | None, *, floor: float, method: str) -> None:

@@ -7,7 +7,7 @@ A LoRA method is a pure function on tensors::
 ``pairs`` is the list [(G_1, H_1), …, (G_N, H_N)] of one module's updates ΔW_i = G_i H_iᵀ (G_i
 [d1, r_i], H_i [d2, r_i], one compute dtype), ``weights`` a float64 tensor [N] (1/N each when the user
 gave none), ``name`` the module's weight name for messages, and ``params`` every declared parameter
-with defaults filled in (the :class:`~karcher_lab.merge.registry.Param` declarations of the tensor
+with defaults filled in (the :class:`~karcher_lab.methods.registry.Param` declarations of the tensor
 methods, checked by the same code). The result is the merged update as factors, ΔW = G Hᵀ, whatever
 its rank: the entry's ``rank`` says what that rank is (e.g. "r" for geomerge, "Σ r_i" for task
 arithmetic, "full" for TIES on ΔW).
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from karcher_lab.errors import UnknownMethodError
-from karcher_lab.merge.registry import Param, WeightUse
+from karcher_lab.methods.registry import Param, WeightUse
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Importing this package registers every method; `merge_tensors` runs one by name.
 """
-from karcher_lab.merge import (  # noqa: F401  (imported for their @register side effect)
+from karcher_lab.methods import (  # noqa: F401  (imported for their @register side effect)
     arcee_fusion,
     fisher,
     karcher,
@@ -16,8 +16,8 @@ from karcher_lab.merge import (  # noqa: F401  (imported for their @register sid
     slerp,
     task_arithmetic,
 )
-from karcher_lab.merge.api import MergeResult, merge_tensors
-from karcher_lab.merge.prepared import PreparedStates
-from karcher_lab.merge.registry import MergeMethod, Param, TwoPhase, get_method, list_methods
+from karcher_lab.methods.api import MergeResult, merge_tensors
+from karcher_lab.methods.prepared import PreparedStates
+from karcher_lab.methods.registry import MergeMethod, Param, TwoPhase, get_method, list_methods
 
 __all__ = ["MergeMethod", "MergeResult", "Param", "PreparedStates", "TwoPhase", "get_method", "list_methods", "merge_tensors"]

@@ -5,7 +5,7 @@ A method is a pure function on tensors whose signature is its contract::
     fn(tensors, *, [weights], [base], [generator], [name], <one keyword per declared Param>)
         -> Tensor | (Tensor, trace)
 
-It receives already validated inputs (see :mod:`karcher_lab.merge.api`), and of the context arguments
+It receives already validated inputs (see :mod:`karcher_lab.methods.api`), and of the context arguments
 only those its signature names: ``tensors`` is a list of N same-shape floating tensors in the compute
 dtype, ``weights`` a float64 tensor of shape [N] (the per-model ``weight``; 1.0 each when the user gave
 none), ``base`` the base tensor or None, ``generator`` a seeded ``torch.Generator`` for randomized
@@ -17,7 +17,7 @@ parameter it declares.
 
 Adding a method: write the function in a module of this package, decorate it with
 :func:`register` (its rules: :class:`MergeMethod`'s fields), and import the module in
-``karcher_lab/merge/__init__.py``. Recipes, the CLI, the sweep and the widgets pick it up from here.
+``karcher_lab/methods/__init__.py``. Recipes, the CLI, the sweep and the widgets pick it up from here.
 """
 from __future__ import annotations
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.api import merge_tensors
-from karcher_lab.merge.lora.registry import register_lora
-from karcher_lab.merge.registry import get_method
+from karcher_lab.methods.api import merge_tensors
+from karcher_lab.methods.lora.registry import register_lora
+from karcher_lab.methods.registry import get_method
 
 TIES_PARAMS = tuple(p for p in get_method("ties").params if p.name in ("density", "normalize", "lambda"))
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.lora.registry import register_lora
-from karcher_lab.merge.registry import Param
+from karcher_lab.methods.lora.registry import register_lora
+from karcher_lab.methods.registry import Param
 
 DENSITY = Param("density", float, 1.0, low=0.0, high=1.0, doc="fraction of entries kept by peft's trim")
 MAJORITY = Param("majority_sign_method", str, "total", choices=("total", "frequency"), doc="peft's sign election")

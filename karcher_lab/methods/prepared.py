@@ -1,6 +1,6 @@
 """Prepared states of two-phase methods, kept between merges of the same inputs.
 
-A two-phase method (:class:`~karcher_lab.merge.registry.TwoPhase`) splits a merge into ``prepare``,
+A two-phase method (:class:`~karcher_lab.methods.registry.TwoPhase`) splits a merge into ``prepare``,
 the weight-independent pass over the data, and ``solve``, which finishes it for given weights (karcher:
 the Gram matrices, then the N×N solve and one combining pass). :class:`PreparedStates` keeps one state
 per tensor, so a re-weighted merge (a widget's slider, the sweep's next m) runs ``solve`` only.
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Hashable
 import torch
 
 if TYPE_CHECKING:
-    from karcher_lab.merge.api import MergeCall
+    from karcher_lab.methods.api import MergeCall
 
 
 def tensor_identity(value: Any) -> Any:

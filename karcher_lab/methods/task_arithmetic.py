@@ -2,11 +2,11 @@
 
 With θ0 the base, δi = θi − θ0 the task vectors, wi the per-model ``weight`` and λ ``lambda``:
 
-1. trim each task vector on its own: δ̃i = trim(δi; ρi, …) (:mod:`karcher_lab.merge.sparsify`),
+1. trim each task vector on its own: δ̃i = trim(δi; ρi, …) (:mod:`karcher_lab.methods.sparsify`),
    optionally L1-rescaled (``rescale``);
 2. weight it: xi = wi δ̃i;
 3. without consensus: Δ = Σ xi, divisor D = Σ wi (|D| < 1e-8 → 1);
-   with consensus (TIES "elect" + "disjoint merge", :mod:`karcher_lab.merge.consensus`):
+   with consensus (TIES "elect" + "disjoint merge", :mod:`karcher_lab.methods.consensus`):
    mi = [sign(xi) = sign(Σ xk)] (a zero sum counts as +), Δ = Σ mi xi, D = Σ wi mi (D = 0 → 1);
 4. θ = θ0 + λ · (Δ / D if ``normalize`` else Δ).
 
@@ -63,16 +63,16 @@ from typing import Any, Callable
 
 import torch
 
-from karcher_lab.merge.consensus import sign_agreement_mask
-from karcher_lab.merge.registry import Param, register
-from karcher_lab.merge.sparsify import (
+from karcher_lab.methods.consensus import sign_agreement_mask
+from karcher_lab.methods.registry import Param, register
+from karcher_lab.methods.sparsify import (
     breadcrumbs_prune,
     check_della_range,
     dare_drop,
     della_magprune,
     magnitude_prune,
 )
-from karcher_lab.merge.stacked import per_model
+from karcher_lab.methods.stacked import per_model
 
 TASK_ARITHMETIC_DIVISOR_EPS = 1e-8
 """Without consensus, a normalizing divisor with |Σ wi| below this is replaced by 1 (mergekit)."""

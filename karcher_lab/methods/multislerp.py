@@ -12,8 +12,8 @@ import torch
 
 from karcher_lab.errors import AntipodalError, ParameterError
 from karcher_lab.checks import where
-from karcher_lab.merge.linear import weighted_sum
-from karcher_lab.merge.registry import Param, register
+from karcher_lab.methods.linear import weighted_sum
+from karcher_lab.methods.registry import Param, register
 
 
 def cancellation_tolerance(weights: torch.Tensor, dtype: torch.dtype) -> float:

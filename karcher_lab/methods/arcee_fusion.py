@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.registry import register
+from karcher_lab.methods.registry import register
 
 QUANTILE_SAMPLE_SIZE = 1_000_000
 """Above this many entries the quantiles come from this many entries drawn with replacement (mergekit's

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.registry import Param, register
-from karcher_lab.merge.stacked import stack_task_vectors
+from karcher_lab.methods.registry import Param, register
+from karcher_lab.methods.stacked import stack_task_vectors
 
 COSINE_NORM_FLOOR = 1e-6
 """cos(δi, δj) divides by max(‖δi‖‖δj‖, this), as mergekit does; a zero task vector has cosine 0."""

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.registry import Param, register
-from karcher_lab.merge.stacked import per_model, stack_task_vectors
+from karcher_lab.methods.registry import Param, register
+from karcher_lab.methods.stacked import per_model, stack_task_vectors
 
 _EPSILON = Param("epsilon", float, 1e-5, low=0.0, doc="activity threshold: an entry counts when |δ| > epsilon")
 

@@ -54,9 +54,9 @@ from karcher_lab.geometry.karcher_mean import (
     karcher_coefficients,
 )
 from karcher_lab.checks import where
-from karcher_lab.merge.api import MergeCall, check_finite
-from karcher_lab.merge.fisher import check_fishers
-from karcher_lab.merge.registry import Param, TwoPhase, register
+from karcher_lab.methods.api import MergeCall, check_finite
+from karcher_lab.methods.fisher import check_fishers
+from karcher_lab.methods.registry import Param, TwoPhase, register
 
 NORM_AVERAGES: tuple[str, ...] = ("contributing", "all")
 """Output norm: weighted mean over experts with a direction (default) or over all experts (mergekit)."""

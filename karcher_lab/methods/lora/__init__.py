@@ -6,17 +6,17 @@ and ``ties`` on ΔW, ``knots_ta`` / ``knots_ties`` (KnOTS joint-SVD alignment), 
 ``add_weighted_adapter`` combinations ``peft_cat``, ``peft_linear``, ``peft_svd``, ``peft_ties``,
 ``peft_ties_svd`` for comparison.
 """
-from karcher_lab.merge.lora import (  # noqa: F401  (imported for their @register_lora side effect)
+from karcher_lab.methods.lora import (  # noqa: F401  (imported for their @register_lora side effect)
     geomerge_method,
     knots,
     peft_combination,
     task_arithmetic,
     ties,
 )
-from karcher_lab.merge.lora.api import merge_factor_sets
-from karcher_lab.merge.lora.geomerge import geomerge_factors
-from karcher_lab.merge.lora.registry import LoraMethod, get_lora_method, list_lora_methods
-from karcher_lab.merge.lora.symmetry import gauge_transform, random_gauge, symmetry_gap
+from karcher_lab.methods.lora.api import merge_factor_sets
+from karcher_lab.methods.lora.geomerge import geomerge_factors
+from karcher_lab.methods.lora.registry import LoraMethod, get_lora_method, list_lora_methods
+from karcher_lab.methods.lora.symmetry import gauge_transform, random_gauge, symmetry_gap
 
 __all__ = [
     "LoraMethod", "gauge_transform", "geomerge_factors", "get_lora_method", "list_lora_methods",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from karcher_lab.merge.registry import REQUIRED, Param, register
+from karcher_lab.methods.registry import REQUIRED, Param, register
 
 DIFFERENCE_FLOOR = 1e-6
 """|θ0 − θ1| is floored at this before dividing (mergekit's clamp), so equal entries get weight 1."""

@@ -23,8 +23,8 @@ from karcher_lab.errors import (
     NonFiniteError,
     ShapeMismatchError,
 )
-from karcher_lab.merge.api import compute_dtype, resolve_params
-from karcher_lab.merge.lora.registry import LoraMethod, get_lora_method
+from karcher_lab.methods.api import compute_dtype, resolve_params
+from karcher_lab.methods.lora.registry import LoraMethod, get_lora_method
 
 
 def _check_module(name: str, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], method: LoraMethod) -> None:
@@ -71,7 +71,7 @@ def merge_factor_sets(
     modules : mapping of str to sequence of (G [d1, r_i], H [d2, r_i])
         Per module (e.g. the base weight it updates), the N inputs' factors, ΔW_i = G_i H_iᵀ.
     method : str
-        A registered LoRA method (:func:`karcher_lab.merge.lora.list_lora_methods`).
+        A registered LoRA method (:func:`karcher_lab.methods.lora.list_lora_methods`).
     weights : sequence of float or tensor [N], optional
         Per-input weights, 1/N each by default; non-negative for methods that say so.
     executor : concurrent.futures.Executor, optional
