@@ -13,7 +13,7 @@ from karcher_lab.methods.registry import MergeMethod, Param, register
 
 @pytest.fixture()
 def scratch_registry(monkeypatch):
-    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    monkeypatch.setattr(registry.METHODS, "entries", dict(registry.METHODS.entries))
 
 
 def test_a_new_method_works_in_merge_tensors_and_whole_model_merges(scratch_registry):

@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Generic, Literal, Mapping, TypeVar
 
 from karcher_lab.checks import check_model_count
 from karcher_lab.errors import ParameterError, UnknownMethodError
@@ -99,6 +99,8 @@ class Param:
             raise ParameterError(f"{where} must be one of {list(self.choices)}, got {out!r}")
         return out
 
+
+Entry = TypeVar("Entry")
 
 CONTEXT = ("weights", "base", "generator", "name")
 """Arguments every call provides; a method's function takes those it uses (keyword-only)."""
@@ -196,14 +198,37 @@ class MergeMethod:
         check_model_count(n, self.min_models, self.max_models, label=label + self.name, what=what, given=given)
 
 
-_REGISTRY: dict[str, MergeMethod] = {}
+class Registry(Generic[Entry]):
+    """Named entries of one kind (``kind`` names it in messages): added once, looked up by name."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.entries: dict[str, Entry] = {}
+
+    def add(self, name: str, entry: Entry) -> Entry:
+        if name in self.entries:
+            raise ValueError(f"{self.kind} {name!r} registered twice")
+        self.entries[name] = entry
+        return entry
+
+    def get(self, name: str) -> Entry:
+        """The entry called ``name``; UnknownMethodError lists the known ones otherwise."""
+        try:
+            return self.entries[name]
+        except KeyError:
+            raise UnknownMethodError(f"unknown {self.kind} {name!r}; available: {', '.join(self.names())}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self.entries)
+
+
+METHODS: Registry[MergeMethod] = Registry("merge method")
+"""Every merge method of tensors, by mergekit name."""
 
 
 def add_method(method: MergeMethod) -> MergeMethod:
     """Register ``method`` after checking that its rules are consistent (names unique, ``base_mode`` a
-    bool parameter, ``two_phase.prepared_by`` declared parameters)."""
-    if method.name in _REGISTRY:
-        raise ValueError(f"merge method {method.name!r} registered twice")
+    bool parameter, ``two_phase.prepared_by`` declared parameters, the signature of ``fn``)."""
     if method.base_mode is not None and method.param(method.base_mode).kind is not bool:
         raise ValueError(f"{method.name}: base_mode {method.base_mode!r} must name a bool parameter")
     for name in method.two_phase.prepared_by if method.two_phase else ():
@@ -215,8 +240,7 @@ def add_method(method: MergeMethod) -> MergeMethod:
     if keywords != declared and not (takes_any and keywords <= declared):
         raise ValueError(f"{method.name}: the keyword parameters of {method.fn.__name__} "
                          f"{sorted(keywords)} differ from the declared parameters {sorted(declared)}")
-    _REGISTRY[method.name] = method
-    return method
+    return METHODS.add(method.name, method)
 
 
 def register(name: str, **rules: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -232,14 +256,9 @@ def register(name: str, **rules: Any) -> Callable[[Callable[..., Any]], Callable
 
 def get_method(name: str) -> MergeMethod:
     """The registered method called ``name``; UnknownMethodError lists the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown merge method {name!r}; available: {', '.join(sorted(_REGISTRY))}"
-        ) from None
+    return METHODS.get(name)
 
 
 def list_methods() -> list[str]:
     """Names of all registered methods, sorted."""
-    return sorted(_REGISTRY)
+    return METHODS.names()

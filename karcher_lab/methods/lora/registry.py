@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from karcher_lab.errors import UnknownMethodError
-from karcher_lab.methods.registry import Param, WeightUse
+from karcher_lab.methods.registry import Param, Registry, WeightUse
 
 
 @dataclass(frozen=True)
@@ -40,18 +39,16 @@ class LoraMethod:
     paper: str = ""
 
 
-_LORA_REGISTRY: dict[str, LoraMethod] = {}
+LORA_METHODS: Registry[LoraMethod] = Registry("LoRA merge method")
+"""Every merge method of LoRA factors, by name."""
 
 
-def register_lora(name: str, *, summary: str, rank: str, params: tuple[Param, ...] = (), equal_ranks: bool = False,
-                  weights: WeightUse = "nonnegative", min_models: int = 1, paper: str = "",
-                  ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Decorator: register ``fn`` as LoRA merge method ``name``."""
+def register_lora(name: str, **rules: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Decorator: register ``fn`` as LoRA merge method ``name``; ``rules`` are the other fields of
+    :class:`LoraMethod` (summary, rank, params, equal_ranks, weights, min_models, paper)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
-        if name in _LORA_REGISTRY:
-            raise ValueError(f"LoRA merge method {name!r} registered twice")
-        _LORA_REGISTRY[name] = LoraMethod(name, fn, summary, rank, params, equal_ranks, weights, min_models, paper)
+        LORA_METHODS.add(name, LoraMethod(name=name, fn=fn, **rules))
         return fn
 
     return decorate
@@ -59,14 +56,9 @@ def register_lora(name: str, *, summary: str, rank: str, params: tuple[Param, ..
 
 def get_lora_method(name: str) -> LoraMethod:
     """The LoRA method called ``name``; UnknownMethodError lists the known ones otherwise."""
-    try:
-        return _LORA_REGISTRY[name]
-    except KeyError:
-        raise UnknownMethodError(
-            f"unknown LoRA merge method {name!r}; available: {', '.join(sorted(_LORA_REGISTRY))}"
-        ) from None
+    return LORA_METHODS.get(name)
 
 
 def list_lora_methods() -> list[str]:
     """Names of all registered LoRA methods, sorted."""
-    return sorted(_LORA_REGISTRY)
+    return LORA_METHODS.names()
