@@ -246,6 +246,25 @@ def test_reweighting_a_karcher_session_reuses_the_grams_and_equals_merge_tensors
     assert session.traces["model.norm.weight"].converged or params.get("max_iter") == 10
 
 
+@pytest.mark.parametrize("method, extra", [("karcher", {}), ("linear", {}), ("ties", {"density": 0.5})])
+def test_reweighting_a_session_reuses_its_plan_and_equals_a_fresh_merge(family, method, extra, monkeypatch):
+    base, experts = family
+    session = MergeSession(experts, base=base if method == "ties" else None)
+    plans = []
+    real_plan = session.plan
+    monkeypatch.setattr(session, "plan", lambda *a, **k: (plans.append(1), real_plan(*a, **k))[1])
+    for weights in ([1.0, 1.0, 1.0], [3.0, 1.0, 0.5], [0.0, 1.0, 2.0]):
+        merged = session.merge(method, weights=weights, params=extra)
+        fresh = karcher_lab.merge(experts, method, weights=weights, base=base if method == "ties" else None, params=extra)
+        for name, t in merged.items():
+            torch.testing.assert_close(t, fresh[name], rtol=0, atol=0, msg=name)
+    assert plans == [1], "a merge that changes only the weights must not plan the recipe again"
+    session.merge(method, weights=[1.0, 1.0, 1.0], params={**extra, "normalize": False} if method != "karcher" else {"eta": 0.5})
+    assert plans == [1, 1]
+    with pytest.raises(errors.WeightError, match="got 2 weights for 3 models"):
+        session.merge(method, weights=[1.0, 1.0], params=extra)
+
+
 def test_session_with_other_methods_reuses_loaded_inputs(family):
     base, experts = family
     sources = [CountingSource(e, f"e{i}") for i, e in enumerate(experts)]
@@ -318,3 +337,38 @@ def test_transformers_models_in_memory_including_a_tied_head(tmp_path):
     assert stats.out == tmp_path / "m" and "model.safetensors" in stats.files
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     assert loaded.config.tie_word_embeddings and loaded.generate(torch.tensor([[1, 2]]), max_new_tokens=2, do_sample=False).shape == (1, 4)
+
+
+def test_subset_merger_follows_the_method_rules(family):
+    from karcher_lab.pipeline import SubsetMerger
+
+    base, experts = family
+    merger = SubsetMerger(experts, base=base)
+    # karcher: one session over all experts; a subset is the others at weight 0, Grams computed once
+    for members, weights in (([0, 1, 2], None), ([0, 2], [1.0, 3.0]), ([1], None)):
+        got = merger.merge("karcher", members, weights)
+        expected = karcher_lab.merge([experts[i] for i in members], "karcher", weights=weights)
+        for name, t in got.state.items():
+            torch.testing.assert_close(t, expected[name], rtol=1e-6, atol=1e-7, msg=name)
+        assert set(got.traces) == set(got.state)
+    (full,) = [s for key, s in merger._sessions.items() if len(key[0]) == 3]
+    assert full.states.misses == len(base) and full.states.hits == 2 * len(base)
+    # karcher uses the base only in task-vector mode; ties needs it; a pair method takes the first member
+    tv = merger.merge("karcher", [0, 1], params={"task_vectors": True})
+    torch.testing.assert_close(tv.state["lm_head.weight"], karcher_lab.merge(
+        experts[:2], "karcher", base=base, params={"task_vectors": True})["lm_head.weight"], rtol=1e-6, atol=1e-7)
+    ties = merger.merge("ties", [0, 2], [1.0, 1.0], params={"density": 0.5})
+    assert torch.equal(ties.state["lm_head.weight"], karcher_lab.merge(
+        [experts[0], experts[2]], "ties", base=base, weights=[1.0, 1.0], params={"density": 0.5})["lm_head.weight"])
+    slerp = merger.merge("slerp", [2, 0], params={"t": 0.25})
+    assert torch.equal(slerp.state["lm_head.weight"], merge_tensors(
+        "slerp", [experts[2]["lm_head.weight"], experts[0]["lm_head.weight"]], t=0.25))
+    fusion = merger.merge("arcee_fusion", [1, 2], first_as_base=True)
+    assert torch.equal(fusion.state["lm_head.weight"], karcher_lab.merge(
+        [experts[2]], "arcee_fusion", base=experts[1], seed=0)["lm_head.weight"])
+    with pytest.raises(errors.MissingBaseError):
+        merger.merge("ties", [0, 1], use_base=False)
+    with pytest.raises(errors.ParameterError, match=r"member indices \[3\] are not in 0..2"):
+        merger.merge("linear", [0, 3])
+    with pytest.raises(errors.EmptyInputError):
+        merger.merge("linear", [])
