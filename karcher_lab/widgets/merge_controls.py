@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 
 import ipywidgets as widgets
 
-from karcher_lab.checks import check_model_count, check_weights
+from karcher_lab.checks import check_weights
 from karcher_lab.errors import EmptyInputError
 from karcher_lab.methods.registry import get_method, list_methods
 from karcher_lab.widgets.controls import STYLE, method_controls
@@ -102,7 +102,7 @@ class MergeControls(widgets.HBox):
         members = [i for i, checkbox in enumerate(self.checkboxes) if checkbox.value]
         if not members:
             raise EmptyInputError("no expert is checked: check at least one")
-        check_model_count(len(members), method.min_models, method.max_models, label=method.name, what="checked experts")
+        method.check_count(len(members), what="checked experts")
         alpha = check_weights([self.sliders[i].value for i in members], len(members), normalize=True,
                               label="expert weights: ", what="checked experts").tolist()
         params = {name: control.value for name, control in self.param_controls.items()}
