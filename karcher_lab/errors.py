@@ -81,6 +81,12 @@ class CheckpointError(InputError):
     no config.json, no weights, or a weights format that cannot be loaded safely."""
 
 
+class DataError(InputError):
+    """Evaluation data (prompt/answer examples or probe texts) cannot be used: a missing or unreadable file,
+    bytes that are not UTF-8, malformed JSON, a missing column, an empty answer or a value that is not
+    text. The message names the file (or the in-memory source), the line or index, and the column."""
+
+
 class ArchitectureMismatchError(InputError):
     """The models do not share tensor names and shapes (the message holds a table of differences)."""
 

@@ -1,7 +1,8 @@
 """Prompt/answer examples: what the function-space metrics score a model on.
 
 An :class:`Example` is one instance of a task: the model sees ``prompt`` and should continue it with
-``answer``. The zoo's tasks generate them (:mod:`karcher_lab.zoo.tasks`); metrics take any list of them
+``answer``. The zoo's tasks generate them (:mod:`karcher_lab.zoo.tasks`), users' files, lists and datasets
+give them (:mod:`karcher_lab.diagnostics.task_data`); metrics take any list of them
 (:mod:`karcher_lab.diagnostics.function`), tokenized by :mod:`karcher_lab.diagnostics.sequences`.
 """
 from __future__ import annotations

@@ -4,6 +4,8 @@ All metrics read the answer positions of teacher-forced task sequences ``<s> pro
 (:mod:`karcher_lab.diagnostics.sequences`): position t predicts answer token a_t (the closing ``</s>``
 included) from ``<s> prompt a_<t``. For each example, per-position values are averaged over its
 answer positions; tables report the ``mean`` and ``std`` over examples and their number ``n``.
+Each task's examples (``examples_by_task``) are :class:`~karcher_lab.diagnostics.examples.Example` s or
+dicts with ``prompt`` and ``answer`` keys, checked by :func:`karcher_lab.diagnostics.task_data.as_examples`.
 
 - **nll**: −(1/T) Σ_t log p_θ(a_t | …) in nats per answer token; **perplexity** = exp(mean NLL over the
   task's examples) (a corpus-level value: its ``std`` is NaN).
@@ -33,7 +35,8 @@ import torch
 
 from karcher_lab.diagnostics.examples import Example
 from karcher_lab.diagnostics.sequences import IGNORE, encode, greedy_answers, teacher_forcing_batch
-from karcher_lab.errors import EmptyInputError, InputError, ParameterError
+from karcher_lab.diagnostics.task_data import TaskExamples, as_examples
+from karcher_lab.errors import InputError, ParameterError
 from karcher_lab.geometry.simplex import fr_distance
 
 QUALITY_COLUMNS = ["model", "task", "metric", "mean", "std", "n"]
@@ -57,14 +60,6 @@ class AnswerLogProbs:
         """The positions of examples start..stop-1, renumbered from 0."""
         keep = (self.rows >= start) & (self.rows < stop)
         return AnswerLogProbs(self.log_probs[keep], self.rows[keep] - start, self.answers[keep], stop - start)
-
-
-def _check_examples(examples_by_task: Mapping[str, Sequence[Example]]) -> None:
-    if not examples_by_task:
-        raise EmptyInputError("no tasks given")
-    for task, examples in examples_by_task.items():
-        if len(examples) == 0:
-            raise EmptyInputError(f"task {task!r} has no examples")
 
 
 def model_device(model) -> torch.device:
@@ -136,13 +131,13 @@ def _per_example_mean(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> 
 
 @torch.no_grad()
 def answer_log_probs(
-    model, tokenizer, examples_by_task: Mapping[str, Sequence[Example]], batch_size: int = 32,
+    model, tokenizer, examples_by_task: TaskExamples, batch_size: int = 32,
 ) -> dict[str, AnswerLogProbs]:
     """Teacher-forced answer log-probabilities of ``model`` per task: all tasks' examples in one stream
     of length-sorted batches of at most ``batch_size`` (:func:`answer_batches`; right padding with causal
     attention leaves every value as in a batch of one), logits at the answer positions only
     (:func:`answer_logits`), positions returned in example order. Memory: (answer tokens) × V float64."""
-    _check_examples(examples_by_task)
+    examples_by_task = as_examples(examples_by_task)
     examples = [e for task_examples in examples_by_task.values() for e in task_examples]
     log_probs, rows, answers = [], [], []
     for indices, input_ids, targets in answer_batches(tokenizer, examples, batch_size):
@@ -192,7 +187,7 @@ def _summary(values: torch.Tensor) -> tuple[float, float]:
 
 
 def task_quality(
-    model, tokenizer, examples_by_task: Mapping[str, Sequence[Example]], *, model_name: str = "model",
+    model, tokenizer, examples_by_task: TaskExamples, *, model_name: str = "model",
     batch_size: int = 32, accuracy: bool = True, exact_match: str = "greedy",
     log_probs: Mapping[str, AnswerLogProbs] | None = None,
 ) -> pd.DataFrame:
@@ -201,7 +196,7 @@ def task_quality(
     ``exact_match``: ``"greedy"`` (decode) or ``"teacher_forced"`` (:func:`forced_exact_matches`, no
     decoding). ``log_probs``: the model's :func:`answer_log_probs` on these examples, when already
     computed (then ``model`` is only used for greedy decoding)."""
-    _check_examples(examples_by_task)
+    examples_by_task = as_examples(examples_by_task)
     if exact_match not in EXACT_MATCH_MODES:
         raise ParameterError(f"exact_match must be one of {EXACT_MATCH_MODES}, got {exact_match!r}")
     _check_given(log_probs, examples_by_task, "log_probs")
@@ -242,7 +237,7 @@ def _chunks(model, given, tokenizer, task: str, examples, batch_size: int) -> It
 
 
 def function_distance(
-    reference, model, tokenizer, examples_by_task: Mapping[str, Sequence[Example]], *,
+    reference, model, tokenizer, examples_by_task: TaskExamples, *,
     reference_name: str = "expert", model_name: str = "merged", batch_size: int = 32,
 ) -> pd.DataFrame:
     """KL(p_reference ‖ p_model) (eq. 2) and the Fisher–Rao distance between the two models' next-token
@@ -250,7 +245,7 @@ def function_distance(
     metric (``kl``, ``fisher_rao``), with mean, std over examples, n. The models share the tokenizer.
     Either side may be given as its :func:`answer_log_probs` on these examples instead of a model
     (``{task: AnswerLogProbs}``), e.g. experts' cached once while the merged model changes."""
-    _check_examples(examples_by_task)
+    examples_by_task = as_examples(examples_by_task)
     p_given, q_given = _precomputed(reference), _precomputed(model)
     _check_given(p_given, examples_by_task, "reference")
     _check_given(q_given, examples_by_task, "model")

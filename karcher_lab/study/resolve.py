@@ -1,0 +1,121 @@
+"""Turning a :class:`~karcher_lab.study.spec.Study` into what the lab runs on: evaluation examples per
+task, probe texts, and the experts as models (loaded lazily) or state dicts for merging.
+
+- A task source that is an existing file (relative paths against the study's folder) or data is read
+  by :func:`karcher_lab.diagnostics.load_examples`; a string that is no file but a built-in zoo task's
+  name gives that task's held-out examples; anything else is refused, naming the missing file.
+- Probes: :func:`karcher_lab.diagnostics.load_probes` of the study's ``probes``, or by default the
+  prompts of every task's examples.
+- An expert directory holding ``adapter_config.json`` is a PEFT adapter: its update is folded onto the
+  base (W + (α/r) B A) when the expert is loaded.
+- Every expert must share one vocabulary with the base (or the first expert): checked on the
+  tokenizers' vocabularies, before any model is loaded.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from karcher_lab.diagnostics import load_examples, load_probes
+from karcher_lab.diagnostics.examples import Example
+from karcher_lab.errors import DataError, InputError, VocabularyMismatchError
+from karcher_lab.io.lora import fold_into_state, read_adapter
+from karcher_lab.io.resolve import resolve_model_dir
+from karcher_lab.study.spec import Study, TaskSpec
+from karcher_lab.zoo.catalog import TASKS, get_task
+
+ZOO_TASK_EXAMPLES = 64
+"""Held-out examples of a built-in zoo task when neither its ``limit`` nor the caller says how many."""
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def task_examples(study: Study, spec: TaskSpec, per_task: int | None = None, seed: int = 0) -> list[Example]:
+    """The examples of one task: every one, or the first ``limit`` / ``per_task`` (the smaller)."""
+    cap = min(n for n in (spec.limit, per_task) if n is not None) if (spec.limit or per_task) else None
+    source = study.path(spec.source)
+    if isinstance(source, (str, Path)) and not Path(source).expanduser().is_file():
+        if isinstance(source, str) and source in TASKS:
+            return get_task(source).examples("eval", cap or ZOO_TASK_EXAMPLES, seed=seed)
+        raise DataError(f"task {spec.name!r}: no file {source} (relative paths resolve against "
+                        f"{study.relative_to or Path.cwd()}), and no built-in task of that name "
+                        f"(built-in: {', '.join(sorted(TASKS))})")
+    return load_examples(source, prompt_field=spec.prompt_field, answer_field=spec.answer_field, limit=cap,
+                         label=spec.name)
+
+
+def study_examples(study: Study, per_task: int | None = None, seed: int = 0) -> dict[str, list[Example]]:
+    """Every task's examples (:func:`task_examples`), by task name."""
+    return {name: task_examples(study, spec, per_task, seed) for name, spec in study.task_specs.items()}
+
+
+def probe_texts(study: Study, examples: dict[str, list[Example]], per_task: int | None = None) -> list[str]:
+    """The study's probe texts, or the first ``per_task`` prompts of every task's examples."""
+    if study.probes is not None:
+        return load_probes(study.path(study.probes), limit=None)
+    return [e.prompt for task in examples.values() for e in (task if per_task is None else task[:per_task])]
+
+
+def model_dir(study: Study, source: Any) -> Path:
+    """The local directory of an expert or base given by path or cached hub id."""
+    return resolve_model_dir(str(study.path(source)), None, study.relative_to)
+
+
+def is_adapter(directory: Path) -> bool:
+    return (directory / ADAPTER_CONFIG).is_file()
+
+
+def expert_loader(study: Study, name: str) -> Callable[[], torch.nn.Module]:
+    """A function that loads expert ``name`` as a float32 causal LM in eval mode (an adapter folded on
+    the study's base); in-memory models are returned as given."""
+    source = study.experts[name]
+    if isinstance(source, torch.nn.Module):
+        return lambda: source
+    directory = model_dir(study, source)
+    if not is_adapter(directory):
+        return lambda: load_model(directory)
+    if study.base is None:
+        raise InputError(f"expert {name!r} is a PEFT adapter ({directory}); folding it needs the study's base")
+    base_dir = model_dir(study, study.base)
+
+    def load_folded() -> torch.nn.Module:
+        model = load_model(base_dir)
+        adapter = read_adapter(directory, label=name)
+        model.load_state_dict(fold_into_state(model.state_dict(), adapter.factors(), adapter.fan_in_fan_out))
+        return model
+
+    return load_folded
+
+
+def check_vocabularies(study: Study) -> None:
+    """VocabularyMismatchError unless every expert's tokenizer has the vocabulary of the base's (or of
+    the first expert's); adapters use the base's. Tokenizers only: no model is loaded."""
+    from transformers import AutoTokenizer
+
+    named = ([("base", study.base)] if study.base is not None else []) + list(study.experts.items())
+    reference_label, reference = None, None
+    for label, source in named:
+        if isinstance(source, torch.nn.Module):
+            continue
+        directory = model_dir(study, source)
+        if is_adapter(directory) and not any(directory.glob("tokenizer*")):
+            continue
+        vocabulary = AutoTokenizer.from_pretrained(directory).get_vocab()
+        if reference is None:
+            reference_label, reference = label, vocabulary
+        elif vocabulary != reference:
+            extra = sorted(set(vocabulary) - set(reference))[:5]
+            missing = sorted(set(reference) - set(vocabulary))[:5]
+            raise VocabularyMismatchError(
+                f"expert {label!r} has another vocabulary than {reference_label!r} ({len(vocabulary)} vs "
+                f"{len(reference)} tokens; e.g. only in {label!r}: {extra}, only in {reference_label!r}: {missing}); "
+                "the experts of a study must share one tokenizer")
+
+
+def load_model(directory: Path) -> torch.nn.Module:
+    """The causal LM saved in ``directory``, in float32 and eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()

@@ -1,0 +1,129 @@
+"""A Study: which experts to merge, on which evaluation tasks and probe texts they are measured.
+
+Everything is given by reference (paths, hub ids, file names, zoo task names) or as plain data, and
+checked when the Study is made, before any model or file is loaded:
+
+- ``experts``: name → a Hugging Face model directory, a hub id in the local cache, or a PEFT adapter
+  directory (folded onto ``base`` when loaded); also an in-memory model or state dict.
+- ``base``: the base model (optional; required for adapter experts and for methods that use a base).
+- ``tasks``: name → a task source (a JSONL / JSON / CSV / Parquet file, a list of dicts or Examples, a
+  ``datasets`` dataset, or a built-in zoo task name), or a mapping with ``source`` and the options of
+  :class:`TaskSpec`. An expert's own task is the task of the same name; tasks no expert owns (a general
+  held-out set) and experts that own no task are allowed.
+- ``probes``: the texts of the layer metrics: a text file (one probe per line), a list of strings, or
+  None for the tasks' prompts.
+- ``layers_path``: the dotted path of the decoder blocks, where they are not found by themselves.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from karcher_lab.checks import check_count
+from karcher_lab.errors import EmptyInputError, ParameterError
+
+TASK_OPTIONS = ("source", "prompt_field", "answer_field", "limit", "chat_template", "case_sensitive", "max_new_tokens")
+"""The keys of a task given as a mapping."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One evaluation task of a study.
+
+    Attributes
+    ----------
+    name : str
+    source : path, list, dataset or str
+        Where the examples come from (see the module docstring); a str that is no existing file is a
+        built-in zoo task name.
+    prompt_field, answer_field : str
+        The columns (keys) holding prompt and answer.
+    limit : int, optional
+        Use the first ``limit`` examples only (default: all).
+    chat_template : bool
+        Apply the tokenizer's chat template to each prompt.
+    case_sensitive : bool
+        Whether exact match compares answers case-sensitively.
+    max_new_tokens : int, optional
+        Greedy decoding stops after this many tokens (default: the longest answer's length).
+    """
+
+    name: str
+    source: Any
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    limit: int | None = None
+    chat_template: bool = False
+    case_sensitive: bool = True
+    max_new_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        where = f"task {self.name!r}"
+        if self.source is None or (isinstance(self.source, (str, list, tuple)) and len(self.source) == 0):
+            raise EmptyInputError(f"{where}: no source given")
+        for key in ("prompt_field", "answer_field"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise ParameterError(f"{where}: {key} must be a non-empty string, got {getattr(self, key)!r}")
+        for key in ("limit", "max_new_tokens"):
+            if getattr(self, key) is not None:
+                check_count(f"{where}: {key}", getattr(self, key))
+        for key in ("chat_template", "case_sensitive"):
+            if not isinstance(getattr(self, key), bool):
+                raise ParameterError(f"{where}: {key} must be true or false, got {getattr(self, key)!r}")
+
+
+def task_spec(name: str, value: Any) -> TaskSpec:
+    """The :class:`TaskSpec` of one ``tasks`` entry: a source, or a mapping of :data:`TASK_OPTIONS`."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(TASK_OPTIONS))
+        if unknown:
+            raise ParameterError(f"task {name!r}: unknown option(s) {unknown}; known: {list(TASK_OPTIONS)}")
+        if "source" not in value:
+            raise ParameterError(f"task {name!r}: a mapping needs 'source' (the file, data or zoo task name)")
+        return TaskSpec(name, **value)
+    return TaskSpec(name, value)
+
+
+@dataclass
+class Study:
+    """Experts, base, evaluation tasks and probe texts of an exploration (see the module docstring)."""
+
+    experts: Mapping[str, Any]
+    base: Any = None
+    tasks: Mapping[str, Any] = field(default_factory=dict)
+    probes: Any = None
+    layers_path: str | None = None
+    name: str = "study"
+    relative_to: Path | None = None
+    """Folder that relative paths are resolved against (the YAML's folder for :func:`load_study`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.experts, Mapping) or not self.experts:
+            raise EmptyInputError("a study needs experts: a mapping of name → model directory, hub id or adapter")
+        for label, names in (("expert", self.experts), ("task", self.tasks)):
+            bad = [n for n in names if not isinstance(n, str) or not n]
+            if bad:
+                raise ParameterError(f"{label} names must be non-empty strings, got {bad}")
+        if not isinstance(self.tasks, Mapping):
+            raise ParameterError(f"tasks must be a mapping of name → source, got {type(self.tasks).__name__}")
+        self.experts = dict(self.experts)
+        self.task_specs: dict[str, TaskSpec] = {n: task_spec(n, v) for n, v in self.tasks.items()}
+        if not self.task_specs:
+            raise EmptyInputError("a study needs at least one evaluation task (tasks: name → file, data or zoo task)")
+        if isinstance(self.probes, (list, tuple)) and not self.probes:
+            raise EmptyInputError("probes: an empty list; give probe texts, a probe file, or leave probes out")
+        if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path):
+            raise ParameterError(f"layers_path must be a dotted module path such as 'transformer.h', got {self.layers_path!r}")
+
+    def own_task(self, expert: str) -> str | None:
+        """The task ``expert`` is judged on: the task of the same name, or None."""
+        return expert if expert in self.task_specs else None
+
+    def path(self, value: Any) -> Any:
+        """``value`` with a relative path made absolute against :attr:`relative_to` (other values as given)."""
+        if isinstance(value, (str, Path)) and self.relative_to is not None:
+            candidate = Path(value).expanduser()
+            if not candidate.is_absolute() and (self.relative_to / candidate).exists():
+                return str(self.relative_to / candidate)
+        return value
