@@ -111,16 +111,15 @@ def test_encode_probes_pads_on_the_right():
 
 
 def test_unsupported_architecture_names_what_is_missing():
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=20, n_positions=16))
-    with pytest.raises(NotSupportedError, match=r"model\.model\.layers.*transformer"):
-        capture_activations(gpt2, torch.zeros(1, 3, dtype=torch.long))
+    hidden = torch.nn.Module()  # decoder blocks where no known path leads
+    hidden.inner = _tiny("llama")
+    with pytest.raises(NotSupportedError, match=r"`model\.layers`.*`transformer\.h`.*submodules: inner.*layers_path"):
+        capture_activations(hidden, torch.zeros(1, 3, dtype=torch.long))
 
     model = _tiny("llama")
     for layer in model.model.layers:
         del layer.mlp
-    with pytest.raises(NotSupportedError, match="no `mlp` submodule"):
+    with pytest.raises(NotSupportedError, match=r"'mlp' site: its decoder block `model\.layers\.0`.*no mlp submodule"):
         capture_activations(model, torch.zeros(1, 3, dtype=torch.long), sites=["mlp"])
 
 

@@ -1,11 +1,16 @@
 """Capturing activation statistics of a causal LM on a probe set, through nnsight.
 
 The model (an already-loaded transformers model, on CPU or CUDA) is wrapped in ``nnsight.NNsight`` and
-traced locally, batch by batch. For every decoder block ``model.model.layers[l]`` we read its output
-(the residual stream after block l: HF's ``hidden_states[l + 1]``, except that HF applies the final
-norm to the last one and we do not), and optionally the attention output (``self_attn`` output, before
-it is added to the residual) and the MLP output (``mlp`` output, likewise). The trace stops after the
-last block, so the LM head (the largest matmul of a small model) never runs.
+traced locally, batch by batch. Its decoder blocks are found by :func:`decoder_layers`: the first
+non-empty ``ModuleList`` among :data:`DECODER_PATHS` (``model.layers`` of Llama, Qwen2, Mistral, Gemma,
+Phi; ``transformer.h`` of GPT-2 and GPT-J; ``gpt_neox.layers`` of GPT-NeoX/Pythia;
+``model.decoder.layers`` of OPT, …), or the dotted ``layers_path`` a caller names. For every block l we
+read its output (the residual stream after block l: HF's ``hidden_states[l + 1]``, except that HF
+applies the final norm to the last one and we do not), and optionally the attention output and the
+MLP output (the outputs of the block's submodules :data:`SITE_MODULES` names, before they are added to
+the residual; the first element when a module returns a tuple, as attention modules do), each copied
+as its module returns it (a block may change it in place afterwards). The trace stops after the last
+block, so the LM head (the largest matmul of a small model) never runs.
 
 Nothing is kept but running sums (:class:`ActivationStats`). The probe sequences are dealt into G
 *bootstrap groups* (sequence i goes to group ⌊i·G/N⌋); per site, layer and group we keep the number of
@@ -26,13 +31,19 @@ nnsight instruments the model in place: each module's ``forward`` becomes nnsigh
 controller, which outside a trace runs the original forward unchanged (outputs are bit-identical;
 tests/test_diagnostics_activations.py checks it), so the model stays usable as before.
 
+An architecture whose blocks have no single submodule for a site (OPT's blocks hold ``fc1`` and ``fc2``
+but no MLP module) cannot be read there; :func:`capturable_sites` tells which requested sites a model
+can be read at and why not the others, so that callers can measure what is available.
+
 Padding is excluded everywhere through the attention mask. Probes should be right-padded
 (:func:`encode_probes`): a left-padded row's positions would be shifted, which changes activations.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
-from typing import Sequence
+from types import MappingProxyType
+from typing import Mapping, Sequence
 
 import torch
 
@@ -41,8 +52,15 @@ from karcher_lab.errors import InputError, NotSupportedError, ParameterError
 SITES: tuple[str, ...] = ("residual", "attention", "mlp")
 """Where activations are read in each decoder block: its output, its attention output, its MLP output."""
 
-SITE_MODULES: dict[str, str] = {"attention": "self_attn", "mlp": "mlp"}
-"""The submodule of a decoder block whose output is each non-residual site."""
+SITE_MODULES: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "attention": ("self_attn", "attn", "attention", "self_attention"),
+    "mlp": ("mlp", "feed_forward"),
+})
+"""Per non-residual site, the names its submodule may have in a decoder block, in the order tried."""
+
+DECODER_PATHS: tuple[str, ...] = ("model.layers", "layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers")
+"""Where :func:`decoder_layers` looks for the decoder blocks, in this order (dotted paths from the model):
+Llama, Qwen2, Mistral, Gemma, Phi; a bare decoder; GPT-2, GPT-J, Falcon; GPT-NeoX, Pythia; OPT."""
 
 DEFAULT_BOOTSTRAP_GROUPS = 16
 """Groups of probe sequences the bootstrap resamples (fewer if there are fewer sequences)."""
@@ -125,28 +143,170 @@ class ActivationStats:
         return group_weights.to(device=device, dtype=torch.float64)
 
 
-def decoder_layers(model: torch.nn.Module, sites: Sequence[str] = ("residual",)) -> torch.nn.ModuleList:
-    """The decoder blocks ``model.model.layers`` of a Llama/Qwen2/Mistral-style causal LM, after checking
-    that each has the submodules the requested sites read. NotSupportedError names what is missing."""
-    check_sites(sites)
-    kind = f"{type(model).__name__} (model_type {getattr(getattr(model, 'config', None), 'model_type', '?')!r})"
-    core = getattr(model, "model", None)
-    layers = getattr(core, "layers", None)
-    if not isinstance(layers, torch.nn.ModuleList) or len(layers) == 0:
-        found = ", ".join(name for name, _ in model.named_children()) or "none"
+@dataclass(frozen=True)
+class DecoderLayers:
+    """Where activations are read in a model: its decoder blocks and the submodule each site reads.
+
+    Attributes
+    ----------
+    path : str
+        The dotted path from the model to its decoder blocks (``"model.layers"``, ``"transformer.h"``, …).
+    blocks : torch.nn.ModuleList
+        The decoder blocks, in forward order.
+    modules : Mapping[str, tuple[str, ...]]
+        Per requested non-residual site, the name of the submodule it reads in each block.
+    """
+
+    path: str
+    blocks: torch.nn.ModuleList
+    modules: Mapping[str, tuple[str, ...]]
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+def decoder_layers(model: torch.nn.Module, sites: Sequence[str] = ("residual",), *,
+                   layers_path: str | None = None) -> DecoderLayers:
+    """The decoder blocks of a causal LM and, in each, the submodule every requested site reads.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The causal LM.
+    sites : sequence of str
+        Sites from :data:`SITES`; ``attention`` and ``mlp`` need a submodule named as in
+        :data:`SITE_MODULES` in every block.
+    layers_path : str, optional
+        The dotted path from ``model`` to its decoder blocks (``"transformer.h"``); default: the first of
+        :data:`DECODER_PATHS` that holds a non-empty ModuleList.
+
+    Returns
+    -------
+    DecoderLayers
+
+    Raises
+    ------
+    ParameterError
+        Bad sites, or a ``layers_path`` that does not lead to a non-empty ModuleList (the message names
+        what is there).
+    NotSupportedError
+        No decoder blocks at any of :data:`DECODER_PATHS`, or a block without a submodule for a site
+        (the message names the block's submodules).
+    """
+    sites = check_sites(sites)
+    path, blocks = _find_blocks(model, layers_path)
+    modules = {site: _site_modules(model, path, blocks, site) for site in sites if site in SITE_MODULES}
+    return DecoderLayers(path, blocks, MappingProxyType(modules))
+
+
+def capturable_sites(model: torch.nn.Module, sites: Sequence[str], *,
+                     layers_path: str | None = None) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Which of ``sites`` :func:`capture_activations` can read in ``model``.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The causal LM.
+    sites : sequence of str
+        Sites from :data:`SITES`.
+    layers_path : str, optional
+        As in :func:`decoder_layers`.
+
+    Returns
+    -------
+    readable : tuple of str
+        The sites it can read, in the order given.
+    unreadable : dict of str to str
+        Every other site and why not (the message of the NotSupportedError :func:`decoder_layers`
+        raises for it); every site when the decoder blocks are not found.
+
+    Raises
+    ------
+    ParameterError
+        Bad sites or a bad ``layers_path``, as in :func:`decoder_layers`.
+    """
+    readable, unreadable = [], {}
+    for site in check_sites(sites):
+        try:
+            decoder_layers(model, (site,), layers_path=layers_path)
+        except NotSupportedError as error:
+            unreadable[site] = str(error)
+        else:
+            readable.append(site)
+    return tuple(readable), unreadable
+
+
+def _describe(model: torch.nn.Module) -> str:
+    return f"{type(model).__name__} (model_type {getattr(getattr(model, 'config', None), 'model_type', '?')!r})"
+
+
+def _children(module: torch.nn.Module) -> str:
+    return ", ".join(name for name, _ in module.named_children()) or "none"
+
+
+def _is_blocks(module: torch.nn.Module) -> bool:
+    return isinstance(module, torch.nn.ModuleList) and len(module) > 0
+
+
+def _submodule(model: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str | None]:
+    """The module at the dotted ``path`` from ``model`` and None; or, where the path breaks off, the
+    deepest module reached and the name it lacks."""
+    module = model
+    for part in path.split("."):
+        child = getattr(module, part, None)
+        if not isinstance(child, torch.nn.Module):
+            return module, part
+        module = child
+    return module, None
+
+
+def _find_blocks(model: torch.nn.Module, layers_path: str | None) -> tuple[str, torch.nn.ModuleList]:
+    """The path and decoder blocks of ``model``: at ``layers_path``, else at the first of :data:`DECODER_PATHS`."""
+    if layers_path is None:
+        for path in DECODER_PATHS:
+            module, missing = _submodule(model, path)
+            if missing is None and _is_blocks(module):
+                return path, module
         raise NotSupportedError(
-            f"{kind} is not supported for activation capture: it needs the decoder blocks of a "
-            f"Llama-, Qwen2- or Mistral-style causal LM at `model.model.layers` (a non-empty ModuleList), "
-            f"and this model has no `model.model.layers` (its top-level submodules: {found})"
+            f"{_describe(model)} is not supported for activation capture: it needs its decoder blocks as a "
+            f"non-empty ModuleList at one of {', '.join(f'`{p}`' for p in DECODER_PATHS)}, and none of these "
+            f"is one (its top-level submodules: {_children(model)}); name their dotted path with `layers_path`"
         )
-    for site in sites:
-        attribute = SITE_MODULES.get(site)
-        if attribute is not None and not isinstance(getattr(layers[0], attribute, None), torch.nn.Module):
+    if not isinstance(layers_path, str) or not all(layers_path.split(".")):
+        raise ParameterError(f"layers_path must be a dotted path of submodule names such as 'transformer.h', "
+                             f"got {layers_path!r}")
+    module, missing = _submodule(model, layers_path)
+    if missing is not None:
+        raise ParameterError(
+            f"layers_path {layers_path!r} does not lead to a module of {_describe(model)}: "
+            f"{type(module).__name__} has no submodule `{missing}` (its submodules: {_children(module)})"
+        )
+    if not _is_blocks(module):
+        found = "an empty ModuleList" if isinstance(module, torch.nn.ModuleList) else f"a {type(module).__name__}"
+        raise ParameterError(f"layers_path {layers_path!r} of {_describe(model)} is {found}, not a non-empty "
+                             f"ModuleList of decoder blocks (its submodules: {_children(module)})")
+    return layers_path, module
+
+
+def _site_modules(model: torch.nn.Module, path: str, blocks: torch.nn.ModuleList, site: str) -> tuple[str, ...]:
+    """The name of the submodule ``site`` reads in each block. NotSupportedError for a block without one,
+    or whose one adds the residual stream itself (its ``forward`` takes a ``residual``, as BLOOM's do):
+    its output is not the site's."""
+    names = []
+    for index, block in enumerate(blocks):
+        where = f"{_describe(model)} is not supported for the {site!r} site: its decoder block `{path}.{index}`"
+        name = next((n for n in SITE_MODULES[site] if isinstance(getattr(block, n, None), torch.nn.Module)), None)
+        if name is None:
             raise NotSupportedError(
-                f"{kind} is not supported for the {site!r} site: its decoder blocks "
-                f"({type(layers[0]).__name__}) have no `{attribute}` submodule"
+                f"{where} ({type(block).__name__}) has no {site} submodule (none of "
+                f"{', '.join(f'`{n}`' for n in SITE_MODULES[site])}; its submodules: {_children(block)})"
             )
-    return layers
+        module = getattr(block, name)
+        if "residual" in inspect.signature(type(module).forward).parameters:
+            raise NotSupportedError(f"{where} has a `{name}` ({type(module).__name__}) that adds the residual "
+                                    f"stream itself, so its output is not the {site} output")
+        names.append(name)
+    return tuple(names)
 
 
 def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
@@ -185,24 +345,25 @@ def _check_probes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) 
 
 
 def _hidden(output) -> torch.Tensor:
-    """The hidden-state tensor of a module's output (decoder blocks return a tuple in transformers 4)."""
+    """The hidden-state tensor of a module's output: the first element of a tuple (decoder blocks return one
+    in transformers 4; attention modules return (output, attention weights))."""
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _trace_batch(wrapped, sites: tuple[str, ...], input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, list]:
+def _trace_batch(wrapped, layers: DecoderLayers, sites: tuple[str, ...], input_ids: torch.Tensor,
+                 attention_mask: torch.Tensor) -> dict[str, list]:
     """Run one batch through the nnsight wrapper; the saved outputs of every block, per site."""
+    order = [s for s in ("attention", "mlp", "residual") if s in sites]  # forward order within a block
     saved: list = []
     with wrapped.trace(input_ids=input_ids, attention_mask=attention_mask) as tracer:
-        for layer in wrapped.model.layers:  # forward order: attention, MLP, block output
-            if "attention" in sites:
-                saved.append(layer.self_attn.output.save())
-            if "mlp" in sites:
-                saved.append(layer.mlp.output.save())
-            if "residual" in sites:
-                saved.append(layer.output.save())
+        for index, block in enumerate(wrapped.get(layers.path)):
+            for site in order:
+                module = block if site == "residual" else getattr(block, layers.modules[site][index])
+                # a copy, taken as the module returns: its block may change the output in place afterwards
+                # (Falcon adds the attention output to the MLP's)
+                saved.append(_hidden(module.output).clone().save())
         tracer.stop()
-    order = [s for s in ("attention", "mlp", "residual") if s in sites]
-    return {site: [_hidden(x) for x in saved[k :: len(order)]] for k, site in enumerate(order)}
+    return {site: saved[k :: len(order)] for k, site in enumerate(order)}
 
 
 @torch.inference_mode()
@@ -215,6 +376,7 @@ def capture_activations(
     batch_size: int = 8,
     bootstrap_groups: int = DEFAULT_BOOTSTRAP_GROUPS,
     keep_tokens: bool | None = None,
+    layers_path: str | None = None,
 ) -> ActivationStats:
     """Running activation statistics of ``model`` on the probe set ``input_ids`` [N, T] (padding
     marked 0 in ``attention_mask``), read through nnsight at every decoder block.
@@ -223,13 +385,15 @@ def capture_activations(
     sequences run on the model's device; statistics stay there. ``bootstrap_groups``: how many groups
     of sequences the bootstrap resamples (capped at N). ``keep_tokens``: keep every token's activation
     instead of Σ x xᵀ per group (see the module docstring); None: when the probe set has fewer
-    non-padding tokens than the model's hidden size. Raises NotSupportedError for architectures
-    without ``model.model.layers`` (see :func:`decoder_layers`).
+    non-padding tokens than the model's hidden size. ``layers_path``: the dotted path from ``model``
+    to its decoder blocks (default: found, see :func:`decoder_layers`). Raises NotSupportedError where
+    the decoder blocks, or a site's submodule, are not found (:func:`capturable_sites` tells which
+    sites can be read).
     """
     from nnsight import NNsight
 
     sites = check_sites(sites)
-    decoder_layers(model, sites)
+    layers = decoder_layers(model, sites, layers_path=layers_path)
     mask = _check_probes(input_ids, attention_mask)
     if batch_size < 1 or bootstrap_groups < 1:
         raise ParameterError(f"batch_size and bootstrap_groups must be >= 1, got {batch_size} and {bootstrap_groups}")
@@ -246,7 +410,7 @@ def capture_activations(
     for start in range(0, n_seq, batch_size):
         ids = input_ids[start : start + batch_size].to(device)
         keep = mask[start : start + batch_size].to(device).bool()
-        outputs = _trace_batch(wrapped, sites, ids, mask[start : start + batch_size].to(device))
+        outputs = _trace_batch(wrapped, layers, sites, ids, mask[start : start + batch_size].to(device))
         groups = group_of[start : start + batch_size].to(device)
         token_groups = groups[:, None].expand_as(keep)[keep]  # the group of each non-padding token
         members = [(g, keep & (groups == g)[:, None]) for g in groups.unique().tolist()]

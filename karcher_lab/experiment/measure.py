@@ -18,6 +18,10 @@ of each expert, from the measurement engine (:class:`karcher_lab.measurement.Mea
   (``avg_variance_ratio``, ``avg_effective_rank_ratio``; std over layers) and ``merge_seconds``.
 
 :func:`expert_rows` gives an expert's own rows (quality on its task, layer metrics).
+
+Layer rows exist only at the sites the architecture's activations can be read at
+(:class:`~karcher_lab.measurement.results.LayerMetrics` ``note``); where none can be (decoder blocks not
+found), there are no layer rows and the layer summaries are NaN, the other rows being unchanged.
 """
 from __future__ import annotations
 

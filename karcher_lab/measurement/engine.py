@@ -18,7 +18,11 @@ as its numbers exist; :meth:`MeasurementEngine.measure` runs all three:
    own task, and the normalized accuracy (merged / expert exact match).
 3. :meth:`~MeasurementEngine.layer_metrics`: one forward of the merged model over the probe batch
    (:func:`~karcher_lab.diagnostics.capture_activations`): variance, effective rank and numerical rank
-   per layer with bootstrap mean ± std, and optionally their paired ratios to the experts'.
+   per layer with bootstrap mean ± std, and optionally their paired ratios to the experts'. Only at the
+   sites the architecture's activations can be read at
+   (:func:`~karcher_lab.diagnostics.activations.capturable_sites`): the others are named in the result's
+   ``note``, and where the decoder blocks are not found at all the tables are empty, so that the weight
+   and function metrics of any causal LM can be measured.
 """
 from __future__ import annotations
 
@@ -29,6 +33,8 @@ import torch
 
 from karcher_lab import diagnostics
 from karcher_lab.checks import check_weights
+from karcher_lab.diagnostics.activations import capturable_sites
+from karcher_lab.diagnostics.collapse import COLUMNS as COLLAPSE_COLUMNS
 from karcher_lab.diagnostics.examples import Example
 from karcher_lab.diagnostics.function import answer_log_probs
 from karcher_lab.errors import CheckpointError, InputError
@@ -47,8 +53,9 @@ class MeasurementEngine:
     Parameters
     ----------
     experts : mapping of str to model or loader
-        The experts by name, each a torch causal LM (Llama-style decoder blocks at
-        ``model.model.layers`` for the layer metrics) or a function without arguments that loads one.
+        The experts by name, each a torch causal LM (the layer metrics need decoder blocks that
+        :func:`~karcher_lab.diagnostics.activations.decoder_layers` finds) or a function without
+        arguments that loads one.
     tokenizer
         The tokenizer every model shares.
     examples : mapping of str to sequence of Example
@@ -175,17 +182,27 @@ class MeasurementEngine:
                       ratios: bool = False) -> LayerMetrics:
         """Layer metrics of :attr:`model` on the probe batch, the ``members``' (cached), and with
         ``ratios`` the merged model's over the members' α-weighted ones (``weights`` normalized; default
-        equal), paired per bootstrap draw (see :class:`~karcher_lab.measurement.results.LayerMetrics`)."""
+        equal), paired per bootstrap draw (see :class:`~karcher_lab.measurement.results.LayerMetrics`).
+
+        Only the settings' sites whose activations can be read in this architecture are measured; the
+        result's ``note`` names the others and why. Where none can be (decoder blocks not found), every
+        table is empty and nothing runs.
+        """
         names, alpha = self._checked(members, weights)
         s = self.settings
-        stats = diagnostics.capture_activations(self.model, self.data.probe_ids, self.data.probe_mask, sites=s.sites,
+        sites, unreadable = capturable_sites(self.model, s.sites)
+        note = _unreadable_note(sites, unreadable)
+        if not sites:
+            empty = pd.DataFrame(columns=COLLAPSE_COLUMNS)
+            return LayerMetrics(empty, empty.copy(), empty.copy() if ratios else None, note)
+        stats = diagnostics.capture_activations(self.model, self.data.probe_ids, self.data.probe_mask, sites=sites,
                                                 batch_size=s.probe_batch_size)
         merged = diagnostics.collapse_metrics(stats, model=MERGED_LABEL, draws=s.draws, seed=s.seed)
         experts = pd.concat([self.experts.collapse(n) for n in names], ignore_index=True)
         ratio_table = (diagnostics.collapse_ratios(stats, [self.experts.activations(n) for n in names], alpha,
                                                    model=MERGED_LABEL, draws=s.draws, seed=s.seed)
                        if ratios else None)
-        return LayerMetrics(merged, experts, ratio_table)
+        return LayerMetrics(merged, experts, ratio_table, note)
 
     def measure(self, state: Mapping[str, torch.Tensor], members: Sequence[str], weights: Sequence[float] | None = None,
                 *, norm_only: bool = False, ratios: bool = True) -> Measurement:
@@ -212,3 +229,12 @@ class MeasurementEngine:
         weight_table = self.weight_metrics(state, members, weights, norm_only=norm_only)
         return Measurement(self.function_metrics(members), self.layer_metrics(members, weights, ratios=ratios),
                            weight_table)
+
+
+def _unreadable_note(readable: Sequence[str], unreadable: Mapping[str, str]) -> str:
+    """The :class:`~karcher_lab.measurement.results.LayerMetrics` note on the sites that cannot be read
+    (each distinct reason once); "" when there are none."""
+    if not unreadable:
+        return ""
+    what = "layer metrics" if not readable else f"layer metrics at site(s) {', '.join(unreadable)}"
+    return f"{what} unavailable: {'; '.join(dict.fromkeys(unreadable.values()))}"

@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 
 from karcher_lab.diagnostics import capture_activations, collapse_metrics, task_quality, tensor_norms
-from karcher_lab.diagnostics.activations import ActivationStats
+from karcher_lab.diagnostics.activations import ActivationStats, capturable_sites
+from karcher_lab.diagnostics.collapse import COLUMNS as COLLAPSE_COLUMNS
 from karcher_lab.diagnostics.function import AnswerLogProbs, answer_log_probs
 from karcher_lab.errors import EmptyInputError, InputError, ParameterError
 from karcher_lab.measurement.data import EvaluationData
@@ -140,13 +141,23 @@ class ExpertMeasurements:
             batch_size=s.eval_batch_size, accuracy=s.exact_match, exact_match=s.exact_match_mode,
             log_probs={self.tasks[name]: self.log_probs(name)}))
 
+    def layer_sites(self, name: str) -> tuple[str, ...]:
+        """The settings' sites at which the expert's activations can be read
+        (:func:`~karcher_lab.diagnostics.activations.capturable_sites`; empty where its decoder blocks are
+        not found)."""
+        return self._once("layer_sites", name, lambda: capturable_sites(self.model(name), self.settings.sites)[0])
+
     def activations(self, name: str) -> ActivationStats:
-        """The expert's activation statistics on the probe batch at the settings' sites."""
+        """The expert's activation statistics on the probe batch at :meth:`layer_sites`
+        (NotSupportedError saying why when there are none)."""
+        sites = self.layer_sites(name) or self.settings.sites  # none readable: the capture raises why
         return self._once("activations", name, lambda: capture_activations(
-            self.model(name), self.data.probe_ids, self.data.probe_mask, sites=self.settings.sites,
+            self.model(name), self.data.probe_ids, self.data.probe_mask, sites=sites,
             batch_size=self.settings.probe_batch_size))
 
     def collapse(self, name: str) -> pd.DataFrame:
-        """The expert's layer metrics (:func:`~karcher_lab.diagnostics.collapse_metrics`; ``model`` = its name)."""
+        """The expert's layer metrics at :meth:`layer_sites` (:func:`~karcher_lab.diagnostics.collapse_metrics`;
+        ``model`` = its name); no rows when there are none."""
         return self._once("collapse", name, lambda: collapse_metrics(
-            self.activations(name), model=name, draws=self.settings.draws, seed=self.settings.seed))
+            self.activations(name), model=name, draws=self.settings.draws, seed=self.settings.seed)
+            if self.layer_sites(name) else pd.DataFrame(columns=COLLAPSE_COLUMNS))

@@ -34,7 +34,8 @@ class FunctionMetrics:
 
 @dataclass(frozen=True)
 class LayerMetrics:
-    """Layer metrics on the probe batch (:mod:`karcher_lab.diagnostics.collapse` columns).
+    """Layer metrics on the probe batch (:mod:`karcher_lab.diagnostics.collapse` columns), at the sites
+    the model's activations can be read at (:func:`~karcher_lab.diagnostics.activations.capturable_sites`).
 
     Attributes
     ----------
@@ -46,11 +47,15 @@ class LayerMetrics:
     ratios : DataFrame or None
         ``*_ratio`` = merged / Σ_i α_i expert_i per draw, paired (:func:`~karcher_lab.diagnostics.collapse_ratios`);
         None when not asked for.
+    note : str
+        Why some requested sites, or all (then every table is empty), have no rows: "layer metrics
+        unavailable: <reason>"; "" when every site was measured.
     """
 
     merged: pd.DataFrame
     experts: pd.DataFrame
     ratios: pd.DataFrame | None
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,9 @@ merges are :class:`karcher_lab.pipeline.SubsetMerger`'s, every number comes from
    (one teacher-forced pass over the checked tasks' ``quality_examples`` examples each: exact match,
    answer NLL and KL(expert ‖ merged), next to each expert's cached numbers), layers (one forward over
    the probe batch of ``activation_examples`` sequences per pool task: variance, effective rank,
-   numerical rank, bootstrap mean ± std, merged model and checked experts).
+   numerical rank, bootstrap mean ± std, merged model and checked experts). Where the model's
+   activations cannot be read (decoder blocks not found, a site its blocks lack), the layer figure and
+   the status line say why, and the update still succeeds with the other figures.
 
 ``timings`` holds the seconds of each stage of the last successful update (merge, load, weights,
 quality, activations, total); measured figures are in benchmarks/README.md
@@ -273,12 +275,13 @@ class MergeExplorer(widgets.VBox):
         t = time.perf_counter()
         layers = self.engine.layer_metrics(names)
         collapse = pd.concat([layers.merged, layers.experts], ignore_index=True)
-        self.figure_panel.show_layers(collapse)
+        self.figure_panel.show_layers(collapse, layers.note)
         timings["activations"] = time.perf_counter() - t
 
         timings["total"] = time.perf_counter() - start
         self.timings = timings
         self.tables = dict(quality=quality, distance=function.distance, collapse=collapse, weights=weights,
                            traces=merged.traces)
+        note = f"<br><small>{html.escape(layers.note)}</small>" if layers.note else ""
         self.status.value = (f"<small>{request['method']} of {', '.join(names)}: merged in {timings['merge']:.2f} s, "
-                             f"update {timings['total']:.2f} s</small>")
+                             f"update {timings['total']:.2f} s</small>{note}")

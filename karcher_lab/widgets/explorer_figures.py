@@ -6,14 +6,18 @@ by stage as the numbers of an update arrive.
 - function stage: exact match (when measured), answer NLL and KL(expert ‖ merged) per task, merged model
   next to the experts (:func:`karcher_lab.plots.task_bars`);
 - layer stage: variance, effective rank and numerical rank per layer, merged model and experts, mean ±
-  std over bootstrap draws (:func:`karcher_lab.plots.layer_curves`).
+  std over bootstrap draws (:func:`karcher_lab.plots.layer_curves`); where the model's activations
+  cannot be read at the figure's site, an empty figure that says why.
 """
 from __future__ import annotations
 
+import html
+import textwrap
 from typing import Any, Mapping
 
 import ipywidgets as widgets
 import pandas as pd
+import plotly.graph_objects as go
 
 from karcher_lab.plots import layer_curves, task_bars
 from karcher_lab.widgets.figure_sync import sync_figure
@@ -24,6 +28,12 @@ NARROW = dict(width=320, height=330, margin=dict(l=50, r=10, t=50, b=40), legend
 WIDE = dict(width=480, height=360, margin=dict(l=60, r=10, t=50, b=40))
 FULL_WIDTH = 960
 """Figure widths in pixels: three narrow or two wide figures fit a JupyterLab output area ~1000 px wide."""
+NOTE_HEIGHT = 220
+"""The layer figure's height in pixels when it only holds a note (no layer metrics at its site)."""
+NOTE_LINE = 120
+"""Characters per line of that note."""
+LAYER_TITLE = "layer metrics: merged vs experts (mean ± std over bootstrap draws)"
+"""The layer figure's title, over its curves or its note."""
 
 
 class ExplorerFigures:
@@ -66,8 +76,17 @@ class ExplorerFigures:
         sync_figure(self.nll, task_bars(quality, "nll", title="answer NLL (nats/token)"), **NARROW)
         sync_figure(self.kl, task_bars(distance, "kl", title="KL(expert ‖ merged), own task"), **NARROW)
 
-    def show_layers(self, collapse: pd.DataFrame) -> None:
-        """Layer curves of the collapse metrics at the figure's site, one curve per model."""
-        figure = layer_curves(collapse, list(COLLAPSE_METRICS), site=self.site,
-                              title="layer metrics: merged vs experts (mean ± std over bootstrap draws)")
+    def show_layers(self, collapse: pd.DataFrame, note: str = "") -> None:
+        """Layer curves of the collapse metrics at the figure's site, one curve per model; when
+        ``collapse`` has no rows at that site, an empty figure showing ``note`` (why the layer metrics
+        are unavailable, :class:`~karcher_lab.measurement.results.LayerMetrics`)."""
+        if (collapse["site"] == self.site).any():
+            sync_figure(self.collapse, layer_curves(collapse, list(COLLAPSE_METRICS), site=self.site, title=LAYER_TITLE),
+                        width=FULL_WIDTH)
+            return
+        text = "<br>".join(textwrap.wrap(html.escape(note or f"no layer metrics at site {self.site!r}"), NOTE_LINE))
+        figure = go.Figure()
+        figure.update_layout(title=LAYER_TITLE, template="plotly_white", height=NOTE_HEIGHT,
+                             xaxis=dict(visible=False), yaxis=dict(visible=False),
+                             annotations=[dict(text=text, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)])
         sync_figure(self.collapse, figure, width=FULL_WIDTH)
