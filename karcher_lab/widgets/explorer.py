@@ -1,6 +1,9 @@
 """MergeExplorer: pick experts, weights, a merge method and its parameters; watch the merged model's
 quality, collapse curves, Karcher convergence and norm shrinkage update in place.
 
+It opens on a :class:`karcher_lab.Study` (users' own model folders, task files and probes; or a study
+YAML) or on a zoo pool (its experts named by their tasks).
+
 The panel is an ``ipywidgets.VBox`` subclass, so a notebook displays it by evaluating it (or with
 ``display(explorer)``). It only composes: the controls are :class:`~karcher_lab.widgets.merge_controls.MergeControls`,
 merges are :class:`karcher_lab.pipeline.SubsetMerger`'s, every number comes from
@@ -43,6 +46,7 @@ from __future__ import annotations
 import html
 import time
 from contextlib import contextmanager, nullcontext
+from pathlib import Path
 from typing import Any, Sequence
 
 import ipywidgets as widgets
@@ -53,11 +57,14 @@ from karcher_lab.checks import check_count
 from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.geometry import numerics
 from karcher_lab.measurement import MeasurementSettings, engine_for_pool
+from karcher_lab.measurement.studies import engine_for_study
 from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
 from karcher_lab.widgets.explorer_figures import ExplorerFigures
 from karcher_lab.widgets.merge_controls import MergeControls
+from karcher_lab.study import Study, load_study
+from karcher_lab.study.resolve import load_model, model_dir
 from karcher_lab.zoo import Pool, find_pool, load
 
 DEFAULT_SELECTED = 4
@@ -70,6 +77,15 @@ EVAL_BATCH = 256
 :func:`~karcher_lab.diagnostics.function.length_batches`)."""
 PROBE_BATCH = 64
 """Probe sequences per forward pass of the activation capture."""
+
+
+def as_study(source: Any) -> Study | None:
+    """``source`` as a Study: itself, or the study a ``.yml`` / ``.yaml`` file describes; None for a pool."""
+    if isinstance(source, Study):
+        return source
+    if isinstance(source, (str, Path)) and Path(source).suffix in (".yml", ".yaml"):
+        return load_study(source)
+    return None
 
 
 @contextmanager
@@ -92,10 +108,12 @@ class MergeExplorer(widgets.VBox):
 
     Parameters
     ----------
-    pool : Pool or str
-        A :class:`karcher_lab.zoo.Pool`, a pool name (``"tiny"``, ``"smollm2"``) or a pool directory.
+    pool : Study, Pool or str
+        A :class:`karcher_lab.Study` (users' own experts, tasks and probes) or the path of a study YAML
+        (:func:`karcher_lab.load_study`); or a :class:`karcher_lab.zoo.Pool`, a pool name (``"tiny"``,
+        ``"smollm2"``) or a pool directory.
     selected : sequence of str, optional
-        Task names checked at start (default: the first :data:`DEFAULT_SELECTED` experts).
+        Experts (a pool's: task names) checked at start (default: the first :data:`DEFAULT_SELECTED` experts).
     method : str
         The method selected at start.
     quality_examples : int
@@ -128,7 +146,7 @@ class MergeExplorer(widgets.VBox):
 
     def __init__(
         self,
-        pool: Pool | str,
+        pool: Study | Pool | str,
         *,
         selected: Sequence[str] | None = None,
         method: str = "karcher",
@@ -152,21 +170,32 @@ class MergeExplorer(widgets.VBox):
         self.runner = DebouncedRunner(self._work, debounce)
         """Debounced, shielded updates (its ``busy_indicator`` and ``error_area`` are in the header)."""
         get_method(method)
-        self.pool = pool if isinstance(pool, Pool) else find_pool(str(pool))
-        self.tasks = [e["task"] for e in self.pool.experts]
+        self.study = as_study(pool)
+        """The explored :class:`~karcher_lab.study.Study`, or None for a zoo pool (:attr:`pool`)."""
+        self.pool = None if self.study is not None else pool if isinstance(pool, Pool) else find_pool(str(pool))
+        self.label = f"study {self.study.name}" if self.study is not None else f"pool {self.pool.name}"
+        self.tasks = list(self.study.experts) if self.study is not None else [e["task"] for e in self.pool.experts]
+        """The experts' names (a pool's experts are named by their task)."""
         if not self.tasks:
-            raise EmptyInputError(f"pool {self.pool.name} has no experts")
+            raise EmptyInputError(f"{self.label} has no experts")
         selected = list(self.tasks[:DEFAULT_SELECTED] if selected is None else selected)
         unknown = [t for t in selected if t not in self.tasks]
         if unknown:
-            raise ParameterError(f"selected task(s) {unknown} are not in pool {self.pool.name}: {self.tasks}")
+            raise ParameterError(f"selected expert(s) {unknown} are not in {self.label}: {self.tasks}")
 
         with quiet_loading():
-            self.expert_models: list[torch.nn.Module] = [load(e["path"])[0] for e in self.pool.experts]
-            self.base_model = load(str(self.pool.base_path))[0] if self.pool.record.get("base") else None
-            self.engine = engine_for_pool(self.pool, examples_per_task=quality_examples,
-                                          probes_per_task=activation_examples, settings=settings, seed=seed,
-                                          probe_seed=seed + 1, experts=dict(zip(self.tasks, self.expert_models)))
+            if self.study is not None:
+                self.engine = engine_for_study(self.study, settings=settings, examples_per_task=quality_examples,
+                                               probes_per_task=activation_examples)
+                self.expert_models: list[torch.nn.Module] = [self.engine.experts.model(n) for n in self.tasks]
+                self.base_model = (load_model(model_dir(self.study, self.study.base))
+                                   if self.study.base is not None else None)
+            else:
+                self.expert_models = [load(e["path"])[0] for e in self.pool.experts]
+                self.base_model = load(str(self.pool.base_path))[0] if self.pool.record.get("base") else None
+                self.engine = engine_for_pool(self.pool, examples_per_task=quality_examples,
+                                              probes_per_task=activation_examples, settings=settings, seed=seed,
+                                              probe_seed=seed + 1, experts=dict(zip(self.tasks, self.expert_models)))
             """Every number of an update (expert-side ones computed once)."""
         self.merger = SubsetMerger(self.expert_models, base=self.base_model)
         """Every merge of an update (karcher's Gram matrices kept across updates)."""
@@ -190,7 +219,7 @@ class MergeExplorer(widgets.VBox):
         self.method_info, self.param_box = self.controls.method_info, self.controls.param_box
         self.busy_indicator, self.error_area = self.runner.busy_indicator, self.runner.error_area
         self.status = widgets.HTML("")
-        self.header = widgets.VBox([widgets.HBox([widgets.HTML(f"<b>MergeExplorer</b> — pool {html.escape(self.pool.name)}"),
+        self.header = widgets.VBox([widgets.HBox([widgets.HTML(f"<b>MergeExplorer</b> — {html.escape(self.label)}"),
                                                   self.busy_indicator]), self.error_area, self.status])
         self.figure_panel = ExplorerFigures(exact_match=settings.exact_match, site=settings.sites[0])
         panel = self.figure_panel

@@ -1,0 +1,63 @@
+"""MergeExplorer over a Study of plain model folders and JSONL task files: the same numbers as over the
+zoo pool the folders come from, for the same examples."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from karcher_lab import Study
+from karcher_lab.widgets import MergeExplorer
+from karcher_lab.zoo import get_task
+
+FAST = dict(quality_examples=4, activation_examples=2, draws=4, exact_match=True, debounce=0.05)
+
+
+@pytest.fixture(scope="module")
+def study_files(micro_pool, tmp_path_factory):
+    """The micro pool's experts as plain folders, and their tasks' first 4 held-out examples as JSONL."""
+    root = tmp_path_factory.mktemp("study_explorer")
+    tasks = [e["task"] for e in micro_pool.experts]
+    for task in tasks:
+        lines = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in get_task(task).examples("eval", 4, seed=0)]
+        (root / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "study.yml").write_text(
+        "name: micro-folders\n"
+        f"base: {micro_pool.base_path}\n"
+        "experts:\n" + "".join(f"  {t}: {micro_pool.expert_path(t)}\n" for t in tasks)
+        + "tasks:\n" + "".join(f"  {t}: {t}.jsonl\n" for t in tasks)
+    )
+    return root
+
+
+def _scores(explorer: MergeExplorer) -> pd.DataFrame:
+    table = explorer.tables["quality"]
+    return table[table["metric"].isin(["accuracy", "nll"])].sort_values(["model", "task", "metric"]).reset_index(drop=True)
+
+
+def test_a_study_of_folders_and_jsonl_gives_the_pool_explorers_numbers(micro_pool, study_files):
+    tasks = [e["task"] for e in micro_pool.experts]
+    from_pool = MergeExplorer(micro_pool, selected=tasks[:3], **FAST)
+    from_study = MergeExplorer(study_files / "study.yml", selected=tasks[:3], **FAST)
+    assert from_study.error == "" and from_study.label == "study micro-folders"
+    assert from_study.tasks == tasks
+    pd.testing.assert_frame_equal(_scores(from_study), _scores(from_pool), rtol=1e-6, atol=1e-6)
+    distance = lambda e: e.tables["distance"].sort_values(["reference", "task", "metric"]).reset_index(drop=True)  # noqa: E731
+    pd.testing.assert_frame_equal(distance(from_study), distance(from_pool), rtol=1e-6, atol=1e-6)
+    for name, tensor in from_pool.state.items():
+        assert (from_study.state[name] - tensor).abs().max() <= 1e-6, name
+
+
+def test_the_explorer_refuses_an_unknown_expert_of_a_study_before_loading(study_files):
+    with pytest.raises(Exception, match=r"selected expert\(s\) \['nope'\] are not in study micro-folders"):
+        MergeExplorer(study_files / "study.yml", selected=["nope"], initial_update=False)
+
+
+def test_a_study_python_object_works_too(micro_pool, study_files):
+    tasks = [e["task"] for e in micro_pool.experts][:2]
+    study = Study(experts={t: str(micro_pool.expert_path(t)) for t in tasks},
+                  tasks={t: str(study_files / f"{t}.jsonl") for t in tasks}, probes=["a probe text", "another one"])
+    explorer = MergeExplorer(study, method="linear", **FAST)
+    assert explorer.error == "" and explorer.base_model is None
+    assert set(explorer.tables["quality"]["task"]) == set(tasks)
