@@ -124,8 +124,10 @@ class MergeExplorer(widgets.VBox):
         Bootstrap draws for the layer metrics' ± std (≥ 2).
     exact_match : bool
         Show exact match (off: NLL and KL only).
-    exact_match_mode : {"teacher_forced", "greedy"}
-        Exact match from the one teacher-forced pass (default) or by greedy decoding (slower).
+    exact_match_mode : {"teacher_forced", "greedy"}, optional
+        Exact match from the one teacher-forced pass or by greedy decoding (slower). Default: greedy for a
+        study (real tokenizers), teacher-forced for a zoo pool, whose character tokenizer makes the two
+        the same 0/1.
     sites : sequence of str
         Activation sites of the layer metrics (the figure shows the first).
     use_base : bool
@@ -154,7 +156,7 @@ class MergeExplorer(widgets.VBox):
         activation_examples: int = 4,
         draws: int = 10,
         exact_match: bool = True,
-        exact_match_mode: str = "teacher_forced",
+        exact_match_mode: str | None = None,
         sites: Sequence[str] = ("residual",),
         use_base: bool = True,
         debounce: float = 0.3,
@@ -162,6 +164,9 @@ class MergeExplorer(widgets.VBox):
         initial_update: bool = True,
         single_threaded: bool | None = None,
     ):
+        study = as_study(pool)
+        if exact_match_mode is None:
+            exact_match_mode = "greedy" if study is not None else "teacher_forced"
         settings = MeasurementSettings(sites=sites, draws=draws, seed=seed, exact_match=exact_match,
                                        exact_match_mode=exact_match_mode, eval_batch_size=EVAL_BATCH,
                                        probe_batch_size=PROBE_BATCH)
@@ -170,7 +175,7 @@ class MergeExplorer(widgets.VBox):
         self.runner = DebouncedRunner(self._work, debounce)
         """Debounced, shielded updates (its ``busy_indicator`` and ``error_area`` are in the header)."""
         get_method(method)
-        self.study = as_study(pool)
+        self.study = study
         """The explored :class:`~karcher_lab.study.Study`, or None for a zoo pool (:attr:`pool`)."""
         self.pool = None if self.study is not None else pool if isinstance(pool, Pool) else find_pool(str(pool))
         self.label = f"study {self.study.name}" if self.study is not None else f"pool {self.pool.name}"
