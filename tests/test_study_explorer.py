@@ -61,3 +61,30 @@ def test_a_study_python_object_works_too(micro_pool, study_files):
     explorer = MergeExplorer(study, method="linear", **FAST)
     assert explorer.error == "" and explorer.base_model is None
     assert set(explorer.tables["quality"]["task"]) == set(tasks)
+
+
+def test_save_this_merge_writes_a_checkpoint_whose_recipe_reproduces_its_bytes(micro_pool, study_files, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from karcher_lab.cli import main
+
+    tasks = [e["task"] for e in micro_pool.experts]
+    explorer = MergeExplorer(study_files / "study.yml", selected=tasks[:3], **FAST)
+    explorer.sliders[0].value = 0.4
+    explorer.update()
+    explorer.save_path.value = str(tmp_path / "saved")
+    explorer.save_button.click()
+    assert explorer.keep_output.value == f"saved to {tmp_path / 'saved'}"
+    saved = tmp_path / "saved"
+    assert (saved / "merge_recipe.yml").read_text() == explorer.recipe_yaml()
+    state = load_file(str(saved / "model.safetensors"))
+    for name, tensor in explorer.state.items():
+        assert (state[name] - tensor).abs().max() <= 1e-5, name  # the members alone: the same Karcher mean
+    AutoModelForCausalLM.from_pretrained(saved)
+    assert main(["merge", str(saved / "merge_recipe.yml"), str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (saved / "model.safetensors").read_bytes()
+    explorer.recipe_button.click()
+    assert explorer.keep_output.value.startswith("<pre>") and "merge_method: karcher" in explorer.keep_output.value
+    explorer.save_button.click()  # the folder exists now: refused, shown in the panel
+    assert "OutputError" in explorer.keep_output.value

@@ -20,9 +20,22 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from karcher_lab.errors import EmptyInputError, ParameterError
+from karcher_lab.errors import EmptyInputError, NotSupportedError, ParameterError
 from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.session import MergeSession, resolve_device
+from karcher_lab.recipe.schema import ModelEntry, ModelRef, Recipe, parse_parameters
+
+
+@dataclass(frozen=True)
+class MergeRoles:
+    """A subset merge's roles: the ``members`` that are the method's inputs, their ``weights`` (None: 1
+    each), the expert serving as base (``base_index``; None: the merger's base or none) and whether a base
+    is given at all (``has_base``)."""
+
+    members: list[int]
+    weights: list[float] | None
+    base_index: int | None
+    has_base: bool
 
 
 @dataclass
@@ -63,24 +76,73 @@ class SubsetMerger:
         """Merge the experts at indices ``members`` with their ``weights`` (one per member; the first
         member's is dropped when it serves as the base) under the rules of the module docstring."""
         spec = get_method(method)
+        roles = self.roles(method, members, weights, params=params, use_base=use_base, first_as_base=first_as_base)
+        weights = roles.weights
+        if spec.reweightable:
+            inputs = tuple(i for i in range(len(self.experts)) if i != roles.base_index)
+            if weights is not None or len(roles.members) < len(inputs):
+                given = dict(zip(roles.members, [1.0] * len(roles.members) if weights is None else weights))
+                weights = [given.get(i, 0.0) for i in inputs]
+        else:
+            inputs = tuple(roles.members)
+        session = self._session(inputs, roles.base_index, roles.has_base)
+        state = session.merge(method, weights=weights, params=params, seed=seed)
+        return MergedState(state, dict(session.traces))
+
+    def roles(
+        self,
+        method: str,
+        members: Sequence[int],
+        weights: Sequence[float] | None = None,
+        *,
+        params: Mapping[str, Any] | None = None,
+        use_base: bool = True,
+        first_as_base: bool = False,
+    ) -> MergeRoles:
+        """Which members are the method's inputs (with which weights) and what serves as its base, by the
+        rules of the module docstring; checked before any work."""
+        spec = get_method(method)
         members = self._check_members(members)
         if weights is not None and len(weights) != len(members):
             raise ParameterError(f"{method}: got {len(weights)} weights for {len(members)} members")
-        base_index = None
+        weights = None if weights is None else [float(w) for w in weights]
         if first_as_base or spec.base == "first":
-            base_index, members = members[0], members[1:]
-            weights = None if weights is None else list(weights)[1:]
-        has_base = base_index is not None or (use_base and self.base is not None and spec.uses_base(params))
-        if spec.reweightable:
-            inputs = tuple(i for i in range(len(self.experts)) if i != base_index)
-            if weights is not None or len(members) < len(inputs):
-                given = dict(zip(members, [1.0] * len(members) if weights is None else weights))
-                weights = [given.get(i, 0.0) for i in inputs]
-        else:
-            inputs = tuple(members)
-        session = self._session(inputs, base_index, has_base)
-        state = session.merge(method, weights=weights, params=params, seed=seed)
-        return MergedState(state, dict(session.traces))
+            return MergeRoles(members[1:], None if weights is None else weights[1:], members[0], True)
+        has_base = use_base and self.base is not None and spec.uses_base(params)
+        return MergeRoles(members, weights, None, has_base)
+
+    def recipe(
+        self,
+        method: str,
+        members: Sequence[int],
+        weights: Sequence[float] | None = None,
+        *,
+        paths: Sequence[str | None],
+        base_path: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        use_base: bool = True,
+        first_as_base: bool = False,
+    ) -> Recipe:
+        """The mergekit recipe of :meth:`merge` with the same arguments, over the experts' checkpoint
+        ``paths`` (one per expert) and the base's ``base_path``: the members only (a two-phase method's
+        zero-weight experts are left out, which gives the same mean), each with its weight.
+
+        Raises NotSupportedError where a model taking part has no checkpoint path (an in-memory model,
+        a PEFT adapter folded in memory)."""
+        if len(paths) != len(self.experts):
+            raise ParameterError(f"got {len(paths)} paths for {len(self.experts)} experts")
+        roles = self.roles(method, members, weights, params=params, use_base=use_base, first_as_base=first_as_base)
+        base = paths[roles.base_index] if roles.base_index is not None else base_path if roles.has_base else None
+        needed = [paths[i] for i in roles.members] + ([base] if roles.has_base else [])
+        if any(p is None for p in needed):
+            raise NotSupportedError("a model of this merge has no checkpoint folder (an in-memory model or a PEFT "
+                                    "adapter folded in memory), so no recipe can name it")
+        entries = [ModelEntry(ModelRef(str(paths[i])), {} if roles.weights is None else {"weight": w})
+                   for i, w in zip(roles.members, roles.weights or [None] * len(roles.members))]
+        if roles.base_index is not None:
+            entries.insert(0, ModelEntry(ModelRef(str(base))))
+        return Recipe(merge_method=method, models=entries, base_model=ModelRef(str(base)) if base else None,
+                      parameters=parse_parameters(dict(params or {}), "params"))
 
     def _check_members(self, members: Sequence[int]) -> list[int]:
         members = list(members)

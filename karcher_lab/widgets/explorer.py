@@ -36,6 +36,12 @@ quality, activations, total); measured figures are in benchmarks/README.md
 (``benchmarks/explorer_update.py``). A small model (under :data:`SINGLE_THREAD_PARAMETERS`) is updated
 on one torch thread.
 
+**Keeping a merge**: "save this merge" (:meth:`MergeExplorer.save_merge`) writes the merge the controls
+ask for as a checkpoint folder, atomically, as ``karcher-lab merge`` writes it, with the mergekit recipe
+(``merge_recipe.yml``) that reproduces its bytes; "show recipe" (:meth:`MergeExplorer.recipe_yaml`)
+displays that recipe. The recipe names the members only (karcher's zero-weight experts are left out,
+which gives the same mean up to float rounding).
+
 While an update runs, the ``kl-busy`` element shows "updating…" (empty when idle); any exception is
 shown in the ``kl-error`` area, the figures keep their last state, and nothing is raised to the
 notebook. CSS classes for browser tests: each weight slider ``kl-weight-slider``, karcher's η slider
@@ -64,7 +70,9 @@ from karcher_lab.widgets.debounce import DebouncedRunner
 from karcher_lab.widgets.explorer_figures import ExplorerFigures
 from karcher_lab.widgets.merge_controls import MergeControls
 from karcher_lab.study import Study, load_study
-from karcher_lab.study.resolve import load_model, model_dir
+from karcher_lab.pipeline import MergeSession, MergeStats, resolved_recipe_yaml, run_recipe
+from karcher_lab.recipe.schema import Recipe
+from karcher_lab.study.resolve import is_adapter, load_model, model_dir
 from karcher_lab.zoo import Pool, find_pool, load
 
 DEFAULT_SELECTED = 4
@@ -77,6 +85,24 @@ EVAL_BATCH = 256
 :func:`~karcher_lab.diagnostics.function.length_batches`)."""
 PROBE_BATCH = 64
 """Probe sequences per forward pass of the activation capture."""
+SAVE_CLASS = "kl-save-merge"
+KEEP_OUTPUT_CLASS = "kl-keep-output"
+"""CSS classes of the "save this merge" button and of the area showing the saved folder or the recipe."""
+
+
+def checkpoint_paths(study: Study | None, pool: Pool | None) -> tuple[list[str | None], str | None]:
+    """The experts' and the base's checkpoint folders (None where a model exists only in memory: an
+    in-memory model, or a PEFT adapter folded onto the base)."""
+    if study is None:
+        return [e["path"] for e in pool.experts], str(pool.base_path) if pool.record.get("base") else None
+
+    def folder(source: Any) -> str | None:
+        if isinstance(source, torch.nn.Module):
+            return None
+        directory = model_dir(study, source)
+        return None if is_adapter(directory) else str(directory)
+
+    return [folder(s) for s in study.experts.values()], folder(study.base) if study.base is not None else None
 
 
 def as_study(source: Any) -> Study | None:
@@ -202,6 +228,9 @@ class MergeExplorer(widgets.VBox):
                                               probes_per_task=activation_examples, settings=settings, seed=seed,
                                               probe_seed=seed + 1, experts=dict(zip(self.tasks, self.expert_models)))
             """Every number of an update (expert-side ones computed once)."""
+        self.expert_paths, self.base_path = checkpoint_paths(self.study, self.pool)
+        """Each expert's and the base's checkpoint folder (None for a model held only in memory): what a
+        saved merge's recipe names."""
         self.merger = SubsetMerger(self.expert_models, base=self.base_model)
         """Every merge of an update (karcher's Gram matrices kept across updates)."""
         self.model = self.engine.model
@@ -233,9 +262,46 @@ class MergeExplorer(widgets.VBox):
         self.figures = panel.widgets
         """Every FigureWidget of the panel (class ``kl-figure``); the exact-match one stays empty without ``exact_match``."""
         self.controls_box, self.figures_box = self.controls, panel.box
-        super().__init__([self.header, self.controls_box, self.figures_box])
+        self.save_path = widgets.Text(value="merged/", description="folder", layout=widgets.Layout(width="22em"))
+        self.save_button = widgets.Button(description="save this merge", icon="save")
+        self.recipe_button = widgets.Button(description="show recipe", icon="file-text")
+        self.keep_output = widgets.HTML("")
+        """The saved folder, or the recipe, or why neither could be made."""
+        self.save_button.add_class(SAVE_CLASS)
+        self.keep_output.add_class(KEEP_OUTPUT_CLASS)
+        self.save_button.on_click(lambda _: self._keep(lambda: f"saved to {self.save_merge(self.save_path.value).out}"))
+        self.recipe_button.on_click(lambda _: self._keep(lambda: f"<pre>{html.escape(self.recipe_yaml())}</pre>", raw=True))
+        self.keep_box = widgets.VBox([widgets.HBox([self.save_path, self.save_button, self.recipe_button]),
+                                      self.keep_output])
+        super().__init__([self.header, self.controls_box, self.keep_box, self.figures_box])
         if initial_update:
             self.update()
+
+    # ----------------------------------------------------------------- keeping a merge
+    def recipe(self) -> Recipe:
+        """The mergekit recipe of the merge the controls ask for (:meth:`SubsetMerger.recipe`)."""
+        request = self.request()
+        return self.merger.recipe(request["method"], request["members"], request["alpha"], paths=self.expert_paths,
+                                  base_path=self.base_path, params=request["params"], use_base=request["use_base"])
+
+    def recipe_yaml(self) -> str:
+        """:meth:`recipe` as the YAML :meth:`save_merge` writes (``merge_recipe.yml``), defaults filled in."""
+        recipe, seed = self.recipe(), self.engine.settings.seed
+        session = MergeSession([e.model for e in recipe.models], base=recipe.base_model, cache_states=False)
+        return resolved_recipe_yaml(session.plan(recipe, seed), seed)
+
+    def save_merge(self, out: str | Path, *, overwrite: bool = False) -> MergeStats:
+        """Write the merge the controls ask for as a checkpoint folder ``out``, atomically, as
+        ``karcher-lab merge`` writes it (with ``merge_recipe.yml``, which reproduces the same bytes)."""
+        return run_recipe(self.recipe(), out, seed=self.engine.settings.seed, overwrite=overwrite)
+
+    def _keep(self, action, raw: bool = False) -> None:
+        try:
+            text = action()
+        except Exception as exc:  # shown in the panel, never raised to the notebook
+            self.keep_output.value = f"<b>{html.escape(type(exc).__name__)}</b>: {html.escape(str(exc))}"
+        else:
+            self.keep_output.value = text if raw else html.escape(text)
 
     @property
     def param_controls(self) -> dict[str, widgets.Widget]:
