@@ -3,7 +3,9 @@ updates go through it.
 
 A :class:`MeasurementEngine` is made from plain data: the experts (name → model or loader), a tokenizer,
 evaluation examples per task, probe texts, the task each expert is judged on, one model that merged
-states are loaded into, and :class:`~karcher_lab.measurement.settings.MeasurementSettings`. The experts'
+states are loaded into, :class:`~karcher_lab.measurement.settings.MeasurementSettings`, and optionally
+each task's :class:`~karcher_lab.diagnostics.scoring.TaskScoring` (chat template, answer normalization,
+greedy budget), used by every function metric of the merged model and the experts alike. The experts'
 side is computed once per expert (:class:`~karcher_lab.measurement.experts.ExpertMeasurements`). A merged
 model is measured in three stages, each a method, so that a panel can draw each stage's figures as soon
 as its numbers exist; :meth:`MeasurementEngine.measure` runs all three:
@@ -13,9 +15,10 @@ as its numbers exist; :meth:`MeasurementEngine.measure` runs all three:
    :func:`~karcher_lab.diagnostics.weight_metrics` row (relative distance to each expert, …).
 2. :meth:`~MeasurementEngine.function_metrics`: ONE teacher-forced pass of the merged model over the
    merged experts' tasks (:func:`~karcher_lab.diagnostics.function.answer_log_probs`), from which
-   come the answer NLL, exact match (``teacher_forced`` mode; ``greedy`` decodes instead), KL(p_expert ‖
-   p_merged) (eq. 2) and the Fisher–Rao distance against each expert's cached log-probabilities on its
-   own task, and the normalized accuracy (merged / expert exact match).
+   come the answer NLL, exact match (``teacher_forced`` mode, for tasks without a ``TaskScoring``;
+   ``greedy``, and every task with one, decodes instead), KL(p_expert ‖ p_merged) (eq. 2) and the
+   Fisher–Rao distance against each expert's cached log-probabilities on its own task, and the
+   normalized accuracy (merged / expert exact match).
 3. :meth:`~MeasurementEngine.layer_metrics`: one forward of the merged model over the probe batch
    (:func:`~karcher_lab.diagnostics.capture_activations`): variance, effective rank and numerical rank
    per layer with bootstrap mean ± std, and optionally their paired ratios to the experts'. Only at the
@@ -37,6 +40,7 @@ from karcher_lab.diagnostics.activations import capturable_sites
 from karcher_lab.diagnostics.collapse import COLUMNS as COLLAPSE_COLUMNS
 from karcher_lab.diagnostics.examples import Example
 from karcher_lab.diagnostics.function import answer_log_probs
+from karcher_lab.diagnostics.scoring import TaskScoring
 from karcher_lab.errors import CheckpointError, InputError
 from karcher_lab.measurement.data import Probes, evaluation_data
 from karcher_lab.measurement.experts import ExpertMeasurements, ModelOrLoader, check_model_or_loader, loaded
@@ -68,6 +72,9 @@ class MeasurementEngine:
         The task each expert is judged on; default: its name.
     settings : MeasurementSettings, optional
         Sites, bootstrap draws, seed, exact match, batch sizes, device (defaults: ``MeasurementSettings()``).
+    scoring : mapping of str to TaskScoring, optional
+        Scoring options by task (:mod:`karcher_lab.diagnostics.scoring`); a task not named is scored by
+        the plain rules (prompt as the tokenizer encodes it, exact string match).
 
     Every argument is checked before any model is loaded or run.
     """
@@ -82,14 +89,15 @@ class MeasurementEngine:
         model: ModelOrLoader,
         expert_tasks: Mapping[str, str] | None = None,
         settings: MeasurementSettings | None = None,
+        scoring: Mapping[str, TaskScoring] | None = None,
     ):
         settings = MeasurementSettings() if settings is None else settings
         if not isinstance(settings, MeasurementSettings):
             raise InputError(f"settings must be MeasurementSettings, got {type(settings).__name__}")
         check_model_or_loader(model, "model")
         self.settings = settings
-        self.data = evaluation_data(tokenizer, examples, probes)
-        """Tokenizer, evaluation examples and encoded probe batch."""
+        self.data = evaluation_data(tokenizer, examples, probes, scoring)
+        """Tokenizer, evaluation examples, their scoring options and encoded probe batch."""
         tasks = {name: name for name in experts} if expert_tasks is None else expert_tasks
         self.experts = ExpertMeasurements(experts, tasks, self.data, settings)
         """The experts' own measurements, each computed once."""
@@ -165,15 +173,16 @@ class MeasurementEngine:
         s, tokenizer, model = self.settings, self.data.tokenizer, self.model
         tasks = list(dict.fromkeys(self.experts.tasks[n] for n in names))
         examples = {task: self.data.examples[task] for task in tasks}
-        scores = answer_log_probs(model, tokenizer, examples, batch_size=s.eval_batch_size)
+        scoring = self.data.scoring_of(tasks)
+        scores = answer_log_probs(model, tokenizer, examples, batch_size=s.eval_batch_size, scoring=scoring)
         quality = diagnostics.task_quality(model, tokenizer, examples, model_name=MERGED_LABEL,
                                            batch_size=s.eval_batch_size, accuracy=s.exact_match,
-                                           exact_match=s.exact_match_mode, log_probs=scores)
+                                           exact_match=s.exact_match_mode, log_probs=scores, scoring=scoring)
         expert_quality = pd.concat([self.experts.quality(n) for n in names], ignore_index=True)
         distance = pd.concat([
             diagnostics.function_distance({task: self.experts.log_probs(n)}, {task: scores[task]}, tokenizer,
                                           {task: examples[task]}, reference_name=n, model_name=MERGED_LABEL,
-                                          batch_size=s.eval_batch_size)
+                                          batch_size=s.eval_batch_size, scoring=self.data.scoring_of([task]))
             for n, task in ((n, self.experts.tasks[n]) for n in names)
         ], ignore_index=True)
         return FunctionMetrics(quality, expert_quality, distance, diagnostics.normalized_accuracy(quality, expert_quality))

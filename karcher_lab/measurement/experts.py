@@ -1,8 +1,9 @@
 """The experts' side of every measurement, computed once per expert on first use and kept.
 
 Whatever merge is measured, an expert's own numbers are the same: its teacher-forced answer
-log-probabilities on the task it is judged on (the reference side of KL and Fisher–Rao), its quality
-there (exact match, NLL), its activation statistics on the probe batch and their layer metrics (the
+log-probabilities on the task it is judged on (the reference side of KL and Fisher–Rao) and its quality
+there (exact match, NLL), both with the task's scoring options as the merged model's
+(``data.scoring``), its activation statistics on the probe batch and their layer metrics (the
 denominators of collapse ratios, the experts' curves), its tensors and their norms (the denominators of
 norm ratios). :class:`ExpertMeasurements` loads an expert lazily and computes each of these at most once.
 """
@@ -126,20 +127,21 @@ class ExpertMeasurements:
         return {task: self.data.examples[task]}
 
     def log_probs(self, name: str) -> AnswerLogProbs:
-        """The expert's teacher-forced answer log-probabilities on its task's examples
-        (:func:`~karcher_lab.diagnostics.function.answer_log_probs`)."""
+        """The expert's teacher-forced answer log-probabilities on its task's examples, with the task's
+        scoring options (:func:`~karcher_lab.diagnostics.function.answer_log_probs`)."""
         return self._once("log_probs", name, lambda: answer_log_probs(
-            self.model(name), self.data.tokenizer, self.examples(name),
-            batch_size=self.settings.eval_batch_size)[self.tasks[name]])
+            self.model(name), self.data.tokenizer, self.examples(name), batch_size=self.settings.eval_batch_size,
+            scoring=self.data.scoring_of([self.tasks[name]]))[self.tasks[name]])
 
     def quality(self, name: str) -> pd.DataFrame:
-        """The expert's exact match (with the settings' ``exact_match``), NLL and perplexity on its task
-        (:func:`~karcher_lab.diagnostics.task_quality`; ``model`` = :data:`EXPERT_LABEL`)."""
+        """The expert's exact match (with the settings' ``exact_match`` and the task's scoring options), NLL
+        and perplexity on its task (:func:`~karcher_lab.diagnostics.task_quality`; ``model`` =
+        :data:`EXPERT_LABEL`)."""
         s = self.settings
         return self._once("quality", name, lambda: task_quality(
             self.model(name), self.data.tokenizer, self.examples(name), model_name=EXPERT_LABEL,
             batch_size=s.eval_batch_size, accuracy=s.exact_match, exact_match=s.exact_match_mode,
-            log_probs={self.tasks[name]: self.log_probs(name)}))
+            log_probs={self.tasks[name]: self.log_probs(name)}, scoring=self.data.scoring_of([self.tasks[name]])))
 
     def layer_sites(self, name: str) -> tuple[str, ...]:
         """The settings' sites at which the expert's activations can be read

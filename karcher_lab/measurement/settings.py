@@ -31,7 +31,8 @@ class MeasurementSettings:
         Measure exact match (and normalized accuracy); off: NLL, KL and Fisher–Rao only.
     exact_match_mode : {"teacher_forced", "greedy"}
         Exact match read from the one teacher-forced pass, or by greedy decoding
-        (:func:`~karcher_lab.diagnostics.task_quality`).
+        (:func:`~karcher_lab.diagnostics.task_quality`). Tasks with a
+        :class:`~karcher_lab.diagnostics.scoring.TaskScoring` (every study task) are always decoded.
     eval_batch_size : int
         Sequences per forward pass of the teacher-forced evaluation (length-sorted batches,
         :func:`~karcher_lab.diagnostics.function.answer_log_probs`).

@@ -4,6 +4,7 @@ evaluation examples and its probe texts."""
 from __future__ import annotations
 
 from karcher_lab.checks import check_count
+from karcher_lab.diagnostics.scoring import TaskScoring, check_scoring
 from karcher_lab.errors import NotSupportedError
 from karcher_lab.measurement.engine import MeasurementEngine
 from karcher_lab.measurement.settings import MeasurementSettings
@@ -37,8 +38,11 @@ def engine_for_study(
         Experts by their study names; the model merged states are loaded into is the base (or the first
         expert), loaded now with its tokenizer.
 
-    Every expert must own a task (a task of its name) and share the base's vocabulary; both are checked,
-    and the tasks and probes read, before any model is loaded.
+    Every expert must own a task (a task of its name) and share the base's vocabulary, and a task with
+    ``chat_template`` needs a tokenizer that has one; all are checked, and the tasks and probes read,
+    before any model is loaded. Each task is scored with its :class:`~karcher_lab.study.spec.TaskSpec`'s
+    ``chat_template``, ``case_sensitive`` and ``max_new_tokens``
+    (:class:`~karcher_lab.diagnostics.scoring.TaskScoring`).
     """
     if examples_per_task is not None:
         check_count("examples_per_task", examples_per_task)
@@ -55,6 +59,8 @@ def engine_for_study(
     experts = {name: expert_loader(study, name) for name in study.experts}
     first = study.base if study.base is not None else next(iter(study.experts.values()))
     directory = model_dir(study, first)
-    model, tokenizer = load_model(directory), AutoTokenizer.from_pretrained(directory)
-    return MeasurementEngine(experts, tokenizer, examples, probes, model=model,
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    scoring = check_scoring(tokenizer, {name: TaskScoring(spec.chat_template, spec.case_sensitive, spec.max_new_tokens)
+                                        for name, spec in study.task_specs.items()}, examples)
+    return MeasurementEngine(experts, tokenizer, examples, probes, model=load_model(directory), scoring=scoring,
                              expert_tasks={name: study.own_task(name) for name in experts}, settings=settings)

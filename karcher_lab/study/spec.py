@@ -46,7 +46,8 @@ class TaskSpec:
     case_sensitive : bool
         Whether exact match compares answers case-sensitively.
     max_new_tokens : int, optional
-        Greedy decoding stops after this many tokens (default: the longest answer's length).
+        Greedy decoding stops after this many tokens (default: each reference answer's token count plus
+        :data:`~karcher_lab.diagnostics.scoring.ANSWER_MARGIN`), or earlier at EOS or a newline.
     """
 
     name: str
