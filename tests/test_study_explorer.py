@@ -88,3 +88,11 @@ def test_save_this_merge_writes_a_checkpoint_whose_recipe_reproduces_its_bytes(m
     assert explorer.keep_output.value.startswith("<pre>") and "merge_method: karcher" in explorer.keep_output.value
     explorer.save_button.click()  # the folder exists now: refused, shown in the panel
     assert "OutputError" in explorer.keep_output.value
+
+
+def test_a_study_of_one_expert_is_refused_where_the_method_needs_two(micro_pool, study_files):
+    task = micro_pool.experts[0]["task"]
+    study = Study(experts={task: str(micro_pool.expert_path(task))}, tasks={task: str(study_files / f"{task}.jsonl")})
+    explorer = MergeExplorer(study, method="model_stock", initial_update=False, **FAST)
+    assert not explorer.update()
+    assert "model_stock merges at least 2 checked experts, got 1" in explorer.error
