@@ -4,7 +4,10 @@ Opens notebooks/01_merge_explorer.ipynb (a temporary copy, pointed at the micro 
 $KARCHER_LAB_NOTEBOOK_POOL), runs all cells, waits for MergeExplorer's weight sliders and the plotly
 figures, moves a weight slider and then the η slider with the keyboard, and checks after each move that
 the figures' data changed in the browser and that the panel shows no error. A second test does the same
-for notebook 02's GeometryPlayground (η and weight sliders). Both share one server. Screenshots are written to
+for notebook 02's GeometryPlayground (η and weight sliders). A third runs notebook 06 on a study of the micro
+pool's experts as model folders and JSONL files ($KARCHER_LAB_NOTEBOOK_STUDY), moves a weight slider, types a
+folder in the test's tmp_path into the panel, presses "save this merge", waits for the panel to say "saved to"
+that folder, and loads it with transformers. All share one server. Screenshots are written to
 $KARCHER_LAB_ARTIFACTS (or the test's tmp_path) and their paths printed.
 
 Skipped only when /usr/bin/chromium is missing (.ci/run installs it); `playwright install` is never used.
@@ -25,11 +28,14 @@ from pathlib import Path
 
 import pytest
 
+from karcher_lab.study import export_pool_study
+from karcher_lab.widgets.explorer import KEEP_OUTPUT_CLASS, SAVE_CLASS
 from karcher_lab.zoo import cache_root
 
 CHROMIUM = Path("/usr/bin/chromium")
 NOTEBOOK = "01_merge_explorer.ipynb"
 PLAYGROUND_NOTEBOOK = "02_fisher_rao_geometry.ipynb"
+STUDY_NOTEBOOK = "06_your_models.ipynb"
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
@@ -53,6 +59,7 @@ ACTIVE_NOTEBOOK_JS = """path => {
 }"""
 BUSY_JS = """() => Array.from(document.querySelectorAll('.kl-busy')).some(e => e.textContent.trim() !== '')"""
 ERROR_JS = """() => Array.from(document.querySelectorAll('.kl-error')).map(e => e.textContent.trim()).filter(t => t).join(' | ')"""
+KEEP_OUTPUT_JS = f"""() => Array.from(document.querySelectorAll('.{KEEP_OUTPUT_CLASS}')).map(e => e.textContent.trim()).join(' | ')"""
 
 
 def _free_port() -> int:
@@ -77,13 +84,16 @@ def _wait_for_server(url: str, process: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def jupyter_lab(tmp_path_factory, micro_pool):
-    """(base URL, token) of a JupyterLab serving a copy of notebooks/ with the micro pool configured."""
+    """(base URL, token) of a JupyterLab serving a copy of notebooks/ with the micro pool configured, and
+    a study of its experts as model folders and JSONL files for notebook 06."""
     tmp_path = tmp_path_factory.mktemp("jupyter_lab")
     port, token = _free_port(), secrets.token_hex(16)
     root = tmp_path / "notebooks"
     shutil.copytree(NOTEBOOK_DIR, root)
+    study = export_pool_study(micro_pool, tmp_path / "study", per_task=4)
     env = dict(os.environ, KARCHER_LAB_CACHE=str(cache_root()), KARCHER_LAB_NOTEBOOK_POOL=str(micro_pool.path),
-               KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL=str(micro_pool.path), KARCHER_LAB_NOTEBOOK_QUALITY_EXAMPLES="4")
+               KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL=str(micro_pool.path), KARCHER_LAB_NOTEBOOK_QUALITY_EXAMPLES="4",
+               KARCHER_LAB_NOTEBOOK_STUDY=str(study))
     for name in ("HOME", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
         env[name] = str(tmp_path / name.lower())
         Path(env[name]).mkdir()
@@ -219,3 +229,32 @@ def test_geometry_playground_in_jupyterlab(jupyter_lab, artifacts):
         _shoot(page, artifacts, "5_playground_moved", ".kl-playground-eta")
         assert initial != after_eta != after_weight
         assert page.evaluate(ERROR_JS) == "", f"a panel shows an error: {page.evaluate(ERROR_JS)}"
+
+
+def test_save_this_merge_of_a_study_in_jupyterlab(jupyter_lab, artifacts, tmp_path, micro_pool):
+    """Notebook 06: after a weight slider move, "save this merge" into a folder typed in the panel writes a
+    checkpoint that transformers loads."""
+    from transformers import AutoModelForCausalLM
+
+    saved = tmp_path / "saved_merge"
+    with _notebook_page(jupyter_lab, STUDY_NOTEBOOK, f".{SAVE_CLASS}") as page:
+        page.wait_for_selector(".js-plotly-plot", timeout=FIRST_RENDER_S * 1000)
+        initial = _settle(page, None, UPDATE_S)
+        _shoot(page, artifacts, "6_study_initial")
+        print("weight slider:", _nudge(page, ".kl-weight-slider", 5))
+        after_weight = _settle(page, initial, UPDATE_S)
+        assert after_weight != initial
+        assert page.evaluate(ERROR_JS) == "", f"the panel shows an error: {page.evaluate(ERROR_JS)}"
+
+        page.locator(f".widget-hbox:has(.{SAVE_CLASS}) input[type='text']").first.fill(str(saved))
+        page.locator(f".{SAVE_CLASS}").first.click()
+        deadline = time.monotonic() + UPDATE_S
+        while f"saved to {saved}" not in page.evaluate(KEEP_OUTPUT_JS) and time.monotonic() < deadline:
+            page.wait_for_timeout(500)
+        _shoot(page, artifacts, "7_study_saved")
+        assert f"saved to {saved}" in page.evaluate(KEEP_OUTPUT_JS), f"the panel says {page.evaluate(KEEP_OUTPUT_JS)!r}"
+        errors = page.locator(".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']").all_inner_texts()
+        assert not [e for e in errors if "Traceback" in e], f"a cell printed a traceback: {errors}"
+    model = AutoModelForCausalLM.from_pretrained(saved)
+    assert model.num_parameters() == micro_pool.record["base"]["parameters"]
+    assert (saved / "merge_recipe.yml").is_file()

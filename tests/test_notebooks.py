@@ -4,7 +4,9 @@ Policy: notebooks are stored WITHOUT outputs (no outputs, no execution counts, k
 repository holds sources only and diffs stay readable; CI executes them. Each notebook's first code cell is
 tagged ``parameters`` and reads its pool from $KARCHER_LAB_NOTEBOOK_POOL (the tests point it, and
 $KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL, at the micro pool's directory) and its sizes from
-$KARCHER_LAB_NOTEBOOK_* variables (set small here).
+$KARCHER_LAB_NOTEBOOK_* variables (set small here). Notebook 06 reads a study YAML from
+$KARCHER_LAB_NOTEBOOK_STUDY: the micro pool's experts written as model folders and JSONL task files
+(:func:`karcher_lab.study.export_pool_study`); without it, it writes such a study itself.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from karcher_lab.study import export_pool_study
 from karcher_lab.zoo import cache_root
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
@@ -50,8 +53,14 @@ def runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("notebook_runs")
 
 
+@pytest.fixture(scope="module")
+def study_file(micro_pool, tmp_path_factory) -> Path:
+    """A study YAML over the micro pool's experts as model folders and their tasks as JSONL files."""
+    return export_pool_study(micro_pool, tmp_path_factory.mktemp("notebook_study") / "micro_study", per_task=4)
+
+
 @pytest.fixture()
-def notebook_env(tmp_path, monkeypatch, micro_pool, runs_dir):
+def notebook_env(tmp_path, monkeypatch, micro_pool, runs_dir, study_file):
     """A fresh HOME / Jupyter / IPython state and the notebook variables; the kernel inherits this environment."""
     monkeypatch.setenv("KARCHER_LAB_CACHE", str(cache_root()))  # keep the real pool cache though HOME moves
     for name in ("HOME", "JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "JUPYTER_CONFIG_DIR", "JUPYTER_DATA_DIR"):
@@ -61,6 +70,7 @@ def notebook_env(tmp_path, monkeypatch, micro_pool, runs_dir):
     monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_POOL", str(micro_pool.path))
     monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_SMOLLM2_POOL", str(micro_pool.path))
     monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_RUNS", str(runs_dir))
+    monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_STUDY", str(study_file))
     for name, value in SMALL_SIZES.items():
         monkeypatch.setenv(name, value)
     work = tmp_path / "notebooks"
@@ -99,6 +109,17 @@ def test_notebook_executes_without_errors(name, notebook_env):
     assert "SKIPPED" not in "".join(_texts(book)), f"{name} skipped although the pool is built"
     if name.startswith("01_"):
         assert "no error: the last update succeeded" in "".join(_texts(book)), "MergeExplorer shows an error"
+    if name.startswith("06_"):
+        assert f"saved to {notebook_env / 'merged'}" in "".join(_texts(book))
+
+
+def test_notebook_06_writes_an_example_study_without_one(notebook_env, monkeypatch, micro_pool):
+    """A new user's run: no study given, so notebook 06 writes one from the pool and explores it."""
+    monkeypatch.delenv("KARCHER_LAB_NOTEBOOK_STUDY")
+    book = _execute(notebook_env / "06_your_models.ipynb")
+    text = "".join(_texts(book))
+    assert f"name: {micro_pool.name}-study" in text and "my_study/study.yml" in text
+    assert f"saved to {notebook_env / 'merged'}" in text
 
 
 def test_smollm2_notebook_skips_with_a_clear_message_when_the_pool_is_missing(notebook_env, monkeypatch, tmp_path):
