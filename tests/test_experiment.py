@@ -148,7 +148,7 @@ def test_grid_orders_and_applicability(micro_pool):
     (dict(methods=["nope"]), UnknownMethodError, "nope"),
     (dict(m_values=["2..9"]), ModelCountError, r"1\.\.4"),
     (dict(m_values=["3..2"]), ParameterError, "ranges"),
-    (dict(orders=["near,nope"]), ParameterError, "unknown task"),
+    (dict(orders=["near,nope"]), ParameterError, "unknown expert"),
     (dict(orders=["double,double"]), ParameterError, "twice"),
     (dict(methods=["slerp"], m_values=[3]), ModelCountError, "slerp"),
     (dict(params={"ties": {"density": 2}}), ParameterError, "density"),

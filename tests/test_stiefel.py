@@ -1,8 +1,6 @@
 """The Stiefel manifold with the canonical metric (karcher_lab.geometry.stiefel) against closed forms and identities."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 

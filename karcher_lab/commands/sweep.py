@@ -1,11 +1,13 @@
-"""`karcher-lab sweep`: the paper's experiment on any pool (merge m = 2…11 experts with every method).
+"""`karcher-lab sweep`: the paper's experiment on any pool, or on a study of your own models (merge
+m = 2…11 experts with every method).
 
-    karcher-lab sweep [--pool tiny|smollm2|DIR] [--methods linear ties karcher ...] [--m 2..11]
-                      [--order near far] [--out runs/NAME] [--per-task N] [--probes N] [--draws N]
-                      [--param ties.density=0.3 ...] [--threads N] [--device cpu|cuda]
+    karcher-lab sweep [--pool tiny|smollm2|DIR | --study study.yml] [--methods linear ties karcher ...]
+                      [--m 2..11] [--order near far] [--distance level|norm|angle] [--out runs/NAME]
+                      [--per-task N] [--probes N] [--draws N] [--param ties.density=0.3 ...]
+                      [--threads N] [--device cpu|cuda]
 
-Resumable: rerunning the same command skips the cells already in --out. Writes --out/results.csv and
---out/report.html and prints the summary table.
+One of --pool (default: the tiny pool) and --study. Resumable: rerunning the same command skips the
+cells already in --out. Writes --out/results.csv and --out/report.html and prints the summary table.
 """
 from __future__ import annotations
 
@@ -44,25 +46,36 @@ def prepare_runtime(threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
+POOL_EXAMPLES = 64
+"""`sweep`'s held-out examples per pool task when --per-task is not given (a study's tasks are used whole)."""
+
+
 def run(args: argparse.Namespace) -> int:
+    from karcher_lab import load_study
     from karcher_lab.experiment import run_sweep
 
     prepare_runtime(args.threads)
-    run_sweep(args.pool, methods=args.methods, m_values=args.m, orders=args.order, out=args.out,
-              per_task=args.per_task, probes_per_task=args.probes, draws=args.draws, sites=args.sites,
+    source = load_study(args.study) if args.study is not None else args.pool or "tiny"
+    per_task = args.per_task if args.per_task is not None or args.study is not None else POOL_EXAMPLES
+    run_sweep(source, methods=args.methods, m_values=args.m, orders=args.order, distance=args.distance,
+              out=args.out, per_task=per_task, probes_per_task=args.probes, draws=args.draws, sites=args.sites,
               params=parse_params(args.param), seed=args.seed, device=args.device, progress=not args.quiet,
               report=not args.no_report)
     return 0
 
 
-def add_sweep_arguments(p: argparse.ArgumentParser, *, out: str, per_task: int, draws: int) -> None:
-    """The measurement options shared by `sweep`, `pairwise` and `demo`."""
+def add_sweep_arguments(p: argparse.ArgumentParser, *, out: str, per_task: int | None, draws: int) -> None:
+    """The measurement options shared by `sweep` and `pairwise`; ``per_task`` None: :data:`POOL_EXAMPLES`
+    per pool task, a study's tasks whole."""
     from karcher_lab.diagnostics.activations import SITES
 
+    default = (f"default {per_task}" if per_task is not None
+               else f"default {POOL_EXAMPLES} per pool task; a study's tasks are used whole")
     p.add_argument("--out", default=out, help=f"run directory (default {out}); a rerun resumes it")
     p.add_argument("--per-task", type=int, default=per_task,
-                   help=f"held-out examples per task for accuracy, NLL and KL (default {per_task})")
-    p.add_argument("--probes", type=int, default=8, help="probe sequences per task for the activations (default 8)")
+                   help=f"held-out examples per task for accuracy, NLL and KL ({default})")
+    p.add_argument("--probes", type=int, default=8,
+                   help="probe sequences per task for the activations, unless a study gives probe texts (default 8)")
     p.add_argument("--draws", type=int, default=draws, help=f"bootstrap draws for the collapse metrics (default {draws})")
     p.add_argument("--sites", nargs="+", default=list(SITES), help=f"activation sites (default: {' '.join(SITES)})")
     p.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
@@ -77,15 +90,22 @@ def add_sweep_arguments(p: argparse.ArgumentParser, *, out: str, per_task: int, 
 
 
 def add_parser(sub) -> None:
-    from karcher_lab.experiment.grid import DEFAULT_METHODS
+    from karcher_lab.experiment.grid import DEFAULT_METHODS, ORDER_DISTANCES
 
-    p = sub.add_parser("sweep", help="merge the first m experts of a pool with every method, for each m",
+    p = sub.add_parser("sweep", help="merge the first m experts of a pool or study with every method, for each m",
                        description=__doc__.split("\n\n")[0])
-    p.add_argument("--pool", default="tiny", help="pool name (tiny, small, medium, smollm2) or directory (default tiny)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--pool", help="pool name (tiny, small, medium, smollm2) or directory (default tiny)")
+    source.add_argument("--study", help="study YAML of your own experts, tasks and probes (karcher_lab.load_study)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS),
                    help="merge methods (default: the paper's baselines and karcher)")
     p.add_argument("--m", nargs="+", default=["2..11"], help="numbers of experts: 2..11 (default), or 2 3 5, or 2,3,5")
     p.add_argument("--order", nargs="+", default=["near", "far"],
-                   help="expert orders: near (closest to the base first), far, pool, or a comma-separated task list")
-    add_sweep_arguments(p, out="runs/sweep", per_task=64, draws=100)
+                   help="expert orders: near (closest to the base first), far, pool (as given), or a comma-separated "
+                        "list of experts")
+    p.add_argument("--distance", choices=ORDER_DISTANCES,
+                   help="what orders near and far: the zoo's heterogeneity level (default for zoo pools), the relative "
+                        "task-vector norm |θ_i − θ_0| / |θ_0| (default otherwise) or the angle to the base; without a "
+                        "base, distances are taken from the experts' mean")
+    add_sweep_arguments(p, out="runs/sweep", per_task=None, draws=100)
     p.set_defaults(func=run)

@@ -4,15 +4,18 @@ Columns (:data:`RESULT_COLUMNS`, fixed so that widgets and notebooks can read an
 
 ``pool, order, method, m, experts, scope, task, site, layer, metric, mean, std``
 
-- ``experts``: the merged experts' task names joined with ``+``, in merge order;
+- ``pool``: the name of the pool or study swept;
+- ``experts``: the merged experts' names (a pool's experts are named by their task) joined with ``+``,
+  in merge order;
 - scope ``task``: ``task`` names a task, ``site = ""``, ``layer = -1``; metric in
   {accuracy, normalized_accuracy, nll, kl, fisher_rao};
 - scope ``layer``: ``task = ""``, ``site`` in {residual, attention, mlp}, ``layer = 0..L-1``; metric in
   {variance, effective_rank, numerical_rank, variance_ratio, effective_rank_ratio, numerical_rank_ratio};
 - scope ``weights``: whole-model weight metrics (``site = ""``, ``layer = -1``), e.g. ``norm_ratio``;
 - scope ``summary``: one value per (order, method, m), e.g. ``avg_normalized_accuracy``, ``avg_nll``;
-- the experts themselves appear as ``method = "expert"``, ``m = 1``, ``order = ""``, ``experts = task``:
-  their own-task quality and their layer metrics (the reference every ratio is taken against).
+- the experts themselves appear as ``method = "expert"``, ``m = 1``, ``order = ""``, ``experts`` = the
+  expert's name: their quality on their own task and their layer metrics (the reference every ratio is
+  taken against).
 
 A *cell* is one (order, method, m) of a run (or one expert). :class:`ResultStore` writes each finished
 cell as its own CSV file under ``RUN/cells/``, atomically (temporary file, fsync, rename), so an
@@ -94,14 +97,22 @@ def _write_atomic(path: Path, text: str) -> None:
 
 class ResultStore:
     """The results of one run directory: which cells are done, writing a finished cell, the run's
-    measurement settings (a rerun with different settings would mix incomparable numbers: refused)."""
+    config: the pool or study swept and the measurement settings (a rerun with another config would mix
+    incomparable numbers: refused)."""
 
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir).expanduser()
         self.cells_dir = self.run_dir / CELLS_DIR
 
     def check_config(self, config: Mapping[str, Any]) -> None:
-        """Record the run's measurement settings, or check that they match the recorded ones."""
+        """Record the run's config (what is swept, the measurement settings), or check that it matches the
+        recorded one.
+
+        Raises
+        ------
+        InputError
+            Naming every entry that differs, recorded and now.
+        """
         file = self.run_dir / CONFIG_FILE
         wanted = json.loads(json.dumps(dict(config), sort_keys=True))
         if file.is_file():

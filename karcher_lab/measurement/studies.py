@@ -14,6 +14,20 @@ from karcher_lab.study.resolve import (
 )
 
 
+def check_own_tasks(study: Study) -> None:
+    """Check that every expert of ``study`` owns a task (a task of its name) to be judged on.
+
+    Raises
+    ------
+    NotSupportedError
+        Naming the experts that own none.
+    """
+    without = [name for name in study.experts if study.own_task(name) is None]
+    if without:
+        raise NotSupportedError(f"expert(s) {without} own no task of the study (a task of the same name); "
+                                "the explorer and the sweep judge every expert on its own task")
+
+
 def engine_for_study(
     study: Study,
     *,
@@ -47,10 +61,7 @@ def engine_for_study(
     if examples_per_task is not None:
         check_count("examples_per_task", examples_per_task)
     check_count("probes_per_task", probes_per_task)
-    without = [name for name in study.experts if study.own_task(name) is None]
-    if without:
-        raise NotSupportedError(f"expert(s) {without} own no task of the study (a task of the same name); "
-                                "the explorer and the sweep judge every expert on its own task")
+    check_own_tasks(study)
     examples = study_examples(study, examples_per_task, settings.seed)
     probes = probe_texts(study, examples, probes_per_task)
     check_vocabularies(study)

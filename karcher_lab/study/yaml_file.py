@@ -16,6 +16,7 @@ task or expert named twice), are refused with the line they are on.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,8 @@ from karcher_lab.study.spec import Study
 
 STUDY_KEYS = ("name", "base", "experts", "tasks", "probes", "layers_path")
 """The top-level keys of a study YAML."""
+STUDY_SUFFIXES = (".yml", ".yaml")
+"""A path with one of these suffixes is a study YAML wherever a study or a pool may be given."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -66,3 +69,13 @@ def load_study(path: str | Path) -> Study:
     return Study(experts=data.get("experts") or {}, base=data.get("base"), tasks=data.get("tasks") or {},
                  probes=data.get("probes"), layers_path=data.get("layers_path"),
                  name=data.get("name") or path.stem, relative_to=path.parent.resolve())
+
+
+def as_study(source: object) -> Study | None:
+    """``source`` as a Study: itself, or the study a :data:`STUDY_SUFFIXES` file describes; None for
+    anything else (a zoo pool, a pool name or directory)."""
+    if isinstance(source, Study):
+        return source
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix in STUDY_SUFFIXES:
+        return load_study(source)
+    return None

@@ -69,7 +69,7 @@ from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
 from karcher_lab.widgets.explorer_figures import ExplorerFigures
 from karcher_lab.widgets.merge_controls import MergeControls
-from karcher_lab.study import Study, load_study
+from karcher_lab.study import Study, as_study
 from karcher_lab.pipeline import MergeSession, MergeStats, resolved_recipe_yaml, run_recipe
 from karcher_lab.recipe.schema import Recipe
 from karcher_lab.study.resolve import is_adapter, load_model, model_dir
@@ -103,15 +103,6 @@ def checkpoint_paths(study: Study | None, pool: Pool | None) -> tuple[list[str |
         return None if is_adapter(directory) else str(directory)
 
     return [folder(s) for s in study.experts.values()], folder(study.base) if study.base is not None else None
-
-
-def as_study(source: Any) -> Study | None:
-    """``source`` as a Study: itself, or the study a ``.yml`` / ``.yaml`` file describes; None for a pool."""
-    if isinstance(source, Study):
-        return source
-    if isinstance(source, (str, Path)) and Path(source).suffix in (".yml", ".yaml"):
-        return load_study(source)
-    return None
 
 
 @contextmanager

@@ -1,0 +1,277 @@
+"""What a sweep runs on: a zoo pool or a :class:`~karcher_lab.study.Study`, behind one interface.
+
+- :class:`PoolSubject`: a built zoo pool. Experts are named by their task and carry the zoo's
+  heterogeneity ``level``, accuracy and base accuracy (pool.json); they are measured on held-out examples
+  from the zoo's task generators (:func:`~karcher_lab.measurement.engine_for_pool`).
+- :class:`StudySubject`: a study of the user's own experts (model folders, cached hub ids, PEFT adapters
+  folded onto the base, models in memory), each judged on its own task, with the study's task files and
+  probe texts (:func:`~karcher_lab.measurement.studies.engine_for_study`). Studies carry no levels.
+
+Both give the sweep the same things: the experts in their given order, the measurement engine, the base
+the merges use, the entries of the run's ``config.json`` that identify them, and the experts opened as
+:mod:`karcher_lab.io` sources for the weight-space geometry (:mod:`karcher_lab.experiment.distances`,
+computed once per subject). :func:`sweep_subject` makes one from a Pool, a pool name or directory, a
+Study or the path of a study YAML (``.yml`` / ``.yaml``).
+"""
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Mapping
+
+import pandas as pd
+import torch
+
+from karcher_lab.errors import ArchitectureMismatchError, InputError
+from karcher_lab.experiment.distances import reference_distances
+from karcher_lab.io import Checkpoint, Source, StateDictSource
+from karcher_lab.io.lora import fold_into_tensor, read_adapter
+from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_pool, engine_for_study, probe_tasks
+from karcher_lab.measurement.studies import check_own_tasks
+from karcher_lab.study import TASK_OPTIONS, Study, as_study
+from karcher_lab.study.resolve import is_adapter, model_dir
+from karcher_lab.zoo import Pool, find_pool
+
+DEFAULT_POOL_EXAMPLES = 32
+"""Held-out examples per task of a pool when the sweep is not told how many (a study's tasks are used whole)."""
+IN_MEMORY = "in memory"
+"""How a model or data given in memory is named in the run's config (it has no path to check on resume)."""
+
+
+class SweepSubject(ABC):
+    """The experts a sweep merges and what they are measured on (see the module docstring).
+
+    Attributes
+    ----------
+    kind : str
+        ``"pool"`` or ``"study"``.
+    name : str
+        The pool's or study's name: the ``pool`` column of the results.
+    experts : tuple of str
+        The experts' names in their given order (the ``pool`` order); each is judged on the task of its name.
+    """
+
+    kind: str
+    name: str
+    experts: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        """``"pool NAME"`` or ``"study NAME"``, for messages."""
+        return f"{self.kind} {self.name}"
+
+    @property
+    def levels(self) -> dict[str, float] | None:
+        """Each expert's heterogeneity level, or None unless every expert has one."""
+        return None
+
+    def metadata(self) -> pd.DataFrame | None:
+        """What the zoo recorded per expert (level, accuracy, base accuracy), indexed by expert; None
+        when there is no such record."""
+        return None
+
+    def examples_per_task(self, per_task: int | None) -> int | None:
+        """The evaluation examples per task the sweep uses when asked for ``per_task`` (None: the default)."""
+        return per_task
+
+    @abstractmethod
+    def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
+        """The entries of the run's config that identify the subject and its evaluation data."""
+
+    @abstractmethod
+    def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
+               names: tuple[str, ...]) -> MeasurementEngine:
+        """The measurement engine of at least the experts ``names`` (a study's engine holds all of its
+        experts; only those measured are loaded), with ``per_task`` evaluation examples per task
+        (:meth:`examples_per_task`); loads the model merged states go into and the tokenizer."""
+
+    @abstractmethod
+    def merge_base(self) -> Any:
+        """The base the merges get (a checkpoint folder or a model in memory), or None."""
+
+    @abstractmethod
+    def sources(self) -> tuple[dict[str, Source], Source | None]:
+        """Every expert by name and the base (None without one), opened as :mod:`karcher_lab.io` sources."""
+
+    @cached_property
+    def distances(self) -> pd.DataFrame:
+        """Each expert's ``norm`` and ``angle`` distance from the base, or from the experts' mean without
+        one (:func:`~karcher_lab.experiment.distances.reference_distances`; computed on first use)."""
+        experts, base = self.sources()
+        return reference_distances(experts, base)
+
+    @property
+    def has_base(self) -> bool:
+        """Whether the experts have a base (else distances are taken from their mean)."""
+        return self.merge_base() is not None
+
+
+class PoolSubject(SweepSubject):
+    """A built zoo pool (see the module docstring)."""
+
+    kind = "pool"
+
+    def __init__(self, pool: Pool):
+        self.pool = pool
+        self.name = pool.name
+        self.experts = tuple(e["task"] for e in pool.experts)
+
+    @property
+    def levels(self) -> dict[str, float] | None:
+        if any("level" not in e for e in self.pool.experts):
+            return None
+        return {e["task"]: e["level"] for e in self.pool.experts}
+
+    def metadata(self) -> pd.DataFrame:
+        return pd.DataFrame([{"task": e["task"], "level": e.get("level"), "accuracy": e.get("accuracy"),
+                              "base accuracy": e.get("base_accuracy")} for e in self.pool.experts]).set_index("task")
+
+    def examples_per_task(self, per_task: int | None) -> int:
+        return DEFAULT_POOL_EXAMPLES if per_task is None else per_task
+
+    def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
+        return dict(pool=self.name, pool_key=self.pool.record.get("key", str(self.pool.path)),
+                    per_task=self.examples_per_task(per_task), probes_per_task=probes_per_task,
+                    probe_tasks=list(probe_tasks(self.pool)))
+
+    def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
+               names: tuple[str, ...]) -> MeasurementEngine:
+        return engine_for_pool(self.pool, examples_per_task=self.examples_per_task(per_task),
+                               probes_per_task=probes_per_task, settings=settings, tasks=names, seed=settings.seed)
+
+    def merge_base(self) -> Path:
+        return self.pool.base_path
+
+    def sources(self) -> tuple[dict[str, Source], Source | None]:
+        return ({e["task"]: Checkpoint(e["path"], label=e["task"]) for e in self.pool.experts},
+                Checkpoint(self.pool.base_path, label="base"))
+
+
+class StudySubject(SweepSubject):
+    """A :class:`~karcher_lab.study.Study` (see the module docstring). Every expert must own a task, and
+    every model folder, cached hub id and adapter must resolve: checked when the subject is made, before
+    any model is loaded."""
+
+    kind = "study"
+
+    def __init__(self, study: Study):
+        check_own_tasks(study)
+        self.study = study
+        self.name = study.name
+        self.experts = tuple(study.experts)
+        self._folders = {name: _folder(study, source) for name, source in study.experts.items()}
+        self._base_folder = _folder(study, study.base) if study.base is not None else None
+        adapters = [name for name, folder in self._folders.items() if folder is not None and is_adapter(folder)]
+        if adapters and self._base_folder is None:
+            raise InputError(f"expert(s) {adapters} are PEFT adapters; folding them needs the study's base as a "
+                             "model folder or cached hub id")
+
+    def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
+        study = self.study
+        tasks = [{"name": spec.name, "source": _data_reference(study, spec.source),
+                  **{key: getattr(spec, key) for key in TASK_OPTIONS if key != "source"}}
+                 for spec in study.task_specs.values()]
+        probes = study.probes
+        if probes is not None:
+            probes = _data_reference(study, probes) if isinstance(probes, (str, os.PathLike)) else [str(p) for p in probes]
+        return dict(study=self.name, experts=[[name, _model_reference(folder)] for name, folder in self._folders.items()],
+                    base=None if study.base is None else _model_reference(self._base_folder), tasks=tasks, probes=probes,
+                    layers_path=study.layers_path, per_task=per_task,
+                    probes_per_task=probes_per_task if study.probes is None else None)
+
+    def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
+               names: tuple[str, ...]) -> MeasurementEngine:
+        return engine_for_study(self.study, settings=settings, examples_per_task=per_task,
+                                probes_per_task=probes_per_task)
+
+    def merge_base(self) -> Any:
+        if self.study.base is None:
+            return None
+        return self.study.base if self._base_folder is None else str(self._base_folder)
+
+    def sources(self) -> tuple[dict[str, Source], Source | None]:
+        experts: dict[str, Source] = {}
+        for name, source in self.study.experts.items():
+            folder = self._folders[name]
+            if folder is None:
+                experts[name] = StateDictSource(source, name)
+            elif is_adapter(folder):
+                experts[name] = _AdapterOnBase(self._base_folder, folder, name)
+            else:
+                experts[name] = Checkpoint(folder, label=name)
+        base = self.study.base
+        if base is None:
+            return experts, None
+        return experts, StateDictSource(base, "base") if self._base_folder is None else Checkpoint(self._base_folder, label="base")
+
+
+def _folder(study: Study, source: Any) -> Path | None:
+    """The resolved folder of a model given by path or cached hub id; None for a model in memory."""
+    return None if isinstance(source, (torch.nn.Module, Mapping)) else model_dir(study, source)
+
+
+def _model_reference(folder: Path | None) -> str:
+    """How a model is named in the run's config: its resolved folder, or "in memory"."""
+    return IN_MEMORY if folder is None else str(folder)
+
+
+def _data_reference(study: Study, source: Any) -> Any:
+    """How a task or probe source is named in the run's config: its resolved path, a zoo task's name, or
+    "in memory (TYPE)" for data given in memory."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(study.path(source))
+    return f"{IN_MEMORY} ({type(source).__name__})"
+
+
+class _AdapterOnBase(Checkpoint):
+    """The base checkpoint with a PEFT adapter's update W + ΔW folded in as each tensor is read: an
+    adapter expert read lazily, without building the folded model."""
+
+    def __init__(self, base: Path, adapter: Path, label: str):
+        super().__init__(base, label)
+        read = read_adapter(adapter, label)
+        self._factors, self._fan_in_fan_out = read.factors(), read.fan_in_fan_out
+        missing = sorted(set(self._factors) - set(self.tensors))
+        if missing:
+            raise ArchitectureMismatchError(f"adapter {label}: the base has no weight(s) {missing[:4]} that it updates")
+
+    def load(self, name: str) -> torch.Tensor:
+        tensor = super().load(name)
+        return fold_into_tensor(tensor, self._factors[name], self._fan_in_fan_out) if name in self._factors else tensor
+
+
+def sweep_subject(source: SweepSubject | Pool | Study | str | os.PathLike) -> SweepSubject:
+    """The subject of a sweep.
+
+    Parameters
+    ----------
+    source : SweepSubject, Pool, Study, str or path-like
+        A subject (returned as it is), a Pool, a Study, the path of a study YAML
+        (:func:`karcher_lab.study.as_study`), or a pool name (tiny, small, ...) or directory
+        (:func:`karcher_lab.zoo.find_pool`).
+
+    Returns
+    -------
+    SweepSubject
+
+    Raises
+    ------
+    PoolNotBuiltError
+        No such pool.
+    DataError, ParameterError, EmptyInputError
+        A study file that cannot be read or holds a bad study (:func:`karcher_lab.load_study`).
+    NotSupportedError
+        A study expert that owns no task.
+    CheckpointError, InputError
+        A study model that does not resolve to a folder, or adapter experts without a base folder.
+    """
+    if isinstance(source, SweepSubject):
+        return source
+    if isinstance(source, Study):
+        return StudySubject(source)
+    if isinstance(source, Pool):
+        return PoolSubject(source)
+    study = as_study(source)
+    return StudySubject(study) if study is not None else PoolSubject(find_pool(str(source)))
