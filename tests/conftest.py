@@ -7,6 +7,7 @@ instead of the full tiny pool, which takes minutes to build.
 from __future__ import annotations
 
 import pytest
+import torch
 
 from karcher_lab.zoo import build_pool, config_for
 
@@ -19,3 +20,13 @@ def micro_pool(tmp_path_factory):
     """A built :class:`karcher_lab.zoo.Pool` of 4 experts (double, units, dates, uppercase) and its base."""
     return build_pool(config_for("tiny", **MICRO_POOL), tmp_path_factory.mktemp("micro_pool_cache"),
                       workers=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the micro pool's models are tiny, one thread is fastest, and
+    multithreaded BLAS stalls on shared cores (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ import re
 
 import pandas as pd
 import pytest
-import torch
 
 from karcher_lab.cli import main
 from karcher_lab.errors import InputError, ModelCountError, ParameterError, UnknownMethodError
@@ -17,14 +16,7 @@ from karcher_lab.experiment.pairwise import run_pairwise
 from karcher_lab.experiment.report import write_report
 from karcher_lab.experiment.results import ResultStore
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The micro pool's models are tiny: one thread is fastest, and multithreaded BLAS stalls on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SMALL = dict(per_task=6, probes_per_task=2, draws=4, sites=["residual"], progress=False, log=None)
 

@@ -16,17 +16,10 @@ from karcher_lab.measurement import engine as engine_module
 from karcher_lab.measurement import experts as experts_module
 from karcher_lab.zoo import get_task, load
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 SETTINGS = dict(draws=4, seed=3, eval_batch_size=64, probe_batch_size=64)
 COMPARED = ["metric", "mean", "std"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The micro pool's models are tiny: one thread is fastest, and multithreaded BLAS stalls on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -19,21 +19,14 @@ from karcher_lab.experiment import load_results, make_grid, run_sweep
 from karcher_lab.experiment.report import write_report
 from karcher_lab.zoo import get_task
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 PER_TASK = 6
 WRITTEN = 8
 """Examples per task of the pool sweep, and written to each JSONL file (the study sweep caps them at
 PER_TASK; the zoo's first PER_TASK of WRITTEN are its PER_TASK examples)."""
 SMALL = dict(probes_per_task=2, draws=4, sites=["residual"], progress=False, log=None)
 SCORES = ["accuracy", "normalized_accuracy", "nll", "kl", "avg_accuracy", "avg_normalized_accuracy", "avg_nll", "avg_kl"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The micro pool's models are tiny: one thread is fastest, and multithreaded BLAS stalls on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
