@@ -261,7 +261,7 @@ def test_the_explorer_shows_the_note_and_the_function_metrics(micro_pool, monkey
     explorer = MergeExplorer(micro_pool, quality_examples=2, activation_examples=1, draws=2, exact_match=False,
                              initial_update=False)
     reason = "no decoder blocks where they were looked for"
-    monkeypatch.setattr(engine_module, "capturable_sites", lambda model, sites: ((), {s: reason for s in sites}))
+    monkeypatch.setattr(engine_module, "capturable_sites", lambda model, sites, **_: ((), {s: reason for s in sites}))
     assert explorer.update() is True and explorer.error == ""
     assert f"layer metrics unavailable: {reason}" in explorer.status.value
     assert reason in explorer.collapse_fig.layout.annotations[0].text and not explorer.collapse_fig.data

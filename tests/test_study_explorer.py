@@ -96,3 +96,21 @@ def test_a_study_of_one_expert_is_refused_where_the_method_needs_two(micro_pool,
     explorer = MergeExplorer(study, method="model_stock", initial_update=False, **FAST)
     assert not explorer.update()
     assert "model_stock merges at least 2 checked experts, got 1" in explorer.error
+
+
+def test_a_studys_layers_path_reaches_the_capture(micro_pool, study_files):
+    from karcher_lab.errors import ParameterError
+    from karcher_lab.measurement import MeasurementSettings
+    from karcher_lab.measurement.studies import engine_for_study
+
+    tasks = [e["task"] for e in micro_pool.experts][:2]
+    study = lambda path: Study(experts={t: str(micro_pool.expert_path(t)) for t in tasks}, layers_path=path,  # noqa: E731
+                               tasks={t: str(study_files / f"{t}.jsonl") for t in tasks})
+    settings = MeasurementSettings(draws=2)
+    named = engine_for_study(study("model.layers"), settings=settings, probes_per_task=1)
+    found = engine_for_study(study(None), settings=settings, probes_per_task=1)
+    assert named.settings.layers_path == "model.layers"
+    pd.testing.assert_frame_equal(named.experts.collapse(tasks[0]), found.experts.collapse(tasks[0]))
+    wrong = engine_for_study(study("model.blocks"), settings=settings, probes_per_task=1)
+    with pytest.raises(ParameterError, match="blocks"):
+        wrong.layer_metrics(tasks)

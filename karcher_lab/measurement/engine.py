@@ -199,13 +199,13 @@ class MeasurementEngine:
         """
         names, alpha = self._checked(members, weights)
         s = self.settings
-        sites, unreadable = capturable_sites(self.model, s.sites)
+        sites, unreadable = capturable_sites(self.model, s.sites, layers_path=s.layers_path)
         note = _unreadable_note(sites, unreadable)
         if not sites:
             empty = pd.DataFrame(columns=COLLAPSE_COLUMNS)
             return LayerMetrics(empty, empty.copy(), empty.copy() if ratios else None, note)
         stats = diagnostics.capture_activations(self.model, self.data.probe_ids, self.data.probe_mask, sites=sites,
-                                                batch_size=s.probe_batch_size)
+                                                batch_size=s.probe_batch_size, layers_path=s.layers_path)
         merged = diagnostics.collapse_metrics(stats, model=MERGED_LABEL, draws=s.draws, seed=s.seed)
         experts = pd.concat([self.experts.collapse(n) for n in names], ignore_index=True)
         ratio_table = (diagnostics.collapse_ratios(stats, [self.experts.activations(n) for n in names], alpha,

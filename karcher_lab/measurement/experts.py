@@ -147,7 +147,8 @@ class ExpertMeasurements:
         """The settings' sites at which the expert's activations can be read
         (:func:`~karcher_lab.diagnostics.activations.capturable_sites`; empty where its decoder blocks are
         not found)."""
-        return self._once("layer_sites", name, lambda: capturable_sites(self.model(name), self.settings.sites)[0])
+        return self._once("layer_sites", name, lambda: capturable_sites(self.model(name), self.settings.sites,
+                                                                            layers_path=self.settings.layers_path)[0])
 
     def activations(self, name: str) -> ActivationStats:
         """The expert's activation statistics on the probe batch at :meth:`layer_sites`
@@ -155,7 +156,7 @@ class ExpertMeasurements:
         sites = self.layer_sites(name) or self.settings.sites  # none readable: the capture raises why
         return self._once("activations", name, lambda: capture_activations(
             self.model(name), self.data.probe_ids, self.data.probe_mask, sites=sites,
-            batch_size=self.settings.probe_batch_size))
+            batch_size=self.settings.probe_batch_size, layers_path=self.settings.layers_path))
 
     def collapse(self, name: str) -> pd.DataFrame:
         """The expert's layer metrics at :meth:`layer_sites` (:func:`~karcher_lab.diagnostics.collapse_metrics`;

@@ -10,6 +10,7 @@ from karcher_lab.checks import check_choice, check_count
 from karcher_lab.diagnostics.activations import check_sites
 from karcher_lab.diagnostics.collapse import DEFAULT_DRAWS
 from karcher_lab.diagnostics.function import EXACT_MATCH_MODES
+from karcher_lab.errors import ParameterError
 from karcher_lab.pipeline.session import resolve_device
 
 
@@ -38,6 +39,9 @@ class MeasurementSettings:
         :func:`~karcher_lab.diagnostics.function.answer_log_probs`).
     probe_batch_size : int
         Probe sequences per forward pass of the activation capture.
+    layers_path : str, optional
+        The dotted path of the models' decoder blocks (e.g. ``transformer.h``); default: found by
+        :func:`~karcher_lab.diagnostics.activations.decoder_layers`'s search.
     device : str or torch.device
         Where models run (``cpu``, ``cuda``); a torch.device once made (DeviceError when unavailable).
 
@@ -52,8 +56,11 @@ class MeasurementSettings:
     eval_batch_size: int = 64
     probe_batch_size: int = 64
     device: str | torch.device = "cpu"
+    layers_path: str | None = None
 
     def __post_init__(self) -> None:
+        if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path):
+            raise ParameterError(f"layers_path must be a dotted module path such as 'transformer.h', got {self.layers_path!r}")
         object.__setattr__(self, "sites", check_sites(self.sites))
         check_count("draws", self.draws, 2)
         check_choice("exact_match_mode", self.exact_match_mode, EXACT_MATCH_MODES)

@@ -3,6 +3,8 @@ its experts (loaded lazily, adapters folded on the base), each judged on its own
 evaluation examples and its probe texts."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 from karcher_lab.checks import check_count
 from karcher_lab.diagnostics.scoring import TaskScoring, check_scoring
 from karcher_lab.errors import NotSupportedError
@@ -73,5 +75,7 @@ def engine_for_study(
     tokenizer = AutoTokenizer.from_pretrained(directory)
     scoring = check_scoring(tokenizer, {name: TaskScoring(spec.chat_template, spec.case_sensitive, spec.max_new_tokens)
                                         for name, spec in study.task_specs.items()}, examples)
+    if study.layers_path is not None and settings.layers_path is None:
+        settings = replace(settings, layers_path=study.layers_path)
     return MeasurementEngine(experts, tokenizer, examples, probes, model=load_model(directory), scoring=scoring,
                              expert_tasks={name: study.own_task(name) for name in experts}, settings=settings)
