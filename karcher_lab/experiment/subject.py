@@ -19,7 +19,7 @@ import os
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import pandas as pd
 import torch
@@ -31,7 +31,7 @@ from karcher_lab.io.lora import fold_into_tensor, read_adapter
 from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_pool, engine_for_study, probe_tasks
 from karcher_lab.measurement.studies import check_own_tasks
 from karcher_lab.study import TASK_OPTIONS, Study, as_study
-from karcher_lab.study.resolve import is_adapter, model_dir
+from karcher_lab.study.resolve import is_adapter, model_folder
 from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_POOL_EXAMPLES = 32
@@ -161,8 +161,8 @@ class StudySubject(SweepSubject):
         self.study = study
         self.name = study.name
         self.experts = tuple(study.experts)
-        self._folders = {name: _folder(study, source) for name, source in study.experts.items()}
-        self._base_folder = _folder(study, study.base) if study.base is not None else None
+        self._folders = {name: model_folder(study, source) for name, source in study.experts.items()}
+        self._base_folder = model_folder(study, study.base) if study.base is not None else None
         adapters = [name for name, folder in self._folders.items() if folder is not None and is_adapter(folder)]
         if adapters and self._base_folder is None:
             raise InputError(f"expert(s) {adapters} are PEFT adapters; folding them needs the study's base as a "
@@ -205,11 +205,6 @@ class StudySubject(SweepSubject):
         if base is None:
             return experts, None
         return experts, StateDictSource(base, "base") if self._base_folder is None else Checkpoint(self._base_folder, label="base")
-
-
-def _folder(study: Study, source: Any) -> Path | None:
-    """The resolved folder of a model given by path or cached hub id; None for a model in memory."""
-    return None if isinstance(source, (torch.nn.Module, Mapping)) else model_dir(study, source)
 
 
 def _model_reference(folder: Path | None) -> str:

@@ -14,7 +14,7 @@ task, probe texts, and the experts as models (loaded lazily) or state dicts for 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -61,6 +61,12 @@ def probe_texts(study: Study, examples: dict[str, list[Example]], per_task: int 
 def model_dir(study: Study, source: Any) -> Path:
     """The local directory of an expert or base given by path or cached hub id."""
     return resolve_model_dir(str(study.path(source)), None, study.relative_to)
+
+
+def model_folder(study: Study, source: Any) -> Path | None:
+    """The resolved folder of a model given by path or cached hub id; None for a model or state dict
+    held in memory."""
+    return None if isinstance(source, (torch.nn.Module, Mapping)) else model_dir(study, source)
 
 
 def is_adapter(directory: Path) -> bool:

@@ -72,7 +72,7 @@ from karcher_lab.widgets.merge_controls import MergeControls
 from karcher_lab.study import Study, as_study
 from karcher_lab.pipeline import MergeSession, MergeStats, resolved_recipe_yaml, run_recipe
 from karcher_lab.recipe.schema import Recipe
-from karcher_lab.study.resolve import is_adapter, load_model, model_dir
+from karcher_lab.study.resolve import is_adapter, load_model, model_dir, model_folder
 from karcher_lab.zoo import Pool, find_pool, load
 
 DEFAULT_SELECTED = 4
@@ -97,10 +97,8 @@ def checkpoint_paths(study: Study | None, pool: Pool | None) -> tuple[list[str |
         return [e["path"] for e in pool.experts], str(pool.base_path) if pool.record.get("base") else None
 
     def folder(source: Any) -> str | None:
-        if isinstance(source, torch.nn.Module):
-            return None
-        directory = model_dir(study, source)
-        return None if is_adapter(directory) else str(directory)
+        directory = model_folder(study, source)
+        return None if directory is None or is_adapter(directory) else str(directory)
 
     return [folder(s) for s in study.experts.values()], folder(study.base) if study.base is not None else None
 
