@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from karcher_lab.errors import AntipodalError, ParameterError, StepSizeError, WeightError
-from karcher_lab.geometry import blocks, karcher_mean as km, sphere
+from karcher_lab.geometry import blocks, karcher_mean as km, numerics, sphere
 from karcher_lab.geometry.blocks import block_layout
 
 F64 = torch.float64
@@ -138,7 +138,7 @@ def test_inits_and_cached_gram_resolve_agree():
 @pytest.mark.parametrize("shape", [(33,), (67,), (9, 7), (4, 5, 6), (3, 80), (40, 3, 2)])
 def test_streamed_gram_matches_einsum_for_every_chunking(block, shape, monkeypatch):
     """Every chunk kind, and both ways of multiplying (batched products for runs of ≥ GRAM_MIN_RUN
-    entries per block, cut into GRAM_SPLIT pieces inside a single block; elementwise for shorter runs)."""
+    entries per block; elementwise for shorter runs)."""
     xs = _experts(3, shape, seed=2)
     base = torch.randn(*shape, generator=_gen(99), dtype=F64)
     ref = lambda ys: torch.einsum("nbd,mbd->bnm", *[torch.stack([_as_blocks(y, block) for y in ys])] * 2)
@@ -237,6 +237,62 @@ def test_float32_runs_fall_back_to_float64_where_float32_would_underflow_or_over
         center = xs[2] if label == "a zero task vector" else None
         gram = km.gram_matrix(ys, center=center)
         torch.testing.assert_close(gram, _float64_gram(ys, center=center), rtol=1e-13, atol=0, msg=label)
+
+
+@pytest.fixture
+def threads():
+    """Sets torch's thread count for a test and restores it after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("block", ["tensor", "row", "column"])
+def test_chunked_passes_give_the_same_bits_on_any_number_of_threads(block, threads, monkeypatch):
+    """The Gram's partials are added in chunk order whichever worker thread formed them, and each chunk is
+    computed on one torch thread: 1, 2 and 3 threads give identical Grams and combinations (many chunks)."""
+    monkeypatch.setattr(km, "GRAM_FLOAT32_BLOCK", 1000)
+    monkeypatch.setattr(km, "GRAM_FLOAT32_RUN", 64)
+    monkeypatch.setattr(km, "GRAM_BUFFER_BYTES", 4 * 64 * 6 * 3)
+    monkeypatch.setattr(km, "COMBINE_CHUNK_BYTES", 4 * 100)
+    xs = [x.float() for x in _experts(4, (48, 40), seed=30, spread=0.5)]
+    base = torch.randn(48, 40, generator=_gen(31))
+    metric = torch.rand(48, 40, generator=_gen(32)) + 0.1
+    results = []
+    for count in (1, 2, 3):
+        threads(count)
+        grams = [km.gram_matrix(xs, block), km.gram_matrix(xs, block, center=base, metric=metric)]
+        coeffs, _ = km.karcher_coefficients(grams[0], [1.0, 2.0, 3.0, 4.0])
+        results.append((grams, km.combine(xs, coeffs, block)))
+        assert torch.get_num_threads() == count  # restored
+    for grams, merged in results[1:]:
+        assert all(torch.equal(g, g1) for g, g1 in zip(grams, results[0][0]))
+        assert torch.equal(merged, results[0][1])
+    torch.testing.assert_close(results[0][0][0], _float64_gram(xs, block), rtol=1e-6, atol=1e-6)
+
+
+def test_run_on_threads_consumes_in_order_on_one_torch_thread_each_and_restores_the_count(threads):
+    threads(2)
+    seen, consumed = [], []
+
+    def work(i):
+        seen.append(torch.get_num_threads())
+        return i * i
+
+    numerics.run_on_threads(work, range(20), consumed.append, threads=2, lookahead=3)
+    assert consumed == [i * i for i in range(20)] and seen == [1] * 20
+    assert torch.get_num_threads() == 2
+    numerics.run_on_threads(work, [7], consumed.append, threads=2)  # one item: in the calling thread
+    assert consumed[-1] == 49 and seen[-1] == 1 and torch.get_num_threads() == 2
+
+    def failing(i):
+        if i == 5:
+            raise ValueError("item 5")
+        return i
+
+    with pytest.raises(ValueError, match="item 5"):
+        numerics.run_on_threads(failing, range(20), threads=2)
+    assert torch.get_num_threads() == 2
 
 
 def test_zero_norm_expert_contributes_no_direction():

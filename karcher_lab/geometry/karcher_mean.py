@@ -21,7 +21,10 @@ This is exact, not an approximation: the data is read once to form the raw Gram 
 (:func:`gram_matrix`, float64 accumulation, streamed in cache-sized chunks), the iteration costs
 O(N²) per step (:func:`karcher_coefficients`), and one more pass forms Σ_j (c_j/n_j) x_j
 (:func:`combine`). The three pieces are separate so that a Gram can be cached and re-solved with new
-weights, η or init without touching the data.
+weights, η or init without touching the data. On the CPU both passes spread their chunks over
+``torch.get_num_threads()`` worker threads of one torch thread each
+(:func:`~karcher_lab.geometry.numerics.run_on_threads`), with results that do not depend on the
+thread count.
 
 Numerics: inner products and norms are evaluated through a square-root factor R of Ĝ (RᵀR = Ĝ, from
 its eigendecomposition), whose columns y_i = R e_i are an isometric copy of the u_i in R^N. Norms are
@@ -37,6 +40,7 @@ renormalized); a block where nothing contributes gets the zero vector.
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from math import sqrt
 from typing import Sequence
@@ -45,7 +49,8 @@ import torch
 
 from karcher_lab import checks
 from karcher_lab.errors import AntipodalError, EmptyInputError, ParameterError, ShapeMismatchError, WeightError
-from karcher_lab.geometry.blocks import block_layout
+from karcher_lab.geometry.blocks import BlockLayout, Chunk, block_layout
+from karcher_lab.geometry.numerics import run_on_threads
 from karcher_lab.geometry.sphere import ANTIPODAL_TOL
 
 KARCHER_INITS: tuple[str, ...] = ("chord", "first")
@@ -54,12 +59,8 @@ KARCHER_INITS: tuple[str, ...] = ("chord", "first")
 CHORD_NORM_TOL = sqrt(ANTIPODAL_TOL / 2)
 """A weighted chord mean shorter than this means the points are not in an open hemisphere."""
 
-GRAM_BUFFER_BYTES = 8 << 20
-"""Size of the float64 staging buffer of :func:`gram_matrix` (all N models' chunks together)."""
-
-GRAM_SPLIT = 8
-"""A chunk inside a single block is cut into this many pieces multiplied as one batch: torch.bmm spreads
-a batch over the threads, while one skinny [N, K]·[K, N] product runs on a single thread."""
+GRAM_BUFFER_BYTES = 4 << 20
+"""Size of one worker thread's staging buffer in :func:`gram_matrix` (all N models' chunks together)."""
 
 GRAM_FLOAT32_BLOCK = 1 << 20
 """A single block of at least this many entries (inputs no wider than float32) takes float32 products
@@ -72,8 +73,8 @@ GRAM_MIN_RUN = 64
 """Blocks whose run inside a chunk is shorter than this (columns of a weight, narrow rows) take their
 Gram entries from elementwise products instead of many tiny matrix products."""
 
-COMBINE_CHUNK_BYTES = 8 << 20
-"""Size of one output chunk of :func:`combine`; it stays in cache while the N inputs are added in."""
+COMBINE_CHUNK_BYTES = 1 << 20
+"""Size of one output chunk of :func:`combine`; it stays in its core's cache while the N inputs are added in."""
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,13 @@ def gram_matrix(
     """Raw per-block Gram matrices G[b, i, j] = ⟨x_i, x_j⟩ over block b, float64 ``[B, N, N]``.
 
     One streaming pass over the data: each chunk of every input is copied into a small staging buffer
-    (``GRAM_BUFFER_BYTES``) and multiplied there, so no full-size copy is made. The tensors are not
-    normalized: norms are n_i = √G[b, i, i]. With ``center`` (a base θ_0) the Gram of the task vectors
-    x_i − θ_0 is formed, subtracting chunk by chunk. With ``metric`` (entries m ≥ 0, the inputs' shape,
-    e.g. a diagonal Fisher) the inner product is ⟨x, y⟩_m = Σ_e m_e x_e y_e, applied chunk by chunk.
+    (``GRAM_BUFFER_BYTES`` per worker thread) and multiplied there, so no full-size copy is made. On the
+    CPU the chunks are spread over ``torch.get_num_threads()`` worker threads; each chunk's partial Gram
+    is formed on one torch thread and the partials are added in chunk order, so G does not depend on
+    the thread count. The tensors are not normalized: norms are n_i = √G[b, i, i]. With ``center`` (a
+    base θ_0) the Gram of the task vectors x_i − θ_0 is formed, subtracting chunk by chunk. With
+    ``metric`` (entries m ≥ 0, the inputs' shape, e.g. a diagonal Fisher) the inner product is
+    ⟨x, y⟩_m = Σ_e m_e x_e y_e, applied chunk by chunk.
 
     Precision: products and sums are float64 (exact products for bf16/fp16/fp32 values), except for a
     single large block (a whole tensor of ≥ ``GRAM_FLOAT32_BLOCK`` entries: block='tensor' on weight
@@ -171,15 +175,21 @@ def _float32_gram_is_accurate(gram: torch.Tensor, block_size: int) -> bool:
     return bool(torch.isfinite(gram).all()) and bool((diagonal >= block_size * 2.0**-96).all())
 
 
+def _worker_threads(device: torch.device) -> int:
+    """Worker threads of the chunked passes: torch's intra-op thread count on the CPU, else 1."""
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
 def _streamed_gram(
     tensors: Sequence[torch.Tensor],
-    layout,
+    layout: BlockLayout,
     center: torch.Tensor | None,
     metric: torch.Tensor | None,
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """The pass of :func:`gram_matrix` with products in ``dtype`` (float64, or float32 runs of
-    ``GRAM_FLOAT32_RUN`` entries inside single blocks), accumulated into a float64 Gram."""
+    ``GRAM_FLOAT32_RUN`` entries inside single blocks), accumulated into a float64 Gram: one partial
+    Gram per chunk, formed by a worker thread and added in chunk order."""
     n = len(tensors)
     device = tensors[0].device
     views = [layout.view(t) for t in tensors]
@@ -187,48 +197,64 @@ def _streamed_gram(
     gram = torch.zeros(layout.blocks, n, n, dtype=torch.float64, device=device)
     half = (n + 1) // 2
     staged = n + len(extras)
-    unit = GRAM_FLOAT32_RUN if dtype == torch.float32 else GRAM_SPLIT  # chunks hold whole pieces
+    unit = GRAM_FLOAT32_RUN if dtype == torch.float32 else 1  # chunks hold whole float32 runs
     per_model = max(unit, GRAM_BUFFER_BYTES // (dtype.itemsize * staged) // unit * unit)
-    staging = torch.empty(staged * per_model, dtype=dtype, device=device)
+    buffers = threading.local()  # one staging buffer per worker thread
 
-    def add_products(rows: torch.Tensor, bs: slice, pieces_of_one_block: bool) -> None:
-        """rows [batch, n, run]: one row per block, or the pieces of one block (their products summed).
-        Rows [0, h) against all, rows [h, n) against [h, n): the upper triangle with fewer products."""
-        top = torch.bmm(rows[:, :half], rows.mT)
-        bottom = torch.bmm(rows[:, half:], rows[:, half:].mT)
-        if pieces_of_one_block:
-            top, bottom = top.sum(0, keepdim=True, dtype=torch.float64), bottom.sum(0, keepdim=True, dtype=torch.float64)
-        gram[bs, :half] += top
-        gram[bs, half:, half:] += bottom
-
-    for ps, bs, qs in layout.chunks(per_model):
+    def chunk_gram(chunk: Chunk) -> tuple[slice, torch.Tensor]:
+        """The upper triangle of one chunk's Gram, [blocks of the chunk, n, n] float64."""
+        ps, bs, qs = chunk
+        if not hasattr(buffers, "staging"):
+            buffers.staging = torch.empty(staged * per_model, dtype=dtype, device=device)
         pieces = [v[ps, bs, qs] for v in views + extras]  # [p, blocks, q] each
         p, nb, q = pieces[0].shape
+        part = torch.zeros(nb, n, n, dtype=torch.float64, device=device)
+
+        def add_products(rows: torch.Tensor, pieces_of_one_block: bool) -> None:
+            """rows [batch, n, run]: one row per block, or the pieces of one block (their products summed).
+            Rows [0, h) against all, rows [h, n) against [h, n): the upper triangle with fewer products."""
+            top = torch.bmm(rows[:, :half], rows.mT)
+            bottom = torch.bmm(rows[:, half:], rows[:, half:].mT)
+            if pieces_of_one_block:
+                top, bottom = top.sum(0, keepdim=True, dtype=torch.float64), bottom.sum(0, keepdim=True, dtype=torch.float64)
+            part[:, :half] += top
+            part[:, half:, half:] += bottom
+
         long_runs = p * q >= GRAM_MIN_RUN
         if long_runs:  # block-major, so each block's run is one row of a batched product
             pieces = [x.transpose(0, 1) for x in pieces]
-        chunk = staging[: len(pieces) * pieces[0].numel()].view(len(pieces), *pieces[0].shape)
+        staged_chunk = buffers.staging[: len(pieces) * pieces[0].numel()].view(len(pieces), *pieces[0].shape)
         for i, x in enumerate(pieces):
-            chunk[i].copy_(x)
-        models = chunk[:n]
+            staged_chunk[i].copy_(x)
+        models = staged_chunk[:n]
         if center is not None:
-            models.sub_(chunk[n])
+            models.sub_(staged_chunk[n])
         if metric is not None:
-            models.mul_(chunk[-1].sqrt_())
+            models.mul_(staged_chunk[-1].sqrt_())
         if not long_runs:  # short runs (columns, narrow rows): elementwise products summed per block
             for i in range(n):
                 for j in range(i, n):
-                    gram[bs, i, j] += (models[i] * models[j]).sum((0, 2), dtype=torch.float64)
-        elif nb == 1 and p == 1:  # one run inside one block: cut into pieces of `run` entries (+ a tail)
+                    part[:, i, j] += (models[i] * models[j]).sum((0, 2), dtype=torch.float64)
+        elif nb == 1 and p == 1:  # one run inside one block: float32 in runs of `run` entries (+ a tail)
             flat = models.reshape(n, q)
-            run = GRAM_FLOAT32_RUN if dtype == torch.float32 else (q // GRAM_SPLIT if q % GRAM_SPLIT == 0 else q)
+            run = GRAM_FLOAT32_RUN if dtype == torch.float32 else q
             whole = q // run * run
             if whole:
-                add_products(flat[:, :whole].reshape(n, whole // run, run).transpose(0, 1), bs, True)
+                add_products(flat[:, :whole].reshape(n, whole // run, run).transpose(0, 1), True)
             if whole < q:
-                add_products(flat[:, whole:].unsqueeze(0), bs, True)
+                add_products(flat[:, whole:].unsqueeze(0), True)
         else:
-            add_products(models.reshape(n, nb, -1).transpose(0, 1), bs, False)
+            add_products(models.reshape(n, nb, -1).transpose(0, 1), False)
+        return bs, part
+
+    def accumulate(result: tuple[slice, torch.Tensor]) -> None:
+        bs, part = result
+        gram[bs] += part
+
+    chunks = list(layout.chunks(per_model))
+    most_blocks = max((bs.stop - bs.start for _, bs, _ in chunks), default=1)
+    run_on_threads(chunk_gram, chunks, accumulate, threads=_worker_threads(device),
+                   lookahead=GRAM_BUFFER_BYTES // (most_blocks * n * n * 8))
     upper = gram.triu()
     return upper + upper.triu(1).mT
 
@@ -405,8 +431,9 @@ def combine(
 
     ``coeffs`` is ``[B, N]`` (or ``[N]`` for one block), e.g. from :func:`karcher_coefficients`. The
     output is built chunk by chunk (``COMBINE_CHUNK_BYTES``): each output chunk stays in cache while
-    the N inputs are multiplied and added into it. Computed and returned in ``out_dtype`` (default:
-    the inputs' dtype promoted to at least float32).
+    the N inputs are multiplied and added into it; on the CPU the chunks are spread over
+    ``torch.get_num_threads()`` worker threads. Computed and returned in ``out_dtype`` (default: the
+    inputs' dtype promoted to at least float32).
     """
     _check_same_shape(tensors)
     layout = block_layout(tensors[0].shape, block)
@@ -417,10 +444,11 @@ def combine(
     out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
     out_view = layout.view(out)
     views = [layout.view(t) for t in tensors]
-    per_chunk = max(1, COMBINE_CHUNK_BYTES // out.element_size())
+    chunks = list(layout.chunks(max(1, COMBINE_CHUNK_BYTES // out.element_size())))
     if layout.blocks == 1:
         scalars = coeffs[0].tolist()
-        for chunk in layout.chunks(per_chunk):
+
+        def combine_chunk(chunk: Chunk) -> None:
             target = out_view[chunk]
             if views[0].dtype == dtype:
                 torch.mul(views[0][chunk], scalars[0], out=target)
@@ -428,14 +456,16 @@ def combine(
                 target.copy_(views[0][chunk]).mul_(scalars[0])
             for v, k in zip(views[1:], scalars[1:]):
                 target.add_(v[chunk], alpha=k)
-        return out
-    per_block = coeffs.to(dtype=dtype, device=out.device).T.reshape(len(tensors), 1, layout.blocks, 1)
-    for chunk in layout.chunks(per_chunk):
-        bs = chunk[1]
-        target = out_view[chunk]
-        torch.mul(views[0][chunk], per_block[0, :, bs], out=target)
-        for v, k in zip(views[1:], per_block[1:]):
-            target.addcmul_(v[chunk], k[:, bs])
+    else:
+        per_block = coeffs.to(dtype=dtype, device=out.device).T.reshape(len(tensors), 1, layout.blocks, 1)
+
+        def combine_chunk(chunk: Chunk) -> None:
+            bs = chunk[1]
+            target = out_view[chunk]
+            torch.mul(views[0][chunk], per_block[0, :, bs], out=target)
+            for v, k in zip(views[1:], per_block[1:]):
+                target.addcmul_(v[chunk], k[:, bs])
+    run_on_threads(combine_chunk, chunks, threads=_worker_threads(out.device))
     return out
 
 
