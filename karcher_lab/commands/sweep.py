@@ -5,9 +5,12 @@ m = 2…11 experts with every method).
                       [--m 2..11] [--order near far] [--distance level|norm|angle] [--out runs/NAME]
                       [--per-task N] [--probes N] [--draws N] [--param ties.density=0.3 ...]
                       [--threads N] [--device cpu|cuda]
+                      [--executor local|ray] [--ray-address ADDR] [--num-cpus-per-cell N] [--num-gpus-per-cell N]
 
 One of --pool (default: the tiny pool) and --study. Resumable: rerunning the same command skips the
 cells already in --out. Writes --out/results.csv and --out/report.html and prints the summary table.
+--executor ray runs each cell as a Ray task (pip install 'karcher-lab[ray]'): every node must see the
+experts, the data and --out by the same paths (a shared filesystem).
 """
 from __future__ import annotations
 
@@ -59,9 +62,20 @@ def run(args: argparse.Namespace) -> int:
     per_task = args.per_task if args.per_task is not None or args.study is not None else POOL_EXAMPLES
     run_sweep(source, methods=args.methods, m_values=args.m, orders=args.order, distance=args.distance,
               out=args.out, per_task=per_task, probes_per_task=args.probes, draws=args.draws, sites=args.sites,
-              params=parse_params(args.param), seed=args.seed, device=args.device, progress=not args.quiet,
+              params=parse_params(args.param), seed=args.seed, device=args.device, executor=args.executor,
+              ray_address=args.ray_address, resources=ray_resources(args), progress=not args.quiet,
               report=not args.no_report)
     return 0
+
+
+def ray_resources(args: argparse.Namespace) -> dict[str, float] | None:
+    """Each cell's Ray resources from --num-cpus-per-cell / --num-gpus-per-cell (None: the defaults);
+    refused without --executor ray."""
+    given = {key: value for key, value in (("num_cpus", args.num_cpus_per_cell), ("num_gpus", args.num_gpus_per_cell))
+             if value is not None}
+    if (given or args.ray_address is not None) and args.executor != "ray":
+        raise ParameterError("--ray-address, --num-cpus-per-cell and --num-gpus-per-cell need --executor ray")
+    return given or None
 
 
 def add_sweep_arguments(p: argparse.ArgumentParser, *, out: str, per_task: int | None, draws: int) -> None:
@@ -91,6 +105,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser, *, out: str, per_task: int |
 
 def add_parser(sub) -> None:
     from karcher_lab.experiment.grid import DEFAULT_METHODS, ORDER_DISTANCES
+    from karcher_lab.experiment.sweep import EXECUTORS
 
     p = sub.add_parser("sweep", help="merge the first m experts of a pool or study with every method, for each m",
                        description=__doc__.split("\n\n")[0])
@@ -108,4 +123,12 @@ def add_parser(sub) -> None:
                         "task-vector norm |θ_i − θ_0| / |θ_0| (default otherwise) or the angle to the base; without a "
                         "base, distances are taken from the experts' mean")
     add_sweep_arguments(p, out="runs/sweep", per_task=None, draws=100)
+    p.add_argument("--executor", choices=EXECUTORS, default="local",
+                   help="where the cells run: here, one after the other (default), or each as a Ray task on a Ray "
+                        "cluster (pip install 'karcher-lab[ray]'); every node must see the experts, data and --out "
+                        "by the same paths")
+    p.add_argument("--ray-address", help="Ray cluster: 'auto' (a running cluster on this machine), 'ray://HOST:10001' "
+                                          "(Ray Client), or none: RAY_ADDRESS, else a local cluster for this run")
+    p.add_argument("--num-cpus-per-cell", type=float, help="Ray CPUs per cell (default 1; torch uses that many threads)")
+    p.add_argument("--num-gpus-per-cell", type=float, help="Ray GPUs per cell (default 0; > 0 needs --device cuda)")
     p.set_defaults(func=run)

@@ -18,9 +18,13 @@ Columns (:data:`RESULT_COLUMNS`, fixed so that widgets and notebooks can read an
   taken against).
 
 A *cell* is one (order, method, m) of a run (or one expert). :class:`ResultStore` writes each finished
-cell as its own CSV file under ``RUN/cells/``, atomically (temporary file, fsync, rename), so an
-interrupted run loses at most the cell in flight and a rerun skips every cell already on disk.
-:meth:`ResultStore.consolidate` gathers the cells into ``RUN/results.csv``.
+cell as its own CSV file under ``RUN/cells/``, atomically (a temporary file named by host, process and a
+random token, fsync, rename), so an interrupted run loses at most the cells in flight and a rerun skips
+every cell already on disk. Any number of writers, on any number of machines sharing the run directory,
+may write cells at once: each writes only its own files and renames them into place, with no lock and
+no file that two writers append to. A cell that raised is recorded as ``RUN/failed/KEY.json`` (its
+identity, the error and its traceback) and is tried again by the next run; writing the cell removes
+the record. :meth:`ResultStore.consolidate` gathers the cells into ``RUN/results.csv``.
 """
 from __future__ import annotations
 
@@ -28,6 +32,9 @@ import hashlib
 import json
 import os
 import re
+import socket
+import traceback
+import uuid
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,6 +47,9 @@ SCOPES = ("task", "layer", "weights", "summary")
 RESULTS_FILE = "results.csv"
 CELLS_DIR = "cells"
 CONFIG_FILE = "config.json"
+FAILED_DIR = "failed"
+FAILURE_COLUMNS = ["key", "order", "method", "m", "experts", "error", "message", "host"]
+"""The columns of :meth:`ResultStore.failures`."""
 
 _DTYPES = {"pool": str, "order": str, "method": str, "m": int, "experts": str, "scope": str, "task": str,
            "site": str, "layer": int, "metric": str, "mean": float, "std": float}
@@ -87,7 +97,9 @@ def cell_key(order: str, method: str, m: int, experts: str) -> str:
 
 
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    """Write ``text`` to ``path`` through a temporary file of this writer's own (host, process, random
+    token) and an atomic rename: readers see the old file or the new one, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     with open(tmp, "w") as handle:
         handle.write(text)
         handle.flush()
@@ -103,6 +115,7 @@ class ResultStore:
     def __init__(self, run_dir: str | os.PathLike):
         self.run_dir = Path(run_dir).expanduser()
         self.cells_dir = self.run_dir / CELLS_DIR
+        self.failed_dir = self.run_dir / FAILED_DIR
 
     def check_config(self, config: Mapping[str, Any]) -> None:
         """Record the run's config (what is swept, the measurement settings), or check that it matches the
@@ -140,9 +153,29 @@ class ResultStore:
         return _normalize(_read_csv(self.cells_dir / f"{key}.csv"))
 
     def write(self, key: str, rows: pd.DataFrame) -> None:
-        """Store one finished cell (atomically: it is either all on disk or not at all)."""
+        """Store one finished cell (atomically: it is either all on disk or not at all) and remove the
+        record of an earlier failure of it."""
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.cells_dir / f"{key}.csv", _normalize(rows).to_csv(index=False))
+        (self.failed_dir / f"{key}.json").unlink(missing_ok=True)
+
+    def write_failure(self, key: str, identity: Mapping[str, Any], error: BaseException) -> Path:
+        """Record that cell ``key`` raised ``error`` (its identity: order, method, m, experts; the error's
+        type, message and traceback; the host) and return the record's path."""
+        self.failed_dir.mkdir(parents=True, exist_ok=True)
+        record = dict(key=key, **{k: identity.get(k, "") for k in ("order", "method", "m", "experts")},
+                      error=type(error).__name__, message=str(error), host=socket.gethostname(),
+                      traceback="".join(traceback.format_exception(error)))
+        path = self.failed_dir / f"{key}.json"
+        _write_atomic(path, json.dumps(record, indent=1) + "\n")
+        return path
+
+    def failures(self) -> pd.DataFrame:
+        """The cells recorded as failed and not written since, one row each (:data:`FAILURE_COLUMNS`)."""
+        files = sorted(self.failed_dir.glob("*.json")) if self.failed_dir.is_dir() else []
+        records = [json.loads(f.read_text()) for f in files]
+        records = [r for r in records if not self.has(r["key"])]
+        return pd.DataFrame([{c: r[c] for c in FAILURE_COLUMNS} for r in records], columns=FAILURE_COLUMNS)
 
     def consolidate(self) -> Path:
         """Write every finished cell into ``RUN/results.csv`` (atomically) and return its path."""

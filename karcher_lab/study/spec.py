@@ -13,18 +13,27 @@ checked when the Study is made, before any model or file is loaded:
 - ``probes``: the texts of the layer metrics: a text file (one probe per line), a list of strings, or
   None for the tasks' prompts.
 - ``layers_path``: the dotted path of the decoder blocks, where they are not found by themselves.
+- A task whose source is ``"lm_eval:TASK"`` (or a mapping with that ``source`` and optionally ``limit``)
+  is an lm-evaluation-harness task (:class:`LmEvalTask`): the sweep scores every expert and merge on it
+  through lm-eval (:mod:`karcher_lab.diagnostics.lm_eval_bridge`). It is kept apart from the example
+  tasks (:attr:`Study.lm_eval_tasks`, not :attr:`Study.task_specs`) and is no expert's own task.
+  ``lm_eval_include``: local lm-eval task folders, added as lm-eval's ``--include_path`` adds them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from karcher_lab.checks import check_count
-from karcher_lab.errors import EmptyInputError, ParameterError
+from karcher_lab.errors import DataError, EmptyInputError, ParameterError
 
 TASK_OPTIONS = ("source", "prompt_field", "answer_field", "limit", "chat_template", "case_sensitive", "max_new_tokens")
 """The keys of a task given as a mapping."""
+LM_EVAL_PREFIX = "lm_eval:"
+"""A task source ``lm_eval:TASK`` names lm-evaluation-harness task TASK."""
+LM_EVAL_OPTIONS = ("source", "limit")
+"""The keys of an lm-eval task given as a mapping."""
 
 
 @dataclass(frozen=True)
@@ -74,6 +83,46 @@ class TaskSpec:
                 raise ParameterError(f"{where}: {key} must be true or false, got {getattr(self, key)!r}")
 
 
+@dataclass(frozen=True)
+class LmEvalTask:
+    """One lm-evaluation-harness task of a study.
+
+    Attributes
+    ----------
+    name : str
+        The task's name in the study (the ``task`` of its result rows).
+    task : str
+        lm-eval's name of the task.
+    limit : int, optional
+        Score only the first ``limit`` documents (default: all).
+    """
+
+    name: str
+    task: str
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.task, str) or not self.task.strip():
+            raise ParameterError(f"task {self.name!r}: {LM_EVAL_PREFIX} must be followed by an lm-eval task name")
+        if self.limit is not None:
+            check_count(f"task {self.name!r}: limit", self.limit)
+
+
+def is_lm_eval(source: Any) -> bool:
+    """Whether a task source names an lm-eval task (``lm_eval:TASK``)."""
+    return isinstance(source, str) and source.startswith(LM_EVAL_PREFIX)
+
+
+def lm_eval_task(name: str, value: Any) -> LmEvalTask:
+    """The :class:`LmEvalTask` of one ``tasks`` entry whose source is ``lm_eval:TASK``."""
+    options = dict(value) if isinstance(value, Mapping) else {"source": value}
+    unknown = sorted(set(options) - set(LM_EVAL_OPTIONS))
+    if unknown:
+        raise ParameterError(f"task {name!r} is an lm-eval task: option(s) {unknown} do not apply (only "
+                             f"{list(LM_EVAL_OPTIONS)}; lm-eval's task config holds the rest)")
+    return LmEvalTask(name, options["source"][len(LM_EVAL_PREFIX):].strip(), options.get("limit"))
+
+
 def task_spec(name: str, value: Any) -> TaskSpec:
     """The :class:`TaskSpec` of one ``tasks`` entry: a source, or a mapping of :data:`TASK_OPTIONS`."""
     if isinstance(value, Mapping):
@@ -96,6 +145,8 @@ class Study:
     probes: Any = None
     layers_path: str | None = None
     name: str = "study"
+    lm_eval_include: Sequence[str | Path] = ()
+    """Local lm-eval task folders (relative paths against :attr:`relative_to`)."""
     relative_to: Path | None = None
     """Folder that relative paths are resolved against (the YAML's folder for :func:`load_study`)."""
 
@@ -109,9 +160,23 @@ class Study:
         if not isinstance(self.tasks, Mapping):
             raise ParameterError(f"tasks must be a mapping of name → source, got {type(self.tasks).__name__}")
         self.experts = dict(self.experts)
-        self.task_specs: dict[str, TaskSpec] = {n: task_spec(n, v) for n, v in self.tasks.items()}
-        if not self.task_specs:
-            raise EmptyInputError("a study needs at least one evaluation task (tasks: name → file, data or zoo task)")
+        sources = {n: v.get("source") if isinstance(v, Mapping) else v for n, v in self.tasks.items()}
+        self.task_specs: dict[str, TaskSpec] = {n: task_spec(n, v) for n, v in self.tasks.items()
+                                                if not is_lm_eval(sources[n])}
+        self.lm_eval_tasks: dict[str, LmEvalTask] = {n: lm_eval_task(n, v) for n, v in self.tasks.items()
+                                                     if is_lm_eval(sources[n])}
+        if not self.task_specs and not self.lm_eval_tasks:
+            raise EmptyInputError("a study needs at least one evaluation task (tasks: name → file, data, zoo task "
+                                  "or lm_eval:TASK)")
+        folders = [self.lm_eval_include] if isinstance(self.lm_eval_include, (str, Path)) else self.lm_eval_include
+        if not isinstance(folders, Sequence) or not all(isinstance(f, (str, Path)) and str(f) for f in folders):
+            raise ParameterError(f"lm_eval_include must be a folder or a list of folders, got {self.lm_eval_include!r}")
+        folders = [Path(self.path(folder)).expanduser() for folder in folders]
+        missing = [str(folder) for folder in folders if not folder.is_dir()]
+        if missing:
+            raise DataError(f"lm_eval_include: no folder {missing} (relative paths resolve against "
+                            f"{self.relative_to or Path.cwd()})")
+        self.lm_eval_include = [folder.resolve() for folder in folders]
         if isinstance(self.probes, (list, tuple)) and not self.probes:
             raise EmptyInputError("probes: an empty list; give probe texts, a probe file, or leave probes out")
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path):
