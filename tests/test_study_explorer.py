@@ -63,6 +63,27 @@ def test_a_study_python_object_works_too(micro_pool, study_files):
     assert set(explorer.tables["quality"]["task"]) == set(tasks)
 
 
+def test_an_expert_without_a_task_and_a_held_out_task(micro_pool, study_files):
+    """The second expert owns no task and its task file is a held-out "general" task: the merged model's
+    raw scores there equal the full study's on that task; experts' rows only for the owned task."""
+    first, second = [e["task"] for e in micro_pool.experts][:2]
+    full = MergeExplorer(study_files / "study.yml", selected=[first, second], method="linear", **FAST)
+    study = Study(experts={first: str(micro_pool.expert_path(first)), "x": str(micro_pool.expert_path(second))},
+                  base=str(micro_pool.base_path),
+                  tasks={first: str(study_files / f"{first}.jsonl"), "general": str(study_files / f"{second}.jsonl")})
+    explorer = MergeExplorer(study, method="linear", **FAST)
+    assert explorer.error == ""
+    quality = explorer.tables["quality"]
+    assert set(quality.loc[quality["model"] == "expert", "task"]) == {first}
+    general = quality[quality["task"] == "general"].set_index("metric")["mean"]
+    reference = full.tables["quality"]
+    reference = reference[(reference["task"] == second) & (reference["model"] == "merged")].set_index("metric")["mean"]
+    for metric in ("accuracy", "nll"):
+        assert general[metric] == pytest.approx(reference[metric], rel=1e-6)
+    assert set(explorer.tables["distance"]["reference"]) == {first}
+    assert set(explorer.tables["collapse"]["model"]) == {"merged", first, "x"}
+
+
 def test_save_this_merge_writes_a_checkpoint_whose_recipe_reproduces_its_bytes(micro_pool, study_files, tmp_path):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM

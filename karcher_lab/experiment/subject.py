@@ -1,11 +1,13 @@
 """What a sweep runs on: a zoo pool or a :class:`~karcher_lab.study.Study`, behind one interface.
 
-- :class:`PoolSubject`: a built zoo pool. Experts are named by their task and carry the zoo's
-  heterogeneity ``level``, accuracy and base accuracy (pool.json); they are measured on held-out examples
-  from the zoo's task generators (:func:`~karcher_lab.measurement.engine_for_pool`).
 - :class:`StudySubject`: a study of the user's own experts (model folders, cached hub ids, PEFT adapters
-  folded onto the base, models in memory), each judged on its own task, with the study's task files and
-  probe texts (:func:`~karcher_lab.measurement.studies.engine_for_study`). Studies carry no levels.
+  folded onto the base, models in memory), each judged on its own task where it owns one, with the
+  study's task files and probe texts (:func:`~karcher_lab.measurement.studies.engine_for_study`).
+  Studies carry no levels.
+- :class:`PoolSubject`: a built zoo pool, run as its built-in study
+  (:func:`~karcher_lab.study.pool_study`): experts named by their task, measured on held-out examples
+  from the zoo's task generators, plus the zoo's heterogeneity ``level``, accuracy and base accuracy
+  (pool.json).
 
 Both give the sweep the same things: the experts in their given order, the measurement engine, the base
 the merges use, the entries of the run's ``config.json`` that identify them, and the experts opened as
@@ -28,9 +30,9 @@ from karcher_lab.errors import ArchitectureMismatchError, InputError
 from karcher_lab.experiment.distances import reference_distances
 from karcher_lab.io import Checkpoint, Source, StateDictSource
 from karcher_lab.io.lora import fold_into_tensor, read_adapter
-from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_pool, engine_for_study, probe_tasks
-from karcher_lab.measurement.studies import check_own_tasks
-from karcher_lab.study import TASK_OPTIONS, Study, as_study
+from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_study
+from karcher_lab.study import TASK_OPTIONS, Study, as_study, pool_study
+from karcher_lab.study.from_pool import probe_tasks
 from karcher_lab.study.resolve import is_adapter, model_folder
 from karcher_lab.zoo import Pool, find_pool
 
@@ -108,56 +110,13 @@ class SweepSubject(ABC):
         return self.merge_base() is not None
 
 
-class PoolSubject(SweepSubject):
-    """A built zoo pool (see the module docstring)."""
-
-    kind = "pool"
-
-    def __init__(self, pool: Pool):
-        self.pool = pool
-        self.name = pool.name
-        self.experts = tuple(e["task"] for e in pool.experts)
-
-    @property
-    def levels(self) -> dict[str, float] | None:
-        if any("level" not in e for e in self.pool.experts):
-            return None
-        return {e["task"]: e["level"] for e in self.pool.experts}
-
-    def metadata(self) -> pd.DataFrame:
-        return pd.DataFrame([{"task": e["task"], "level": e.get("level"), "accuracy": e.get("accuracy"),
-                              "base accuracy": e.get("base_accuracy")} for e in self.pool.experts]).set_index("task")
-
-    def examples_per_task(self, per_task: int | None) -> int:
-        return DEFAULT_POOL_EXAMPLES if per_task is None else per_task
-
-    def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
-        return dict(pool=self.name, pool_key=self.pool.record.get("key", str(self.pool.path)),
-                    per_task=self.examples_per_task(per_task), probes_per_task=probes_per_task,
-                    probe_tasks=list(probe_tasks(self.pool)))
-
-    def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
-               names: tuple[str, ...]) -> MeasurementEngine:
-        return engine_for_pool(self.pool, examples_per_task=self.examples_per_task(per_task),
-                               probes_per_task=probes_per_task, settings=settings, tasks=names, seed=settings.seed)
-
-    def merge_base(self) -> Path:
-        return self.pool.base_path
-
-    def sources(self) -> tuple[dict[str, Source], Source | None]:
-        return ({e["task"]: Checkpoint(e["path"], label=e["task"]) for e in self.pool.experts},
-                Checkpoint(self.pool.base_path, label="base"))
-
-
 class StudySubject(SweepSubject):
-    """A :class:`~karcher_lab.study.Study` (see the module docstring). Every expert must own a task, and
-    every model folder, cached hub id and adapter must resolve: checked when the subject is made, before
-    any model is loaded."""
+    """A :class:`~karcher_lab.study.Study` (see the module docstring). Every model folder, cached hub id
+    and adapter must resolve: checked when the subject is made, before any model is loaded."""
 
     kind = "study"
 
     def __init__(self, study: Study):
-        check_own_tasks(study)
         self.study = study
         self.name = study.name
         self.experts = tuple(study.experts)
@@ -205,6 +164,40 @@ class StudySubject(SweepSubject):
         if base is None:
             return experts, None
         return experts, StateDictSource(base, "base") if self._base_folder is None else Checkpoint(self._base_folder, label="base")
+
+
+class PoolSubject(StudySubject):
+    """A built zoo pool: its built-in study (:func:`~karcher_lab.study.pool_study`) with the zoo's
+    levels and records (see the module docstring)."""
+
+    kind = "pool"
+
+    def __init__(self, pool: Pool):
+        super().__init__(pool_study(pool))
+        self.pool = pool
+
+    @property
+    def levels(self) -> dict[str, float] | None:
+        if any("level" not in e for e in self.pool.experts):
+            return None
+        return {e["task"]: e["level"] for e in self.pool.experts}
+
+    def metadata(self) -> pd.DataFrame:
+        return pd.DataFrame([{"task": e["task"], "level": e.get("level"), "accuracy": e.get("accuracy"),
+                              "base accuracy": e.get("base_accuracy")} for e in self.pool.experts]).set_index("task")
+
+    def examples_per_task(self, per_task: int | None) -> int:
+        return DEFAULT_POOL_EXAMPLES if per_task is None else per_task
+
+    def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
+        return dict(pool=self.name, pool_key=self.pool.record.get("key", str(self.pool.path)),
+                    per_task=self.examples_per_task(per_task), probes_per_task=probes_per_task,
+                    probe_tasks=list(probe_tasks(self.pool)))
+
+    def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
+               names: tuple[str, ...]) -> MeasurementEngine:
+        study = pool_study(self.pool, tasks=names, probes_per_task=probes_per_task, probe_seed=settings.seed)
+        return engine_for_study(study, settings=settings, examples_per_task=self.examples_per_task(per_task))
 
 
 def _model_reference(folder: Path | None) -> str:
@@ -257,8 +250,6 @@ def sweep_subject(source: SweepSubject | Pool | Study | str | os.PathLike) -> Sw
         No such pool.
     DataError, ParameterError, EmptyInputError
         A study file that cannot be read or holds a bad study (:func:`karcher_lab.load_study`).
-    NotSupportedError
-        A study expert that owns no task.
     CheckpointError, InputError
         A study model that does not resolve to a folder, or adapter experts without a base folder.
     """

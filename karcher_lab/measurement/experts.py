@@ -17,7 +17,7 @@ import torch
 from karcher_lab.diagnostics import capture_activations, collapse_metrics, task_quality, tensor_norms
 from karcher_lab.diagnostics.activations import ActivationStats, capturable_sites
 from karcher_lab.diagnostics.collapse import COLUMNS as COLLAPSE_COLUMNS
-from karcher_lab.diagnostics.function import AnswerLogProbs, answer_log_probs
+from karcher_lab.diagnostics.function import QUALITY_COLUMNS, AnswerLogProbs, answer_log_probs
 from karcher_lab.errors import EmptyInputError, InputError, ParameterError
 from karcher_lab.measurement.data import EvaluationData
 from karcher_lab.measurement.settings import MeasurementSettings
@@ -50,8 +50,9 @@ class ExpertMeasurements:
     ----------
     experts : mapping of str to model or loader
         The experts by name (in this order), each a torch causal LM or a function that loads one.
-    expert_tasks : mapping of str to str
-        The task each expert is judged on; every expert needs one, with examples in ``data``.
+    expert_tasks : mapping of str to (str or None)
+        The task each expert is judged on (with examples in ``data``), or None for an expert that owns no
+        task: it has no quality, log-probabilities or distances, only layer metrics and norms.
     data : EvaluationData
         Tokenizer, evaluation examples and probe batch.
     settings : MeasurementSettings
@@ -63,7 +64,7 @@ class ExpertMeasurements:
     InputError
         An expert that is neither a model nor a loader.
     ParameterError
-        An expert without a task, a task of an unknown expert, or a task without examples.
+        An expert missing from ``expert_tasks``, a task of an unknown expert, or a task without examples.
     """
 
     def __init__(self, experts: Mapping[str, ModelOrLoader], expert_tasks: Mapping[str, str], data: EvaluationData,
@@ -77,13 +78,13 @@ class ExpertMeasurements:
         if unknown or missing:
             raise ParameterError(f"expert_tasks must name the task of every expert and nothing else: "
                                  f"no task for {missing}, unknown experts {unknown} (experts: {list(experts)})")
-        untested = {name: task for name, task in expert_tasks.items() if task not in data.examples}
+        untested = {name: task for name, task in expert_tasks.items() if task is not None and task not in data.examples}
         if untested:
             raise ParameterError(f"expert(s) judged on tasks without evaluation examples: {untested} "
                                  f"(tasks with examples: {list(data.examples)})")
         self._sources = dict(experts)
-        self.tasks: dict[str, str] = dict(expert_tasks)
-        """The task each expert is judged on."""
+        self.tasks: dict[str, str | None] = dict(expert_tasks)
+        """The task each expert is judged on (None: it owns none)."""
         self.data, self.settings = data, settings
         self._cache: dict[tuple[str, str], Any] = {}
 
@@ -121,9 +122,20 @@ class ExpertMeasurements:
         """‖x‖₂ of each floating-point tensor (:func:`~karcher_lab.diagnostics.tensor_norms`)."""
         return self._once("norms", name, lambda: tensor_norms(self.model(name).state_dict()))
 
+    def judged(self, names: list[str]) -> list[str]:
+        """Those of ``names`` that own a task, in the given order."""
+        return [name for name in names if self.tasks[name] is not None]
+
+    @property
+    def owned_tasks(self) -> set[str]:
+        """The tasks some expert is judged on."""
+        return {task for task in self.tasks.values() if task is not None}
+
     def examples(self, name: str) -> dict[str, list]:
-        """``{task: examples}`` of the task the expert is judged on."""
+        """``{task: examples}`` of the task the expert is judged on; ParameterError when it owns none."""
         task = self.tasks[name]
+        if task is None:
+            raise ParameterError(f"expert {name!r} owns no task: it has no quality or log-probabilities")
         return {task: self.data.examples[task]}
 
     def log_probs(self, name: str) -> AnswerLogProbs:
@@ -136,8 +148,10 @@ class ExpertMeasurements:
     def quality(self, name: str) -> pd.DataFrame:
         """The expert's exact match (with the settings' ``exact_match`` and the task's scoring options), NLL
         and perplexity on its task (:func:`~karcher_lab.diagnostics.task_quality`; ``model`` =
-        :data:`EXPERT_LABEL`)."""
+        :data:`EXPERT_LABEL`); no rows for an expert that owns no task."""
         s = self.settings
+        if self.tasks[name] is None:
+            return pd.DataFrame(columns=QUALITY_COLUMNS)
         return self._once("quality", name, lambda: task_quality(
             self.model(name), self.data.tokenizer, self.examples(name), model_name=EXPERT_LABEL,
             batch_size=s.eval_batch_size, accuracy=s.exact_match, exact_match=s.exact_match_mode,

@@ -4,6 +4,8 @@ task, probe texts, and the experts as models (loaded lazily) or state dicts for 
 - A task source that is an existing file (relative paths against the study's folder) or data is read
   by :func:`karcher_lab.diagnostics.load_examples`; a string that is no file but a built-in zoo task's
   name gives that task's held-out examples; anything else is refused, naming the missing file.
+- Scoring: every task is scored with its options (:func:`task_scoring`), except a built-in zoo task
+  given without options, which keeps the zoo's plain rules (:mod:`karcher_lab.diagnostics.scoring`).
 - Probes: :func:`karcher_lab.diagnostics.load_probes` of the study's ``probes``, or by default the
   prompts of every task's examples.
 - An expert directory holding ``adapter_config.json`` is a PEFT adapter: its update is folded onto the
@@ -20,6 +22,7 @@ import torch
 
 from karcher_lab.diagnostics import load_examples, load_probes
 from karcher_lab.diagnostics.examples import Example
+from karcher_lab.diagnostics.scoring import TaskScoring
 from karcher_lab.errors import DataError, InputError, VocabularyMismatchError
 from karcher_lab.io.lora import fold_into_state, read_adapter
 from karcher_lab.io.resolve import resolve_model_dir
@@ -36,14 +39,27 @@ def task_examples(study: Study, spec: TaskSpec, per_task: int | None = None, see
     """The examples of one task: every one, or the first ``limit`` / ``per_task`` (the smaller)."""
     cap = min(n for n in (spec.limit, per_task) if n is not None) if (spec.limit or per_task) else None
     source = study.path(spec.source)
+    if is_zoo_task(study, spec):
+        return get_task(source).examples("eval", cap or ZOO_TASK_EXAMPLES, seed=seed)
     if isinstance(source, (str, Path)) and not Path(source).expanduser().is_file():
-        if isinstance(source, str) and source in TASKS:
-            return get_task(source).examples("eval", cap or ZOO_TASK_EXAMPLES, seed=seed)
         raise DataError(f"task {spec.name!r}: no file {source} (relative paths resolve against "
                         f"{study.relative_to or Path.cwd()}), and no built-in task of that name "
                         f"(built-in: {', '.join(sorted(TASKS))})")
     return load_examples(source, prompt_field=spec.prompt_field, answer_field=spec.answer_field, limit=cap,
                          label=spec.name)
+
+
+def is_zoo_task(study: Study, spec: TaskSpec) -> bool:
+    """Whether the task's source is a built-in zoo task's name (a string that names no file)."""
+    source = study.path(spec.source)
+    return isinstance(source, str) and source in TASKS and not Path(source).expanduser().is_file()
+
+
+def task_scoring(study: Study, spec: TaskSpec) -> TaskScoring | None:
+    """How the task is scored: its options as a :class:`~karcher_lab.diagnostics.scoring.TaskScoring`,
+    or None (the zoo's plain rules) for a built-in zoo task without options."""
+    scoring = TaskScoring(spec.chat_template, spec.case_sensitive, spec.max_new_tokens)
+    return None if is_zoo_task(study, spec) and scoring == TaskScoring() else scoring
 
 
 def study_examples(study: Study, per_task: int | None = None, seed: int = 0) -> dict[str, list[Example]]:

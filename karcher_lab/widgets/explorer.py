@@ -2,7 +2,9 @@
 quality, collapse curves, Karcher convergence and norm shrinkage update in place.
 
 It opens on a :class:`karcher_lab.Study` (users' own model folders, task files and probes; or a study
-YAML) or on a zoo pool (its experts named by their tasks).
+YAML) or on a zoo pool, as the pool's built-in study (its experts named by their tasks). Experts are
+judged on their own tasks; an expert that owns none is merged and drawn in the layer figure only, and
+tasks no expert owns (held-out sets) are measured on every update.
 
 The panel is an ``ipywidgets.VBox`` subclass, so a notebook displays it by evaluating it (or with
 ``display(explorer)``). It only composes: the controls are :class:`~karcher_lab.widgets.merge_controls.MergeControls`,
@@ -62,18 +64,17 @@ import torch
 from karcher_lab.checks import check_count
 from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.geometry import numerics
-from karcher_lab.measurement import MeasurementSettings, engine_for_pool
-from karcher_lab.measurement.studies import engine_for_study
+from karcher_lab.measurement import MeasurementSettings, engine_for_study
 from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
 from karcher_lab.widgets.explorer_figures import ExplorerFigures
 from karcher_lab.widgets.merge_controls import MergeControls
-from karcher_lab.study import Study, as_study
+from karcher_lab.study import Study, as_study, pool_study
 from karcher_lab.pipeline import MergeSession, MergeStats, resolved_recipe_yaml, run_recipe
 from karcher_lab.recipe.schema import Recipe
 from karcher_lab.study.resolve import is_adapter, load_model, model_dir, model_folder
-from karcher_lab.zoo import Pool, find_pool, load
+from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_SELECTED = 4
 """Experts checked at start when ``selected`` is not given (the first ones of the pool)."""
@@ -90,11 +91,9 @@ KEEP_OUTPUT_CLASS = "kl-keep-output"
 """CSS classes of the "save this merge" button and of the area showing the saved folder or the recipe."""
 
 
-def checkpoint_paths(study: Study | None, pool: Pool | None) -> tuple[list[str | None], str | None]:
+def checkpoint_paths(study: Study) -> tuple[list[str | None], str | None]:
     """The experts' and the base's checkpoint folders (None where a model exists only in memory: an
     in-memory model, or a PEFT adapter folded onto the base)."""
-    if study is None:
-        return [e["path"] for e in pool.experts], str(pool.base_path) if pool.record.get("base") else None
 
     def folder(source: Any) -> str | None:
         directory = model_folder(study, source)
@@ -126,7 +125,8 @@ class MergeExplorer(widgets.VBox):
     pool : Study, Pool or str
         A :class:`karcher_lab.Study` (users' own experts, tasks and probes) or the path of a study YAML
         (:func:`karcher_lab.load_study`); or a :class:`karcher_lab.zoo.Pool`, a pool name (``"tiny"``,
-        ``"smollm2"``) or a pool directory.
+        ``"smollm2"``) or a pool directory, opened as its built-in study
+        (:func:`~karcher_lab.study.pool_study`).
     selected : sequence of str, optional
         Experts (a pool's: task names) checked at start (default: the first :data:`DEFAULT_SELECTED` experts).
     method : str
@@ -134,7 +134,8 @@ class MergeExplorer(widgets.VBox):
     quality_examples : int
         Held-out examples per checked task for exact match, NLL and KL.
     activation_examples : int
-        Probe sequences per pool task for the layer metrics (one fixed batch).
+        Probe sequences per task for the layer metrics (one fixed batch; a pool's every task, a study's
+        tasks' prompts when it names no probes).
     draws : int
         Bootstrap draws for the layer metrics' ± std (≥ 2).
     exact_match : bool
@@ -190,11 +191,14 @@ class MergeExplorer(widgets.VBox):
         self.runner = DebouncedRunner(self._work, debounce)
         """Debounced, shielded updates (its ``busy_indicator`` and ``error_area`` are in the header)."""
         get_method(method)
+        kind = "pool" if study is None else "study"
+        if study is None:
+            study = pool_study(pool if isinstance(pool, Pool) else find_pool(str(pool)),
+                               probes_per_task=activation_examples, probe_seed=seed + 1)
         self.study = study
-        """The explored :class:`~karcher_lab.study.Study`, or None for a zoo pool (:attr:`pool`)."""
-        self.pool = None if self.study is not None else pool if isinstance(pool, Pool) else find_pool(str(pool))
-        self.label = f"study {self.study.name}" if self.study is not None else f"pool {self.pool.name}"
-        self.tasks = list(self.study.experts) if self.study is not None else [e["task"] for e in self.pool.experts]
+        """The explored :class:`~karcher_lab.study.Study` (a zoo pool's built-in one for a pool)."""
+        self.label = f"{kind} {self.study.name}"
+        self.tasks = list(self.study.experts)
         """The experts' names (a pool's experts are named by their task)."""
         if not self.tasks:
             raise EmptyInputError(f"{self.label} has no experts")
@@ -204,20 +208,13 @@ class MergeExplorer(widgets.VBox):
             raise ParameterError(f"selected expert(s) {unknown} are not in {self.label}: {self.tasks}")
 
         with quiet_loading():
-            if self.study is not None:
-                self.engine = engine_for_study(self.study, settings=settings, examples_per_task=quality_examples,
-                                               probes_per_task=activation_examples)
-                self.expert_models: list[torch.nn.Module] = [self.engine.experts.model(n) for n in self.tasks]
-                self.base_model = (load_model(model_dir(self.study, self.study.base))
-                                   if self.study.base is not None else None)
-            else:
-                self.expert_models = [load(e["path"])[0] for e in self.pool.experts]
-                self.base_model = load(str(self.pool.base_path))[0] if self.pool.record.get("base") else None
-                self.engine = engine_for_pool(self.pool, examples_per_task=quality_examples,
-                                              probes_per_task=activation_examples, settings=settings, seed=seed,
-                                              probe_seed=seed + 1, experts=dict(zip(self.tasks, self.expert_models)))
+            self.engine = engine_for_study(self.study, settings=settings, examples_per_task=quality_examples,
+                                           probes_per_task=activation_examples)
             """Every number of an update (expert-side ones computed once)."""
-        self.expert_paths, self.base_path = checkpoint_paths(self.study, self.pool)
+            self.expert_models: list[torch.nn.Module] = [self.engine.experts.model(n) for n in self.tasks]
+            self.base_model = (load_model(model_dir(self.study, self.study.base))
+                               if self.study.base is not None else None)
+        self.expert_paths, self.base_path = checkpoint_paths(self.study)
         """Each expert's and the base's checkpoint folder (None for a model held only in memory): what a
         saved merge's recipe names."""
         self.merger = SubsetMerger(self.expert_models, base=self.base_model)
