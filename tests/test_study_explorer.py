@@ -59,7 +59,7 @@ def test_a_study_python_object_works_too(micro_pool, study_files):
     study = Study(experts={t: str(micro_pool.expert_path(t)) for t in tasks},
                   tasks={t: str(study_files / f"{t}.jsonl") for t in tasks}, probes=["a probe text", "another one"])
     explorer = MergeExplorer(study, method="linear", **FAST)
-    assert explorer.error == "" and explorer.base_model is None
+    assert explorer.error == "" and not explorer.has_base
     assert set(explorer.tables["quality"]["task"]) == set(tasks)
 
 

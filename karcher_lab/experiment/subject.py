@@ -24,16 +24,13 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from karcher_lab.errors import ArchitectureMismatchError, InputError
 from karcher_lab.experiment.distances import reference_distances
-from karcher_lab.io import Checkpoint, Source, StateDictSource
-from karcher_lab.io.lora import fold_into_tensor, read_adapter
+from karcher_lab.io import Source
 from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_study
 from karcher_lab.study import TASK_OPTIONS, Study, as_study, pool_study
 from karcher_lab.study.from_pool import probe_tasks
-from karcher_lab.study.resolve import is_adapter, model_folder
+from karcher_lab.study.resolve import merge_sources, model_folder
 from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_POOL_EXAMPLES = 32
@@ -122,10 +119,7 @@ class StudySubject(SweepSubject):
         self.experts = tuple(study.experts)
         self._folders = {name: model_folder(study, source) for name, source in study.experts.items()}
         self._base_folder = model_folder(study, study.base) if study.base is not None else None
-        adapters = [name for name, folder in self._folders.items() if folder is not None and is_adapter(folder)]
-        if adapters and self._base_folder is None:
-            raise InputError(f"expert(s) {adapters} are PEFT adapters; folding them needs the study's base as a "
-                             "model folder or cached hub id")
+        self._sources = merge_sources(study)
 
     def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
         study = self.study
@@ -151,19 +145,7 @@ class StudySubject(SweepSubject):
         return self.study.base if self._base_folder is None else str(self._base_folder)
 
     def sources(self) -> tuple[dict[str, Source], Source | None]:
-        experts: dict[str, Source] = {}
-        for name, source in self.study.experts.items():
-            folder = self._folders[name]
-            if folder is None:
-                experts[name] = StateDictSource(source, name)
-            elif is_adapter(folder):
-                experts[name] = _AdapterOnBase(self._base_folder, folder, name)
-            else:
-                experts[name] = Checkpoint(folder, label=name)
-        base = self.study.base
-        if base is None:
-            return experts, None
-        return experts, StateDictSource(base, "base") if self._base_folder is None else Checkpoint(self._base_folder, label="base")
+        return self._sources
 
 
 class PoolSubject(StudySubject):
@@ -211,23 +193,6 @@ def _data_reference(study: Study, source: Any) -> Any:
     if isinstance(source, (str, os.PathLike)):
         return str(study.path(source))
     return f"{IN_MEMORY} ({type(source).__name__})"
-
-
-class _AdapterOnBase(Checkpoint):
-    """The base checkpoint with a PEFT adapter's update W + ΔW folded in as each tensor is read: an
-    adapter expert read lazily, without building the folded model."""
-
-    def __init__(self, base: Path, adapter: Path, label: str):
-        super().__init__(base, label)
-        read = read_adapter(adapter, label)
-        self._factors, self._fan_in_fan_out = read.factors(), read.fan_in_fan_out
-        missing = sorted(set(self._factors) - set(self.tensors))
-        if missing:
-            raise ArchitectureMismatchError(f"adapter {label}: the base has no weight(s) {missing[:4]} that it updates")
-
-    def load(self, name: str) -> torch.Tensor:
-        tensor = super().load(name)
-        return fold_into_tensor(tensor, self._factors[name], self._fan_in_fan_out) if name in self._factors else tensor
 
 
 def sweep_subject(source: SweepSubject | Pool | Study | str | os.PathLike) -> SweepSubject:

@@ -44,6 +44,8 @@ from karcher_lab.diagnostics.examples import Example
 from karcher_lab.diagnostics.function import DISTANCE_COLUMNS, QUALITY_COLUMNS, answer_log_probs
 from karcher_lab.diagnostics.scoring import TaskScoring
 from karcher_lab.errors import CheckpointError, InputError
+from karcher_lab.io import Source
+from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.measurement.data import Probes, evaluation_data
 from karcher_lab.measurement.experts import ExpertMeasurements, ModelOrLoader, check_model_or_loader, loaded
 from karcher_lab.measurement.results import FunctionMetrics, LayerMetrics, Measurement
@@ -78,6 +80,11 @@ class MeasurementEngine:
     scoring : mapping of str to TaskScoring, optional
         Scoring options by task (:mod:`karcher_lab.diagnostics.scoring`); a task not named is scored by
         the plain rules (prompt as the tokenizer encodes it, exact string match).
+    sources : mapping of str to Source, optional
+        Where each expert's tensors are read from, one at a time (the weight metrics), and what its
+        cached measurements are keyed by (:class:`~karcher_lab.measurement.experts.ExpertMeasurements`).
+    cache : MeasurementCache, optional
+        A disk cache of the experts' measurements (:mod:`karcher_lab.measurement.cache`).
 
     Every argument is checked before any model is loaded or run.
     """
@@ -93,6 +100,8 @@ class MeasurementEngine:
         expert_tasks: Mapping[str, str] | None = None,
         settings: MeasurementSettings | None = None,
         scoring: Mapping[str, TaskScoring] | None = None,
+        sources: Mapping[str, Source] | None = None,
+        cache: MeasurementCache | None = None,
     ):
         settings = MeasurementSettings() if settings is None else settings
         if not isinstance(settings, MeasurementSettings):
@@ -102,7 +111,7 @@ class MeasurementEngine:
         self.data = evaluation_data(tokenizer, examples, probes, scoring)
         """Tokenizer, evaluation examples, their scoring options and encoded probe batch."""
         tasks = {name: name for name in experts} if expert_tasks is None else expert_tasks
-        self.experts = ExpertMeasurements(experts, tasks, self.data, settings)
+        self.experts = ExpertMeasurements(experts, tasks, self.data, settings, sources=sources, cache=cache)
         """The experts' own measurements, each computed once."""
         self._model_source = model
         self._model: torch.nn.Module | None = None

@@ -8,11 +8,12 @@ from dataclasses import replace
 
 from karcher_lab.checks import check_count
 from karcher_lab.diagnostics.scoring import check_scoring
+from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.measurement.engine import MeasurementEngine
 from karcher_lab.measurement.settings import MeasurementSettings
 from karcher_lab.study import Study
 from karcher_lab.study.resolve import (
-    check_vocabularies, expert_loader, load_model, model_dir, probe_texts, study_examples, task_scoring,
+    check_vocabularies, expert_loader, load_model, merge_sources, model_dir, probe_texts, study_examples, task_scoring,
 )
 
 
@@ -22,6 +23,7 @@ def engine_for_study(
     settings: MeasurementSettings,
     examples_per_task: int | None = None,
     probes_per_task: int = 4,
+    cache: MeasurementCache | None = None,
 ) -> MeasurementEngine:
     """The measurement engine of ``study``.
 
@@ -33,12 +35,17 @@ def engine_for_study(
         At most this many examples per task (default: every example, or the task's ``limit``).
     probes_per_task : int
         Prompts per task in the probe batch when the study gives no probe texts (≥ 1).
+    cache : MeasurementCache, optional
+        A disk cache of the experts' measurements (:mod:`karcher_lab.measurement.cache`), keyed by each
+        expert's content fingerprint.
 
     Returns
     -------
     MeasurementEngine
-        Experts by their study names; the model merged states are loaded into is the base (or the first
-        expert), loaded now with its tokenizer.
+        Experts by their study names, loaded one at a time when first measured, in the settings' dtype,
+        their tensors read from their checkpoints (:func:`~karcher_lab.study.resolve.merge_sources`); the
+        model merged states are loaded into is the base (or the first expert), loaded now with its
+        tokenizer.
 
     Every expert must share the base's vocabulary, and a task with ``chat_template`` needs a tokenizer
     that has one; both are checked, and the tasks and probes read, before any model is loaded. An
@@ -54,7 +61,8 @@ def engine_for_study(
     check_vocabularies(study)
     from transformers import AutoTokenizer
 
-    experts = {name: expert_loader(study, name) for name in study.experts}
+    experts = {name: expert_loader(study, name, settings.dtype) for name in study.experts}
+    sources, _ = merge_sources(study)
     first = study.base if study.base is not None else next(iter(study.experts.values()))
     directory = model_dir(study, first)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -62,5 +70,6 @@ def engine_for_study(
                                         if (options := task_scoring(study, spec)) is not None}, examples)
     if study.layers_path is not None and settings.layers_path is None:
         settings = replace(settings, layers_path=study.layers_path)
-    return MeasurementEngine(experts, tokenizer, examples, probes, model=load_model(directory), scoring=scoring,
-                             expert_tasks={name: study.own_task(name) for name in experts}, settings=settings)
+    return MeasurementEngine(experts, tokenizer, examples, probes, model=load_model(directory, settings.dtype),
+                             scoring=scoring, expert_tasks={name: study.own_task(name) for name in experts},
+                             settings=settings, sources=sources, cache=cache)

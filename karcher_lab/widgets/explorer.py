@@ -65,6 +65,7 @@ from karcher_lab.checks import check_count
 from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.geometry import numerics
 from karcher_lab.measurement import MeasurementSettings, engine_for_study
+from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
@@ -73,7 +74,7 @@ from karcher_lab.widgets.merge_controls import MergeControls
 from karcher_lab.study import Study, as_study, pool_study
 from karcher_lab.pipeline import MergeSession, MergeStats, resolved_recipe_yaml, run_recipe
 from karcher_lab.recipe.schema import Recipe
-from karcher_lab.study.resolve import is_adapter, load_model, model_dir, model_folder
+from karcher_lab.study.resolve import is_adapter, merge_sources, model_folder
 from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_SELECTED = 4
@@ -158,6 +159,13 @@ class MergeExplorer(widgets.VBox):
     single_threaded : bool, optional
         Run updates on one torch thread (restored afterwards); None: when the model has fewer than
         :data:`SINGLE_THREAD_PARAMETERS` parameters.
+    device : str
+        Where merges and every evaluation run (``cpu`` or ``cuda``; DeviceError when unavailable).
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        The dtype experts and the merged model are loaded in (``auto``: the checkpoints' own).
+    cache_measurements : bool
+        Keep the experts' measurements in the disk cache (:mod:`karcher_lab.measurement.cache`), so a
+        later explorer over the same experts, data and settings does not run them again.
 
     Bad arguments raise before any model loads.
     """
@@ -179,13 +187,16 @@ class MergeExplorer(widgets.VBox):
         seed: int = 0,
         initial_update: bool = True,
         single_threaded: bool | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        cache_measurements: bool = True,
     ):
         study = as_study(pool)
         if exact_match_mode is None:
             exact_match_mode = "greedy" if study is not None else "teacher_forced"
         settings = MeasurementSettings(sites=sites, draws=draws, seed=seed, exact_match=exact_match,
                                        exact_match_mode=exact_match_mode, eval_batch_size=EVAL_BATCH,
-                                       probe_batch_size=PROBE_BATCH)
+                                       probe_batch_size=PROBE_BATCH, device=device, dtype=dtype)
         check_count("quality_examples", quality_examples)
         check_count("activation_examples", activation_examples)
         self.runner = DebouncedRunner(self._work, debounce)
@@ -209,16 +220,18 @@ class MergeExplorer(widgets.VBox):
 
         with quiet_loading():
             self.engine = engine_for_study(self.study, settings=settings, examples_per_task=quality_examples,
-                                           probes_per_task=activation_examples)
-            """Every number of an update (expert-side ones computed once)."""
-            self.expert_models: list[torch.nn.Module] = [self.engine.experts.model(n) for n in self.tasks]
-            self.base_model = (load_model(model_dir(self.study, self.study.base))
-                               if self.study.base is not None else None)
+                                           probes_per_task=activation_examples,
+                                           cache=MeasurementCache() if cache_measurements else None)
+            """Every number of an update (expert-side ones computed once, one expert loaded at a time)."""
         self.expert_paths, self.base_path = checkpoint_paths(self.study)
         """Each expert's and the base's checkpoint folder (None for a model held only in memory): what a
         saved merge's recipe names."""
-        self.merger = SubsetMerger(self.expert_models, base=self.base_model)
-        """Every merge of an update (karcher's Gram matrices kept across updates)."""
+        sources, base = merge_sources(self.study)
+        self.has_base = base is not None
+        """Whether the study has a base model."""
+        self.merger = SubsetMerger(list(sources.values()), base=base, device=settings.device)
+        """Every merge of an update, read from the experts' checkpoints one tensor at a time (karcher's
+        Gram matrices kept across updates)."""
         self.model = self.engine.model
         """The one model every merged state is loaded into."""
         self.tokenizer = self.engine.data.tokenizer
@@ -232,7 +245,7 @@ class MergeExplorer(widgets.VBox):
         """The last merged state dict."""
 
         self.controls = MergeControls(self.tasks, selected=selected, method=method,
-                                      has_base=self.base_model is not None, use_base=use_base,
+                                      has_base=self.has_base, use_base=use_base,
                                       on_change=self.schedule)
         self.checkboxes, self.sliders, self.alpha_labels = self.controls.checkboxes, self.controls.sliders, self.controls.alpha_labels
         self.method_dropdown, self.use_base_box = self.controls.method_dropdown, self.controls.use_base_box
