@@ -75,3 +75,16 @@ def test_the_disk_cache_is_reused_and_invalidated_when_an_experts_bytes_change(s
     assert not changed["e1"][1]["mean"].equals(first["e1"][1]["mean"])
     assert clear_measurements() > 0 and not (tmp_path / "root" / "measurements").exists()
     assert measured(study_folder, cache)[0] == 2  # cleared: measured again
+
+
+def test_the_cache_command_shows_and_clears_the_measurements(study_folder, tmp_path, capsys):
+    from karcher_lab.cli import main
+
+    root = tmp_path / "root"
+    measured(study_folder, MeasurementCache(root / "measurements"))
+    assert main(["cache", "--cache-dir", str(root)]) == 0
+    assert "2 cached expert measurement(s)" in capsys.readouterr().out
+    assert main(["cache", "clear", "--cache-dir", str(root)]) == 0
+    assert "cleared" in capsys.readouterr().out and not (root / "measurements").exists()
+    assert main(["cache", "--cache-dir", str(root)]) == 0
+    assert "0 cached expert measurement(s)" in capsys.readouterr().out
