@@ -6,8 +6,10 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from karcher_lab import Study
+from karcher_lab.errors import DeviceError
 from karcher_lab.widgets import MergeExplorer
 from karcher_lab.zoo import get_task
 
@@ -135,3 +137,20 @@ def test_a_studys_layers_path_reaches_the_capture(micro_pool, study_files):
     wrong = engine_for_study(study("model.blocks"), settings=settings, probes_per_task=1)
     with pytest.raises(ParameterError, match="blocks"):
         wrong.layer_metrics(tasks)
+
+
+def test_the_explorer_on_cuda_without_cuda_is_a_clear_error(study_files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        MergeExplorer(study_files / "study.yml", device="cuda", initial_update=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_explorer_on_cuda_equals_the_cpu(micro_pool, study_files):
+    tasks = [e["task"] for e in micro_pool.experts]
+    cpu = MergeExplorer(study_files / "study.yml", selected=tasks[:3], **FAST)
+    gpu = MergeExplorer(study_files / "study.yml", selected=tasks[:3], device="cuda", **FAST)
+    assert gpu.error == "" and next(gpu.model.parameters()).device.type == "cuda"
+    pd.testing.assert_frame_equal(_scores(gpu), _scores(cpu), rtol=1e-4, atol=1e-5)
+    for name, tensor in cpu.state.items():
+        assert (gpu.state[name].cpu() - tensor).abs().max() <= 1e-5, name
