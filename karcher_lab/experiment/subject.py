@@ -28,6 +28,7 @@ import pandas as pd
 from karcher_lab.experiment.distances import reference_distances
 from karcher_lab.io import Source
 from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_study
+from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.study import TASK_OPTIONS, Study, as_study, pool_study
 from karcher_lab.study.from_pool import probe_tasks
 from karcher_lab.study.resolve import merge_sources, model_folder
@@ -83,7 +84,8 @@ class SweepSubject(ABC):
     def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
                names: tuple[str, ...]) -> MeasurementEngine:
         """The measurement engine of at least the experts ``names`` (a study's engine holds all of its
-        experts; only those measured are loaded), with ``per_task`` evaluation examples per task
+        experts; only those measured are loaded, one at a time, their numbers kept in the disk cache of
+        :mod:`karcher_lab.measurement.cache`), with ``per_task`` evaluation examples per task
         (:meth:`examples_per_task`); loads the model merged states go into and the tokenizer."""
 
     @abstractmethod
@@ -137,7 +139,7 @@ class StudySubject(SweepSubject):
     def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
                names: tuple[str, ...]) -> MeasurementEngine:
         return engine_for_study(self.study, settings=settings, examples_per_task=per_task,
-                                probes_per_task=probes_per_task)
+                                probes_per_task=probes_per_task, cache=MeasurementCache())
 
     def merge_base(self) -> Any:
         if self.study.base is None:
@@ -179,7 +181,8 @@ class PoolSubject(StudySubject):
     def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
                names: tuple[str, ...]) -> MeasurementEngine:
         study = pool_study(self.pool, tasks=names, probes_per_task=probes_per_task, probe_seed=settings.seed)
-        return engine_for_study(study, settings=settings, examples_per_task=self.examples_per_task(per_task))
+        return engine_for_study(study, settings=settings, examples_per_task=self.examples_per_task(per_task),
+                                cache=MeasurementCache())
 
 
 def _model_reference(folder: Path | None) -> str:

@@ -168,8 +168,9 @@ def _run_cells(grid: SweepGrid, store: ResultStore, todo: list[Cell], experts: l
     for task in _progress(experts, progress, desc="experts", unit="expert"):
         store.write(_expert_key(task), expert_rows(engine, subject.name, task))
     bar = _progress(todo, progress, desc="merges", unit="cell")
-    mergers = {order: SubsetMerger([engine.experts.state(t) for t in tasks[: max(grid.m_values)]],
-                                   base=subject.merge_base())
+    sources, _ = subject.sources()
+    mergers = {order: SubsetMerger([sources[t] for t in tasks[: max(grid.m_values)]], base=subject.merge_base(),
+                                   device=settings.device)
                for order, tasks in grid.orders.items()}
     for cell in bar:
         if progress:
