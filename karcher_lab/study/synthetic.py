@@ -8,8 +8,9 @@ expert, a word-level tokenizer, JSONL tasks of random token prompts and answers 
 like it), a probe file, and the study YAML naming them. The models answer nothing meaningful: what such
 a study measures is memory and time.
 
-:data:`QWEN2_05B` is a Qwen2-0.5B-shaped config (hidden 896, intermediate 4864, 24 layers, vocabulary
-151936, tied embeddings; about 0.49 B parameters).
+:data:`QWEN2_05B` is a Qwen2-0.5B-shaped config (hidden 896, intermediate 4864, 24 layers, 14 heads and
+2 key-value heads, vocabulary 151936, tied embeddings; about 0.49 B parameters) in the Llama architecture
+(Qwen2's without its attention biases), so that the generated word-level tokenizer is the one loaded.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from karcher_lab.io.output import atomic_directory, check_output_path
 from karcher_lab.io.synthetic import base_state, tiny_config, write_checkpoint
 
 QWEN2_05B = tiny_config(
-    "qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+    "llama", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
     num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
     torch_dtype="bfloat16",
 )
