@@ -234,7 +234,7 @@ class MeasurementEngine:
                                                 batch_size=s.probe_batch_size, layers_path=s.layers_path)
         merged = diagnostics.collapse_metrics(stats, model=MERGED_LABEL, draws=s.draws, seed=s.seed)
         experts = pd.concat([self.experts.collapse(n) for n in names], ignore_index=True)
-        ratio_table = (diagnostics.collapse_ratios(stats, [self.experts.activations(n) for n in names], alpha,
+        ratio_table = (diagnostics.collapse_ratios(stats, [self.experts.draw_metrics(n) for n in names], alpha,
                                                    model=MERGED_LABEL, draws=s.draws, seed=s.seed)
                        if ratios else None)
         return LayerMetrics(merged, experts, ratio_table, note)

@@ -4,7 +4,8 @@ Whatever merge is measured, an expert's own numbers are the same: its teacher-fo
 log-probabilities on the task it is judged on (the reference side of KL and Fisher–Rao) and its quality
 there (exact match, NLL), both with the task's scoring options as the merged model's
 (``data.scoring``), its activation statistics on the probe batch and their layer metrics (the
-denominators of collapse ratios, the experts' curves), and its tensor norms (the denominators of norm
+denominators of collapse ratios, kept as the layer metrics of every bootstrap draw, the experts'
+curves), and its tensor norms (the denominators of norm
 ratios). :class:`ExpertMeasurements` computes all of them in one visit per expert, the first time any
 is asked for: the expert is loaded, measured, and released, so that one expert model at a time is in
 memory. With a :class:`~karcher_lab.measurement.cache.MeasurementCache` and the expert's content
@@ -20,9 +21,10 @@ from typing import Any, Callable, Iterator, Mapping
 import pandas as pd
 import torch
 
-from karcher_lab.diagnostics import capture_activations, collapse_metrics, task_quality, tensor_norms
-from karcher_lab.diagnostics.activations import ActivationStats, capturable_sites
+from karcher_lab.diagnostics import capture_activations, task_quality, tensor_norms
+from karcher_lab.diagnostics.activations import capturable_sites
 from karcher_lab.diagnostics.collapse import COLUMNS as COLLAPSE_COLUMNS
+from karcher_lab.diagnostics.collapse import DrawMetrics, draw_metrics, draw_table
 from karcher_lab.diagnostics.function import QUALITY_COLUMNS, AnswerLogProbs, answer_log_probs
 from karcher_lab.errors import EmptyInputError, InputError, NotSupportedError, ParameterError
 from karcher_lab.io import Source
@@ -214,11 +216,13 @@ class ExpertMeasurements:
                                             exact_match=s.exact_match_mode, log_probs=log_probs, scoring=scoring)
         sites, unreadable = capturable_sites(model, s.sites, layers_path=s.layers_path)
         entry["layer_sites"], entry["unreadable"] = sites, unreadable
-        entry["activations"] = (capture_activations(model, data.probe_ids, data.probe_mask, sites=sites,
-                                                    batch_size=s.probe_batch_size, layers_path=s.layers_path)
-                                if sites else None)
-        entry["collapse"] = (collapse_metrics(entry["activations"], model=name, draws=s.draws, seed=s.seed)
-                             if sites else pd.DataFrame(columns=COLLAPSE_COLUMNS))
+        entry["draw_metrics"] = (draw_metrics(capture_activations(model, data.probe_ids, data.probe_mask, sites=sites,
+                                                                  batch_size=s.probe_batch_size,
+                                                                  layers_path=s.layers_path),
+                                              draws=s.draws, seed=s.seed)
+                                 if sites else None)
+        entry["collapse"] = (draw_table(entry["draw_metrics"], name) if sites
+                             else pd.DataFrame(columns=COLLAPSE_COLUMNS))
         return entry
 
     def norms(self, name: str) -> dict[str, float]:
@@ -243,14 +247,15 @@ class ExpertMeasurements:
         not found)."""
         return tuple(self._visit(name)["layer_sites"])
 
-    def activations(self, name: str) -> ActivationStats:
-        """The expert's activation statistics on the probe batch at :meth:`layer_sites`
-        (NotSupportedError saying why when there are none)."""
+    def draw_metrics(self, name: str) -> DrawMetrics:
+        """The expert's layer metrics under every bootstrap draw at :meth:`layer_sites`
+        (:func:`~karcher_lab.diagnostics.collapse.draw_metrics`: the denominators of collapse ratios;
+        its activation statistics are not kept). NotSupportedError saying why when no site can be read."""
         entry = self._visit(name)
-        if entry["activations"] is None:
+        if entry["draw_metrics"] is None:
             raise NotSupportedError(f"expert {name!r}: no activation site can be read: "
                                     f"{'; '.join(dict.fromkeys(entry['unreadable'].values()))}")
-        return entry["activations"]
+        return entry["draw_metrics"]
 
     def collapse(self, name: str) -> pd.DataFrame:
         """The expert's layer metrics at :meth:`layer_sites` (:func:`~karcher_lab.diagnostics.collapse_metrics`;
