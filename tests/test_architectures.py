@@ -244,7 +244,7 @@ def test_where_the_blocks_cannot_be_found_the_function_metrics_remain():
     assert measured.function.distance["mean"].notna().all() and not measured.weights.empty
     assert engine.experts.collapse("add").empty
     with pytest.raises(NotSupportedError, match="layers_path"):
-        engine.experts.activations("add")
+        engine.experts.draw_metrics("add")
 
     # the sweep: task, weight and summary rows, no layer rows, NaN layer summaries
     rows = measure_merge(engine, state, IDENTITY, ["add", "copy"], merge_seconds=0.5)

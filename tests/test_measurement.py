@@ -11,9 +11,11 @@ import karcher_lab
 from karcher_lab import diagnostics
 from karcher_lab.diagnostics.examples import Example
 from karcher_lab.errors import CheckpointError, EmptyInputError, InputError, ParameterError, WeightError
-from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_pool, probe_tasks
+from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_study
 from karcher_lab.measurement import engine as engine_module
 from karcher_lab.measurement import experts as experts_module
+from karcher_lab.study import pool_study
+from karcher_lab.study.from_pool import probe_tasks
 from karcher_lab.zoo import get_task, load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -143,17 +145,54 @@ def test_stages_give_what_measure_gives(models, data, micro_pool):
     assert set(layers.experts["model"]) == set(tasks)
 
 
-def test_engine_for_pool_judges_each_expert_on_its_task(micro_pool):
-    engine = engine_for_pool(micro_pool, examples_per_task=3, probes_per_task=2, settings=MeasurementSettings(draws=2),
-                             seed=5, probe_seed=6)
+def test_a_pool_is_a_built_in_study_judging_each_expert_on_its_task(micro_pool):
+    study = pool_study(micro_pool, probes_per_task=2, probe_seed=6)
+    engine = engine_for_study(study, settings=MeasurementSettings(draws=2, seed=5), examples_per_task=3)
     tasks = [e["task"] for e in micro_pool.experts]
     assert engine.experts.names == tasks and engine.experts.tasks == {t: t for t in tasks}
     assert engine.data.examples[tasks[0]] == get_task(tasks[0]).examples("eval", 3, seed=5)
-    assert engine.data.probe_ids.shape[0] == 2 * len(probe_tasks(micro_pool))
+    probes = [e.prompt + e.answer for t in probe_tasks(micro_pool) for e in get_task(t).examples("eval", 2, seed=6)]
+    assert study.probes == probes and engine.data.probe_ids.shape[0] == 2 * len(tasks)
+    assert engine.data.scoring == {}  # built-in zoo tasks keep the zoo's plain rules
+    subset = pool_study(micro_pool, tasks=tasks[1:2], probes_per_task=1)
+    assert list(subset.experts) == tasks[1:2] and list(subset.tasks) == tasks[1:2]
+    assert len(subset.probes) == len(tasks)  # the probe batch covers every pool task whatever is taken
     with pytest.raises(ParameterError, match="not in pool"):
-        engine_for_pool(micro_pool, examples_per_task=3, probes_per_task=2, settings=MeasurementSettings(), tasks=["nope"])
+        pool_study(micro_pool, tasks=["nope"])
     with pytest.raises(ParameterError, match="probes_per_task"):
-        engine_for_pool(micro_pool, examples_per_task=3, probes_per_task=0, settings=MeasurementSettings())
+        pool_study(micro_pool, probes_per_task=0)
+
+
+def test_experts_without_a_task_and_held_out_tasks(models, data, micro_pool):
+    """An expert that owns no task is merged and measured in the layer metrics only; a task no expert owns
+    is measured on every merge, with raw scores only (no expert, KL or normalized accuracy there)."""
+    experts, tokenizer, tasks, state, merged = models
+    examples, probes = data
+    held_out = next(t for t in examples if t not in tasks)
+    engine = MeasurementEngine({t: experts[t] for t in tasks}, tokenizer,
+                               {tasks[0]: examples[tasks[0]], "general": examples[held_out]}, probes,
+                               model=lambda: load(str(micro_pool.base_path))[0],
+                               expert_tasks={tasks[0]: tasks[0], tasks[1]: None},
+                               settings=MeasurementSettings(**SETTINGS))
+    assert engine.judged_tasks(tasks) == [tasks[0], "general"]
+    assert engine.judged_tasks(tasks[1:]) == ["general"]
+    engine.load_state(state)
+    function = engine.function_metrics(tasks)
+    direct = diagnostics.task_quality(merged, tokenizer, {"general": examples[held_out]}, model_name="merged",
+                                      exact_match="teacher_forced")
+    assert_same(function.quality[function.quality["task"] == "general"], direct)
+    assert set(function.expert_quality["task"]) == {tasks[0]}
+    assert list(function.distance["reference"].unique()) == [tasks[0]]
+    assert list(function.normalized_accuracy["task"]) == [tasks[0]]
+    only_unowned = engine.function_metrics(tasks[1:])
+    assert set(only_unowned.quality["task"]) == {"general"} and only_unowned.expert_quality.empty
+    assert only_unowned.distance.empty and only_unowned.normalized_accuracy.empty
+    assert engine.experts.quality(tasks[1]).empty
+    layers = engine.layer_metrics(tasks)
+    assert set(layers.experts["model"]) == set(tasks)
+    no_task = MeasurementEngine({tasks[1]: experts[tasks[1]]}, tokenizer, {tasks[0]: examples[tasks[0]]}, probes,
+                                model=merged, expert_tasks={tasks[1]: None}, settings=MeasurementSettings(**SETTINGS))
+    assert no_task.judged_tasks([tasks[1]]) == [tasks[0]]  # nobody owns it: held out
 
 
 def test_bad_input_fails_before_any_model_loads(models, data, micro_pool):

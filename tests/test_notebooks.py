@@ -19,6 +19,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
+from conftest import needs_smollm2
+
 from karcher_lab.study import export_pool_study
 from karcher_lab.zoo import cache_root
 
@@ -120,6 +122,21 @@ def test_notebook_06_writes_an_example_study_without_one(notebook_env, monkeypat
     text = "".join(_texts(book))
     assert f"name: {micro_pool.name}-study" in text and "my_study/study.yml" in text
     assert f"saved to {notebook_env / 'merged'}" in text
+
+
+@needs_smollm2
+def test_notebook_06_runs_on_smollm2_in_chat_format(notebook_env, monkeypatch, smollm2_study_file):
+    """Notebook 06 on a study of real SmolLM2-135M-Instruct and two derived experts whose tasks use its
+    chat template: the explorer's exact match decodes under the template, and the saved merge answers."""
+    monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_STUDY", str(smollm2_study_file))
+    monkeypatch.setenv("KARCHER_LAB_NOTEBOOK_QUALITY_EXAMPLES", "2")
+    book = _execute(notebook_env / "06_your_models.ipynb")
+    errors = [o for c in book.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors, [(o.ename, o.evalue) for o in errors]
+    text = "".join(_texts(book))
+    assert "study smollm2-capitals: experts ['geo', 'geo2']" in text
+    assert f"saved to {notebook_env / 'merged'}" in text and "chat_template: true" in text
+    assert "The capital of France is Paris." in text  # the saved merge's greedy answer under the template
 
 
 def test_smollm2_notebook_skips_with_a_clear_message_when_the_pool_is_missing(notebook_env, monkeypatch, tmp_path):

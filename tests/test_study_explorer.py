@@ -6,8 +6,10 @@ import json
 
 import pandas as pd
 import pytest
+import torch
 
 from karcher_lab import Study
+from karcher_lab.errors import DeviceError
 from karcher_lab.widgets import MergeExplorer
 from karcher_lab.zoo import get_task
 
@@ -59,8 +61,29 @@ def test_a_study_python_object_works_too(micro_pool, study_files):
     study = Study(experts={t: str(micro_pool.expert_path(t)) for t in tasks},
                   tasks={t: str(study_files / f"{t}.jsonl") for t in tasks}, probes=["a probe text", "another one"])
     explorer = MergeExplorer(study, method="linear", **FAST)
-    assert explorer.error == "" and explorer.base_model is None
+    assert explorer.error == "" and not explorer.has_base
     assert set(explorer.tables["quality"]["task"]) == set(tasks)
+
+
+def test_an_expert_without_a_task_and_a_held_out_task(micro_pool, study_files):
+    """The second expert owns no task and its task file is a held-out "general" task: the merged model's
+    raw scores there equal the full study's on that task; experts' rows only for the owned task."""
+    first, second = [e["task"] for e in micro_pool.experts][:2]
+    full = MergeExplorer(study_files / "study.yml", selected=[first, second], method="linear", **FAST)
+    study = Study(experts={first: str(micro_pool.expert_path(first)), "x": str(micro_pool.expert_path(second))},
+                  base=str(micro_pool.base_path),
+                  tasks={first: str(study_files / f"{first}.jsonl"), "general": str(study_files / f"{second}.jsonl")})
+    explorer = MergeExplorer(study, method="linear", **FAST)
+    assert explorer.error == ""
+    quality = explorer.tables["quality"]
+    assert set(quality.loc[quality["model"] == "expert", "task"]) == {first}
+    general = quality[quality["task"] == "general"].set_index("metric")["mean"]
+    reference = full.tables["quality"]
+    reference = reference[(reference["task"] == second) & (reference["model"] == "merged")].set_index("metric")["mean"]
+    for metric in ("accuracy", "nll"):
+        assert general[metric] == pytest.approx(reference[metric], rel=1e-6)
+    assert set(explorer.tables["distance"]["reference"]) == {first}
+    assert set(explorer.tables["collapse"]["model"]) == {"merged", first, "x"}
 
 
 def test_save_this_merge_writes_a_checkpoint_whose_recipe_reproduces_its_bytes(micro_pool, study_files, tmp_path):
@@ -114,3 +137,20 @@ def test_a_studys_layers_path_reaches_the_capture(micro_pool, study_files):
     wrong = engine_for_study(study("model.blocks"), settings=settings, probes_per_task=1)
     with pytest.raises(ParameterError, match="blocks"):
         wrong.layer_metrics(tasks)
+
+
+def test_the_explorer_on_cuda_without_cuda_is_a_clear_error(study_files, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        MergeExplorer(study_files / "study.yml", device="cuda", initial_update=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_explorer_on_cuda_equals_the_cpu(micro_pool, study_files):
+    tasks = [e["task"] for e in micro_pool.experts]
+    cpu = MergeExplorer(study_files / "study.yml", selected=tasks[:3], **FAST)
+    gpu = MergeExplorer(study_files / "study.yml", selected=tasks[:3], device="cuda", **FAST)
+    assert gpu.error == "" and next(gpu.model.parameters()).device.type == "cuda"
+    pd.testing.assert_frame_equal(_scores(gpu), _scores(cpu), rtol=1e-4, atol=1e-5)
+    for name, tensor in cpu.state.items():
+        assert (gpu.state[name].cpu() - tensor).abs().max() <= 1e-5, name

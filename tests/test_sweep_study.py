@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from karcher_lab import Study, load_study
 from karcher_lab.cli import main
-from karcher_lab.errors import InputError, ModelCountError, NotSupportedError, ParameterError
+from karcher_lab.errors import InputError, ModelCountError, ParameterError
 from karcher_lab.experiment import load_results, make_grid, run_sweep
 from karcher_lab.experiment.report import write_report
 from karcher_lab.zoo import get_task
@@ -162,7 +162,7 @@ def test_an_adapter_experts_distance_is_its_folded_weights(micro_pool, tmp_path)
     grid = make_grid(study, methods=["linear"], m_values=[2], orders=["near"])
     expected = _direct({"double": folded, "units": units}, base)
     pd.testing.assert_frame_equal(grid.subject.distances, expected, rtol=1e-6, check_names=False)
-    with pytest.raises(InputError, match=r"\['double'\] are PEFT adapters; folding them needs the study's base"):
+    with pytest.raises(InputError, match=r"expert 'double' is a PEFT adapter .*folding it needs the study's base"):
         make_grid(Study(experts=study.experts, tasks=study.tasks), methods=["linear"], m_values=[2], orders=["pool"])
 
 
@@ -198,10 +198,51 @@ def test_bad_studies_are_refused_before_any_model_loads(micro_pool, study_file, 
     alone = Study(experts={"double": str(micro_pool.expert_path("double"))}, tasks={"double": jsonl}, name="alone")
     with pytest.raises(ModelCountError, match=r"m must lie in 1\.\.1 .*study alone has 1"):
         run_sweep(alone, methods=["linear"], m_values=[2], out=tmp_path / "run", **SMALL)
-    orphan = Study(experts={"double": str(micro_pool.expert_path("double")), "x": str(micro_pool.expert_path("units"))},
-                   tasks={"double": jsonl})
-    with pytest.raises(NotSupportedError, match=r"expert\(s\) \['x'\] own no task"):
-        run_sweep(orphan, methods=["linear"], m_values=[2], out=tmp_path / "run", **SMALL)
     with pytest.raises(ParameterError, match="unknown expert"):
         run_sweep(study_file, methods=["linear"], m_values=[2], orders=["double,nope"], out=tmp_path / "run", **SMALL)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_expert_without_a_task_and_a_held_out_task(both_runs, micro_pool, study_file, tmp_path):
+    """The second expert renamed so that it owns no task, and its task file kept as a held-out "general"
+    task: the same merge, so the owned task's rows equal the full study's, and "general" gets the
+    merged model's raw scores on the second task (no KL, no normalized accuracy, no expert rows)."""
+    _, _, full = both_runs
+    first, second = [e["task"] for e in micro_pool.experts][:2]
+    folder = study_file.parent
+    study = Study(experts={first: str(micro_pool.expert_path(first)), "x": str(micro_pool.expert_path(second))},
+                  base=str(micro_pool.base_path), tasks={first: str(folder / f"{first}.jsonl"),
+                                                         "general": str(folder / f"{second}.jsonl")}, name="orphan")
+    results = run_sweep(study, methods=["linear"], m_values=[2], orders=["pool"], out=tmp_path / "run",
+                        per_task=PER_TASK, report=False, **SMALL)
+    merged = results[(results["method"] == "linear") & (results["scope"] == "task")]
+    reference = full[(full["method"] == "linear") & (full["scope"] == "task")]
+
+    def value(table, task, metric):
+        return table.loc[(table["task"] == task) & (table["metric"] == metric), "mean"].item()
+
+    for metric in ("accuracy", "normalized_accuracy", "nll", "kl", "fisher_rao"):
+        assert value(merged, first, metric) == pytest.approx(value(reference, first, metric), rel=1e-6, abs=1e-9)
+    for metric in ("accuracy", "nll"):
+        assert value(merged, "general", metric) == pytest.approx(value(reference, second, metric), rel=1e-6, abs=1e-9)
+    assert set(merged.loc[merged["task"] == "general", "metric"]) == {"accuracy", "nll"}
+    experts = results[results["method"] == "expert"]
+    assert set(experts.loc[experts["scope"] == "task", "experts"]) == {first}
+    assert not experts[(experts["experts"] == "x") & (experts["scope"] == "layer")].empty
+
+
+def test_the_collapse_viewer_opens_on_a_study(both_runs, study_file):
+    """CollapseViewer(study) runs the study's sweep (here resumed: every cell is in the run directory)
+    and draws its per-layer rows."""
+    from karcher_lab.widgets import CollapseViewer
+
+    run_dir, _, study = both_runs
+    options = dict(methods=["linear", "karcher"], m_values=[2], orders=["pool"], out=run_dir, per_task=PER_TASK,
+                   probes_per_task=2, draws=4, sites=["residual"])
+    viewer = CollapseViewer(study_file, sweep=options, methods=["linear"], metric="variance_ratio")
+    assert viewer.error == ""
+    expected = study[(study["scope"] == "layer") & (study["method"] == "linear") & (study["metric"] == "variance_ratio")]
+    curve = next(trace for trace in viewer.figure.data if trace.name == "linear")
+    assert list(curve.y) == pytest.approx(list(expected.sort_values("layer")["mean"]), rel=1e-12)
+    with pytest.raises(InputError, match="sweep options are for a study"):
+        CollapseViewer(study, sweep=options)

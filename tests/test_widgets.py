@@ -12,6 +12,7 @@ import torch
 import karcher_lab
 from karcher_lab.diagnostics import function_distance
 from karcher_lab.widgets import MergeExplorer
+from karcher_lab.zoo import load
 
 FAST = dict(quality_examples=4, activation_examples=2, draws=4, exact_match=False, debounce=0.05)
 
@@ -57,7 +58,7 @@ def test_panel_builds_with_css_classes_and_data(explorer, pool):
     assert set(explorer.nll_fig.data[0].x) == {e["task"] for e in pool.experts}
 
 
-def test_moving_a_weight_updates_normalized_values_and_figures_in_place(explorer):
+def test_moving_a_weight_updates_normalized_values_and_figures_in_place(explorer, pool):
     figures = list(explorer.figures)
     before = {id(f): arrays(f) for f in figures}
     model = explorer.model
@@ -76,7 +77,7 @@ def test_moving_a_weight_updates_normalized_values_and_figures_in_place(explorer
     assert len(explorer.norm_fig.data[0].y) == len(explorer.state)
     # KL from the cached expert log-probabilities equals running both models now
     for index, task in enumerate(explorer.tasks):
-        direct = function_distance(explorer.expert_models[index], explorer.model, explorer.tokenizer,
+        direct = function_distance(load(paths(pool, [index])[0])[0], explorer.model, explorer.tokenizer,
                                    {task: explorer.engine.data.examples[task]}, reference_name=task)
         shown = explorer.tables["distance"].query("task == @task").reset_index(drop=True)
         np.testing.assert_allclose(shown["mean"], direct["mean"], rtol=1e-6, atol=1e-9)

@@ -27,6 +27,7 @@ over the draws, ``point`` (the metric on the whole probe set) and ``draws``.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import pandas as pd
@@ -192,16 +193,44 @@ def collapse_metrics(
 ) -> pd.DataFrame:
     """Variance, effective rank and numerical rank per layer of one model, bootstrap mean ± std over
     ``draws`` resamples of the probe groups, and the full-probe-set value (``point``)."""
-    counts = bootstrap_counts(stats.num_groups, draws, seed)
+    return draw_table(draw_metrics(stats, sites=sites, draws=draws, seed=seed, rtol=rtol), model)
+
+
+def draw_table(metrics: "DrawMetrics", model: str = "model") -> pd.DataFrame:
+    """The :func:`collapse_metrics` table of a model's :class:`DrawMetrics`."""
     rows = []
-    for site in _sites(stats, sites):
-        rows += _rows(layer_metrics(stats, site, counts, rtol), model, site, METRICS)
+    for site, values in metrics.metrics.items():
+        rows += _rows(values, model, site, METRICS)
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+@dataclass(frozen=True)
+class DrawMetrics:
+    """One model's :func:`layer_metrics` under the bootstrap draws, per site ([L, 1 + draws, 3] float64
+    each), with the probe layout they were captured with (groups, layers, hidden size, sequences per
+    group): all that :func:`collapse_ratios` needs of an expert, a few kilobytes where its
+    :class:`~karcher_lab.diagnostics.activations.ActivationStats` hold L × G × d² floats."""
+
+    metrics: dict[str, torch.Tensor]
+    shape: tuple[int, int, int]
+    sequence_counts: torch.Tensor
+    draws: int
+    seed: int
+    rtol: float
+
+
+def draw_metrics(stats: ActivationStats, *, sites: Sequence[str] | None = None, draws: int = DEFAULT_DRAWS,
+                 seed: int = 0, rtol: float = DEFAULT_RTOL) -> DrawMetrics:
+    """The :class:`DrawMetrics` of ``stats`` (the draws of :func:`bootstrap_counts` with ``seed``)."""
+    counts = bootstrap_counts(stats.num_groups, draws, seed)
+    return DrawMetrics({site: layer_metrics(stats, site, counts, rtol) for site in _sites(stats, sites)},
+                       (stats.num_groups, stats.num_layers, stats.hidden_size), stats.sequence_counts.cpu(),
+                       draws, seed, rtol)
 
 
 def collapse_ratios(
     merged: ActivationStats,
-    experts: Mapping[str, ActivationStats] | Sequence[ActivationStats],
+    experts: Mapping[str, ActivationStats | DrawMetrics] | Sequence[ActivationStats | DrawMetrics],
     weights: Sequence[float] | None = None,
     *,
     model: str = "merged",
@@ -212,30 +241,34 @@ def collapse_ratios(
 ) -> pd.DataFrame:
     """Per layer and metric m, r = m_merged / Σ_i w_i m_i (w normalized to sum 1; equal by default),
     paired per bootstrap draw: the merged model and its experts must have been captured on the same
-    probes with the same groups. Metrics are named ``variance_ratio``, ``effective_rank_ratio``,
-    ``numerical_rank_ratio``; below 1 means the merge collapsed relative to its experts."""
-    stats = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
-    if not stats:
+    probes with the same groups. An expert is given by its activation statistics or by its
+    :class:`DrawMetrics` (computed with the same ``draws``, ``seed`` and ``rtol``). Metrics are named
+    ``variance_ratio``, ``effective_rank_ratio``, ``numerical_rank_ratio``; below 1 means the merge
+    collapsed relative to its experts."""
+    given = list(experts.values()) if isinstance(experts, Mapping) else list(experts)
+    if not given:
         raise EmptyInputError("collapse_ratios: no expert statistics given")
-    w = torch.full((len(stats),), 1.0 / len(stats), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
-    if w.shape != (len(stats),) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
-        raise WeightError(f"collapse_ratios: need {len(stats)} finite non-negative weights with a positive sum, got {w.tolist()}")
+    w = torch.full((len(given),), 1.0 / len(given), dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (len(given),) or not bool(torch.isfinite(w).all()) or bool((w < 0).any()) or not float(w.sum()) > 0:
+        raise WeightError(f"collapse_ratios: need {len(given)} finite non-negative weights with a positive sum, got {w.tolist()}")
     w = w / w.sum()
-    for i, s in enumerate(stats):
-        if (s.num_groups, s.num_layers, s.hidden_size) != (merged.num_groups, merged.num_layers, merged.hidden_size) or not torch.equal(
-            s.sequence_counts.cpu(), merged.sequence_counts.cpu()
-        ):
+    chosen = _sites(merged, sites)
+    references = [g if isinstance(g, DrawMetrics) else draw_metrics(g, sites=chosen, draws=draws, seed=seed, rtol=rtol)
+                  for g in given]
+    layout = (merged.num_groups, merged.num_layers, merged.hidden_size)
+    for i, r in enumerate(references):
+        if r.shape != layout or not torch.equal(r.sequence_counts, merged.sequence_counts.cpu()):
             raise InputError(
-                f"collapse_ratios: expert {i} was captured with {s.num_groups} groups, {s.num_layers} layers, "
-                f"hidden size {s.hidden_size}, but the merged model with {merged.num_groups}, {merged.num_layers}, "
-                f"{merged.hidden_size}: capture every model on the same probes with the same settings"
-            )
+                f"collapse_ratios: expert {i} was captured with (groups, layers, hidden size) {r.shape}, but the "
+                f"merged model with {layout}: capture every model on the same probes with the same settings")
+        if (r.draws, r.seed, r.rtol) != (draws, seed, rtol) or any(site not in r.metrics for site in chosen):
+            raise InputError(f"collapse_ratios: expert {i}'s draw metrics were computed with draws {r.draws}, seed "
+                             f"{r.seed}, rtol {r.rtol} at sites {sorted(r.metrics)}; the ratios ask for {draws}, {seed}, "
+                             f"{rtol} at {list(chosen)}")
     counts = bootstrap_counts(merged.num_groups, draws, seed)
     rows = []
-    for site in _sites(merged, sites):
-        for s in stats:
-            s._check_site(site)
-        reference = sum(wi * layer_metrics(s, site, counts, rtol) for wi, s in zip(w.tolist(), stats))
+    for site in chosen:
+        reference = sum(wi * r.metrics[site] for wi, r in zip(w.tolist(), references))
         ratio = layer_metrics(merged, site, counts, rtol) / reference
         rows += _rows(ratio, model, site, [f"{m}_ratio" for m in METRICS])
     return pd.DataFrame(rows, columns=COLUMNS)

@@ -3,17 +3,19 @@ of each expert, from the measurement engine (:class:`karcher_lab.measurement.Mea
 
 :func:`measure_merge` turns one merged state dict into rows:
 
-- scope ``task``, per merged expert's task: ``accuracy`` (greedy exact match), ``normalized_accuracy``
-  (merged / expert accuracy), ``nll`` (answer tokens), ``kl`` = KL(p_expert ‖ p_merged) (the paper's
-  function distance, eq. 2) and ``fisher_rao`` on that task (:mod:`karcher_lab.diagnostics.function`);
+- scope ``task``, per task the merge is measured on (each merged expert's own task, and the held-out
+  tasks no expert owns; :meth:`~karcher_lab.measurement.MeasurementEngine.judged_tasks`): ``accuracy``
+  (exact match) and ``nll`` (answer tokens); on the merged experts' own tasks also ``normalized_accuracy``
+  (merged / expert accuracy), ``kl`` = KL(p_expert ‖ p_merged) (the paper's function distance, eq. 2)
+  and ``fisher_rao`` (:mod:`karcher_lab.diagnostics.function`);
 - scope ``layer``, per site and layer, on the probe set (``probes_per_task`` held-out examples of every
-  task of the pool, :func:`~karcher_lab.measurement.probe_tasks`: the same for every cell, so that curves
+  task of the pool, :func:`~karcher_lab.study.from_pool.probe_tasks`: the same for every cell, so that curves
   compare across m): ``variance``, ``effective_rank``, ``numerical_rank`` and their ratios to the
   equal-weight mean of the merged experts (paired bootstrap, mean ± std over draws;
   :mod:`karcher_lab.diagnostics.collapse`);
 - scope ``weights``: ``norm_ratio`` (‖merged‖ / mean ‖expert‖) and ``relative_distance``
   (‖merged − expertᵢ‖ / ‖expertᵢ‖), averaged over tensors (and experts), std over tensors;
-- scope ``summary``: averages over the merged tasks (``avg_accuracy``, ``avg_normalized_accuracy``,
+- scope ``summary``: averages over the measured tasks (``avg_accuracy``, ``avg_normalized_accuracy``,
   ``avg_nll``, ``avg_kl``, ``avg_fisher_rao``; std over tasks), over the residual layers
   (``avg_variance_ratio``, ``avg_effective_rank_ratio``; std over layers) and ``merge_seconds``.
 
@@ -51,7 +53,8 @@ def _summary(identity: dict, metric: str, values: pd.Series) -> dict:
 
 
 def expert_rows(engine: MeasurementEngine, pool_name: str, task: str) -> pd.DataFrame:
-    """The expert's own rows: quality on its task and its layer metrics on the probe set."""
+    """The expert's own rows: quality on its own task (none when it owns no task) and its layer metrics
+    on the probe set."""
     identity = dict(pool=pool_name, order="", method=EXPERT, m=1, experts=task)
     quality = engine.experts.quality(task)
     rows = _rows(quality[quality["metric"] != "perplexity"], identity, "task")

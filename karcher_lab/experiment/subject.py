@@ -1,11 +1,13 @@
 """What a sweep runs on: a zoo pool or a :class:`~karcher_lab.study.Study`, behind one interface.
 
-- :class:`PoolSubject`: a built zoo pool. Experts are named by their task and carry the zoo's
-  heterogeneity ``level``, accuracy and base accuracy (pool.json); they are measured on held-out examples
-  from the zoo's task generators (:func:`~karcher_lab.measurement.engine_for_pool`).
 - :class:`StudySubject`: a study of the user's own experts (model folders, cached hub ids, PEFT adapters
-  folded onto the base, models in memory), each judged on its own task, with the study's task files and
-  probe texts (:func:`~karcher_lab.measurement.studies.engine_for_study`). Studies carry no levels.
+  folded onto the base, models in memory), each judged on its own task where it owns one, with the
+  study's task files and probe texts (:func:`~karcher_lab.measurement.studies.engine_for_study`).
+  Studies carry no levels.
+- :class:`PoolSubject`: a built zoo pool, run as its built-in study
+  (:func:`~karcher_lab.study.pool_study`): experts named by their task, measured on held-out examples
+  from the zoo's task generators, plus the zoo's heterogeneity ``level``, accuracy and base accuracy
+  (pool.json).
 
 Both give the sweep the same things: the experts in their given order, the measurement engine, the base
 the merges use, the entries of the run's ``config.json`` that identify them, and the experts opened as
@@ -22,16 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
-from karcher_lab.errors import ArchitectureMismatchError, InputError
 from karcher_lab.experiment.distances import reference_distances
-from karcher_lab.io import Checkpoint, Source, StateDictSource
-from karcher_lab.io.lora import fold_into_tensor, read_adapter
-from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_pool, engine_for_study, probe_tasks
-from karcher_lab.measurement.studies import check_own_tasks
-from karcher_lab.study import TASK_OPTIONS, Study, as_study
-from karcher_lab.study.resolve import is_adapter, model_folder
+from karcher_lab.io import Source
+from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engine_for_study
+from karcher_lab.measurement.cache import MeasurementCache
+from karcher_lab.study import TASK_OPTIONS, Study, as_study, pool_study
+from karcher_lab.study.from_pool import probe_tasks
+from karcher_lab.study.resolve import merge_sources, model_folder
 from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_POOL_EXAMPLES = 32
@@ -84,7 +84,8 @@ class SweepSubject(ABC):
     def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
                names: tuple[str, ...]) -> MeasurementEngine:
         """The measurement engine of at least the experts ``names`` (a study's engine holds all of its
-        experts; only those measured are loaded), with ``per_task`` evaluation examples per task
+        experts; only those measured are loaded, one at a time, their numbers kept in the disk cache of
+        :mod:`karcher_lab.measurement.cache`), with ``per_task`` evaluation examples per task
         (:meth:`examples_per_task`); loads the model merged states go into and the tokenizer."""
 
     @abstractmethod
@@ -108,15 +109,56 @@ class SweepSubject(ABC):
         return self.merge_base() is not None
 
 
-class PoolSubject(SweepSubject):
-    """A built zoo pool (see the module docstring)."""
+class StudySubject(SweepSubject):
+    """A :class:`~karcher_lab.study.Study` (see the module docstring). Every model folder, cached hub id
+    and adapter must resolve: checked when the subject is made, before any model is loaded."""
+
+    kind = "study"
+
+    def __init__(self, study: Study):
+        self.study = study
+        self.name = study.name
+        self.experts = tuple(study.experts)
+        self._folders = {name: model_folder(study, source) for name, source in study.experts.items()}
+        self._base_folder = model_folder(study, study.base) if study.base is not None else None
+        self._sources = merge_sources(study)
+
+    def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
+        study = self.study
+        tasks = [{"name": spec.name, "source": _data_reference(study, spec.source),
+                  **{key: getattr(spec, key) for key in TASK_OPTIONS if key != "source"}}
+                 for spec in study.task_specs.values()]
+        probes = study.probes
+        if probes is not None:
+            probes = _data_reference(study, probes) if isinstance(probes, (str, os.PathLike)) else [str(p) for p in probes]
+        return dict(study=self.name, experts=[[name, _model_reference(folder)] for name, folder in self._folders.items()],
+                    base=None if study.base is None else _model_reference(self._base_folder), tasks=tasks, probes=probes,
+                    layers_path=study.layers_path, per_task=per_task,
+                    probes_per_task=probes_per_task if study.probes is None else None)
+
+    def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
+               names: tuple[str, ...]) -> MeasurementEngine:
+        return engine_for_study(self.study, settings=settings, examples_per_task=per_task,
+                                probes_per_task=probes_per_task, cache=MeasurementCache())
+
+    def merge_base(self) -> Any:
+        if self.study.base is None:
+            return None
+        return self.study.base if self._base_folder is None else str(self._base_folder)
+
+    def sources(self) -> tuple[dict[str, Source], Source | None]:
+        return self._sources
+
+
+class PoolSubject(StudySubject):
+    """A built zoo pool: its built-in study (:func:`~karcher_lab.study.pool_study`) with the zoo's
+    levels and records (see the module docstring)."""
 
     kind = "pool"
 
     def __init__(self, pool: Pool):
+        super().__init__(pool_study(pool))
         self.pool = pool
-        self.name = pool.name
-        self.experts = tuple(e["task"] for e in pool.experts)
 
     @property
     def levels(self) -> dict[str, float] | None:
@@ -138,73 +180,9 @@ class PoolSubject(SweepSubject):
 
     def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
                names: tuple[str, ...]) -> MeasurementEngine:
-        return engine_for_pool(self.pool, examples_per_task=self.examples_per_task(per_task),
-                               probes_per_task=probes_per_task, settings=settings, tasks=names, seed=settings.seed)
-
-    def merge_base(self) -> Path:
-        return self.pool.base_path
-
-    def sources(self) -> tuple[dict[str, Source], Source | None]:
-        return ({e["task"]: Checkpoint(e["path"], label=e["task"]) for e in self.pool.experts},
-                Checkpoint(self.pool.base_path, label="base"))
-
-
-class StudySubject(SweepSubject):
-    """A :class:`~karcher_lab.study.Study` (see the module docstring). Every expert must own a task, and
-    every model folder, cached hub id and adapter must resolve: checked when the subject is made, before
-    any model is loaded."""
-
-    kind = "study"
-
-    def __init__(self, study: Study):
-        check_own_tasks(study)
-        self.study = study
-        self.name = study.name
-        self.experts = tuple(study.experts)
-        self._folders = {name: model_folder(study, source) for name, source in study.experts.items()}
-        self._base_folder = model_folder(study, study.base) if study.base is not None else None
-        adapters = [name for name, folder in self._folders.items() if folder is not None and is_adapter(folder)]
-        if adapters and self._base_folder is None:
-            raise InputError(f"expert(s) {adapters} are PEFT adapters; folding them needs the study's base as a "
-                             "model folder or cached hub id")
-
-    def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
-        study = self.study
-        tasks = [{"name": spec.name, "source": _data_reference(study, spec.source),
-                  **{key: getattr(spec, key) for key in TASK_OPTIONS if key != "source"}}
-                 for spec in study.task_specs.values()]
-        probes = study.probes
-        if probes is not None:
-            probes = _data_reference(study, probes) if isinstance(probes, (str, os.PathLike)) else [str(p) for p in probes]
-        return dict(study=self.name, experts=[[name, _model_reference(folder)] for name, folder in self._folders.items()],
-                    base=None if study.base is None else _model_reference(self._base_folder), tasks=tasks, probes=probes,
-                    layers_path=study.layers_path, per_task=per_task,
-                    probes_per_task=probes_per_task if study.probes is None else None)
-
-    def engine(self, *, settings: MeasurementSettings, per_task: int | None, probes_per_task: int,
-               names: tuple[str, ...]) -> MeasurementEngine:
-        return engine_for_study(self.study, settings=settings, examples_per_task=per_task,
-                                probes_per_task=probes_per_task)
-
-    def merge_base(self) -> Any:
-        if self.study.base is None:
-            return None
-        return self.study.base if self._base_folder is None else str(self._base_folder)
-
-    def sources(self) -> tuple[dict[str, Source], Source | None]:
-        experts: dict[str, Source] = {}
-        for name, source in self.study.experts.items():
-            folder = self._folders[name]
-            if folder is None:
-                experts[name] = StateDictSource(source, name)
-            elif is_adapter(folder):
-                experts[name] = _AdapterOnBase(self._base_folder, folder, name)
-            else:
-                experts[name] = Checkpoint(folder, label=name)
-        base = self.study.base
-        if base is None:
-            return experts, None
-        return experts, StateDictSource(base, "base") if self._base_folder is None else Checkpoint(self._base_folder, label="base")
+        study = pool_study(self.pool, tasks=names, probes_per_task=probes_per_task, probe_seed=settings.seed)
+        return engine_for_study(study, settings=settings, examples_per_task=self.examples_per_task(per_task),
+                                cache=MeasurementCache())
 
 
 def _model_reference(folder: Path | None) -> str:
@@ -218,23 +196,6 @@ def _data_reference(study: Study, source: Any) -> Any:
     if isinstance(source, (str, os.PathLike)):
         return str(study.path(source))
     return f"{IN_MEMORY} ({type(source).__name__})"
-
-
-class _AdapterOnBase(Checkpoint):
-    """The base checkpoint with a PEFT adapter's update W + ΔW folded in as each tensor is read: an
-    adapter expert read lazily, without building the folded model."""
-
-    def __init__(self, base: Path, adapter: Path, label: str):
-        super().__init__(base, label)
-        read = read_adapter(adapter, label)
-        self._factors, self._fan_in_fan_out = read.factors(), read.fan_in_fan_out
-        missing = sorted(set(self._factors) - set(self.tensors))
-        if missing:
-            raise ArchitectureMismatchError(f"adapter {label}: the base has no weight(s) {missing[:4]} that it updates")
-
-    def load(self, name: str) -> torch.Tensor:
-        tensor = super().load(name)
-        return fold_into_tensor(tensor, self._factors[name], self._fan_in_fan_out) if name in self._factors else tensor
 
 
 def sweep_subject(source: SweepSubject | Pool | Study | str | os.PathLike) -> SweepSubject:
@@ -257,8 +218,6 @@ def sweep_subject(source: SweepSubject | Pool | Study | str | os.PathLike) -> Sw
         No such pool.
     DataError, ParameterError, EmptyInputError
         A study file that cannot be read or holds a bad study (:func:`karcher_lab.load_study`).
-    NotSupportedError
-        A study expert that owns no task.
     CheckpointError, InputError
         A study model that does not resolve to a folder, or adapter experts without a base folder.
     """

@@ -11,8 +11,8 @@ parameters, the distance that orders near and far) is :mod:`~karcher_lab.experim
 measured is :mod:`~karcher_lab.experiment.measure`; the results table and its resumable storage are
 :mod:`~karcher_lab.experiment.results`; the HTML report is :mod:`~karcher_lab.experiment.report`.
 
-Merges run in memory through one :class:`karcher_lab.pipeline.SubsetMerger` per order on the experts'
-state dicts, with equal weights 1/m; a method that requires a base gets the pool's (or study's), and a
+Merges run through one :class:`karcher_lab.pipeline.SubsetMerger` per order, reading the experts'
+checkpoints one tensor at a time, with equal weights 1/m; a method that requires a base gets the pool's (or study's), and a
 pair method (slerp, arcee_fusion, nearswap) takes the order's first expert as its base. karcher keeps one
 session over all of the order's experts, giving weight 0 to the experts beyond m (zero-weight experts
 are excluded from the Karcher mean), so every expert's Gram matrices are computed once per order and
@@ -115,7 +115,8 @@ class SweepJob:
 class CellRunner:
     """Runs the cells of a :class:`SweepJob` in this process: the measurement engine and each order's
     :class:`~karcher_lab.pipeline.SubsetMerger` (over the order's first max(m) experts, so that karcher's
-    session and its numbers are the same whichever cells a process runs) are made on first use; each
+    session and its numbers are the same whichever cells a process runs; the experts are read from their
+    checkpoints one tensor at a time) are made on first use; each
     finished cell is written to the run's store, each failed one recorded there."""
 
     def __init__(self, job: SweepJob):
@@ -136,13 +137,14 @@ class CellRunner:
         if order not in self._mergers:
             grid = self.job.grid
             experts = grid.orders[order][: max(grid.m_values)]
-            self._mergers[order] = SubsetMerger([self.engine.experts.state(t) for t in experts],
-                                                base=grid.subject.merge_base())
+            sources, _ = grid.subject.sources()
+            self._mergers[order] = SubsetMerger([sources[t] for t in experts], base=grid.subject.merge_base(),
+                                                device=self.job.settings.device)
         return self._mergers[order]
 
     def merge(self, cell: Cell) -> tuple[MergedState, float]:
         """The cell's merged state (equal weights 1/m) and the seconds the merge took."""
-        method, merger = get_method(cell.method), self.merger(cell.order)  # the experts are loaded before timing
+        method, merger = get_method(cell.method), self.merger(cell.order)  # the experts are opened before timing
         start = time.perf_counter()
         merged = merger.merge(cell.method, range(cell.m), [1.0 / cell.m] * cell.m,
                               params=self.job.grid.params.get(cell.method, {}), seed=self.job.settings.seed,
@@ -156,7 +158,7 @@ class CellRunner:
         if isinstance(unit, str):
             rows = expert_rows(engine, subject.name, unit)
             if _lm_eval_tasks(subject):
-                engine.load_state(engine.experts.state(unit))
+                engine.load_state(dict(engine.experts.state(unit)))
         else:
             merged, seconds = self.merge(unit)
             rows = measure_merge(engine, merged.state, identity, unit.tasks, seconds)  # leaves the merge in engine.model

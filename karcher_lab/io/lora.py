@@ -379,3 +379,27 @@ def fold_into_base(
         copy_files(base_dir, tmp, (GENERATION_CONFIG, *TOKENIZER_FILES))
         _write_record(tmp, record, str(base), "transformers")
     return out
+
+
+class AdapterOnBase(Checkpoint):
+    """The base checkpoint with a PEFT adapter's update folded in, W + (α/r) B A, as each tensor is read
+    (:func:`fold_into_tensor`): an adapter expert as a merge source, without building the folded model.
+
+    Raises
+    ------
+    ArchitectureMismatchError
+        The adapter updates a weight the base lacks.
+    """
+
+    def __init__(self, base: str | Path, adapter: str | Path, label: str):
+        super().__init__(base, label)
+        self.adapter_directory = Path(adapter)
+        read = read_adapter(adapter, label)
+        self._factors, self._fan_in_fan_out = read.factors(), read.fan_in_fan_out
+        missing = sorted(set(self._factors) - set(self.tensors))
+        if missing:
+            raise ArchitectureMismatchError(f"adapter {label}: the base has no weight(s) {missing[:4]} that it updates")
+
+    def load(self, name: str) -> torch.Tensor:
+        tensor = super().load(name)
+        return fold_into_tensor(tensor, self._factors[name], self._fan_in_fan_out) if name in self._factors else tensor

@@ -9,23 +9,20 @@
   metrics of a merged model, stage by stage or all at once (:meth:`MeasurementEngine.measure`);
 - :mod:`~karcher_lab.measurement.results`: what it returns (:class:`Measurement`, :class:`FunctionMetrics`,
   :class:`LayerMetrics`);
-- :mod:`~karcher_lab.measurement.pools`: :func:`engine_for_pool`, the engine of a zoo pool;
 - :mod:`~karcher_lab.measurement.studies`: :func:`engine_for_study`, the engine of a
-  :class:`~karcher_lab.study.Study`.
+  :class:`~karcher_lab.study.Study` (a zoo pool is one: :func:`~karcher_lab.study.pool_study`).
 
 The engine takes plain data (models or loaders, a tokenizer, examples, probe texts); only
-:mod:`~karcher_lab.measurement.pools` knows the zoo, and only :mod:`~karcher_lab.measurement.studies`
-studies.
+:mod:`~karcher_lab.measurement.studies` knows studies, and nothing here knows the zoo.
 """
 from karcher_lab.measurement.data import EvaluationData, evaluation_data
 from karcher_lab.measurement.engine import MeasurementEngine
 from karcher_lab.measurement.experts import ExpertMeasurements
-from karcher_lab.measurement.pools import engine_for_pool, probe_tasks
 from karcher_lab.measurement.results import FunctionMetrics, LayerMetrics, Measurement
 from karcher_lab.measurement.settings import MeasurementSettings
 from karcher_lab.measurement.studies import engine_for_study
 
 __all__ = [
     "EvaluationData", "ExpertMeasurements", "FunctionMetrics", "LayerMetrics", "Measurement", "MeasurementEngine",
-    "MeasurementSettings", "engine_for_pool", "engine_for_study", "evaluation_data", "probe_tasks",
+    "MeasurementSettings", "engine_for_study", "evaluation_data",
 ]

@@ -14,11 +14,13 @@ as its numbers exist; :meth:`MeasurementEngine.measure` runs all three:
    ‖x*‖ / Σ_i α_i ‖x_i‖ from cached expert norms (``norm_only``), or every
    :func:`~karcher_lab.diagnostics.weight_metrics` row (relative distance to each expert, …).
 2. :meth:`~MeasurementEngine.function_metrics`: ONE teacher-forced pass of the merged model over the
-   merged experts' tasks (:func:`~karcher_lab.diagnostics.function.answer_log_probs`), from which
+   merged experts' own tasks and the held-out tasks no expert owns
+   (:func:`~karcher_lab.diagnostics.function.answer_log_probs`), from which
    come the answer NLL, exact match (``teacher_forced`` mode, for tasks without a ``TaskScoring``;
    ``greedy``, and every task with one, decodes instead), KL(p_expert ‖ p_merged) (eq. 2) and the
    Fisher–Rao distance against each expert's cached log-probabilities on its own task, and the
-   normalized accuracy (merged / expert exact match).
+   normalized accuracy (merged / expert exact match) on the tasks an expert owns. An expert that owns
+   no task contributes to the merge and the layer metrics only.
 3. :meth:`~MeasurementEngine.layer_metrics`: one forward of the merged model over the probe batch
    (:func:`~karcher_lab.diagnostics.capture_activations`): variance, effective rank and numerical rank
    per layer with bootstrap mean ± std, and optionally their paired ratios to the experts'. Only at the
@@ -39,9 +41,11 @@ from karcher_lab.checks import check_weights
 from karcher_lab.diagnostics.activations import capturable_sites
 from karcher_lab.diagnostics.collapse import COLUMNS as COLLAPSE_COLUMNS
 from karcher_lab.diagnostics.examples import Example
-from karcher_lab.diagnostics.function import answer_log_probs
+from karcher_lab.diagnostics.function import DISTANCE_COLUMNS, QUALITY_COLUMNS, answer_log_probs
 from karcher_lab.diagnostics.scoring import TaskScoring
 from karcher_lab.errors import CheckpointError, InputError
+from karcher_lab.io import Source
+from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.measurement.data import Probes, evaluation_data
 from karcher_lab.measurement.experts import ExpertMeasurements, ModelOrLoader, check_model_or_loader, loaded
 from karcher_lab.measurement.results import FunctionMetrics, LayerMetrics, Measurement
@@ -68,13 +72,19 @@ class MeasurementEngine:
         The probe batch of the layer metrics: texts, or already encoded and right-padded.
     model : model or loader
         The one model every merged state is loaded into (:meth:`load_state`; the experts' architecture).
-    expert_tasks : mapping of str to str, optional
-        The task each expert is judged on; default: its name.
+    expert_tasks : mapping of str to (str or None), optional
+        The task each expert is judged on (None: it owns none); default: its name. Tasks of
+        ``examples`` that no expert owns are held-out tasks: every merged model is measured on them.
     settings : MeasurementSettings, optional
         Sites, bootstrap draws, seed, exact match, batch sizes, device (defaults: ``MeasurementSettings()``).
     scoring : mapping of str to TaskScoring, optional
         Scoring options by task (:mod:`karcher_lab.diagnostics.scoring`); a task not named is scored by
         the plain rules (prompt as the tokenizer encodes it, exact string match).
+    sources : mapping of str to Source, optional
+        Where each expert's tensors are read from, one at a time (the weight metrics), and what its
+        cached measurements are keyed by (:class:`~karcher_lab.measurement.experts.ExpertMeasurements`).
+    cache : MeasurementCache, optional
+        A disk cache of the experts' measurements (:mod:`karcher_lab.measurement.cache`).
 
     Every argument is checked before any model is loaded or run.
     """
@@ -90,6 +100,8 @@ class MeasurementEngine:
         expert_tasks: Mapping[str, str] | None = None,
         settings: MeasurementSettings | None = None,
         scoring: Mapping[str, TaskScoring] | None = None,
+        sources: Mapping[str, Source] | None = None,
+        cache: MeasurementCache | None = None,
     ):
         settings = MeasurementSettings() if settings is None else settings
         if not isinstance(settings, MeasurementSettings):
@@ -99,7 +111,7 @@ class MeasurementEngine:
         self.data = evaluation_data(tokenizer, examples, probes, scoring)
         """Tokenizer, evaluation examples, their scoring options and encoded probe batch."""
         tasks = {name: name for name in experts} if expert_tasks is None else expert_tasks
-        self.experts = ExpertMeasurements(experts, tasks, self.data, settings)
+        self.experts = ExpertMeasurements(experts, tasks, self.data, settings, sources=sources, cache=cache)
         """The experts' own measurements, each computed once."""
         self._model_source = model
         self._model: torch.nn.Module | None = None
@@ -166,26 +178,40 @@ class MeasurementEngine:
         return diagnostics.weight_metrics(state, [self.experts.state(n) for n in names], weights=alpha,
                                           merged_name=MERGED_LABEL, names=names)
 
+    def judged_tasks(self, members: Sequence[str]) -> list[str]:
+        """The tasks the merged model of ``members`` is measured on: the members' own tasks (in member
+        order), then the tasks no expert owns (held-out sets, in the examples' order)."""
+        own = [self.experts.tasks[n] for n in self.experts.judged(list(members))]
+        held_out = [t for t in self.data.examples if t not in self.experts.owned_tasks]
+        return list(dict.fromkeys(own + held_out))
+
     def function_metrics(self, members: Sequence[str]) -> FunctionMetrics:
-        """Quality of :attr:`model` on the ``members``' tasks and its distance to each member on its own
-        task, from one teacher-forced pass (see :class:`~karcher_lab.measurement.results.FunctionMetrics`)."""
+        """Quality of :attr:`model` on :meth:`judged_tasks` and its distance to each member that owns a
+        task on that task, from one teacher-forced pass (see
+        :class:`~karcher_lab.measurement.results.FunctionMetrics`). Empty tables when there is no task to
+        measure (no member owns one and the engine has no held-out task)."""
         names, _ = self._checked(members, None)
+        judged = self.experts.judged(names)
+        tasks = self.judged_tasks(names)
+        if not tasks:
+            return FunctionMetrics(_table(QUALITY_COLUMNS), _table(QUALITY_COLUMNS), _table(DISTANCE_COLUMNS),
+                                   _table(QUALITY_COLUMNS))
         s, tokenizer, model = self.settings, self.data.tokenizer, self.model
-        tasks = list(dict.fromkeys(self.experts.tasks[n] for n in names))
         examples = {task: self.data.examples[task] for task in tasks}
         scoring = self.data.scoring_of(tasks)
         scores = answer_log_probs(model, tokenizer, examples, batch_size=s.eval_batch_size, scoring=scoring)
         quality = diagnostics.task_quality(model, tokenizer, examples, model_name=MERGED_LABEL,
                                            batch_size=s.eval_batch_size, accuracy=s.exact_match,
                                            exact_match=s.exact_match_mode, log_probs=scores, scoring=scoring)
-        expert_quality = pd.concat([self.experts.quality(n) for n in names], ignore_index=True)
-        distance = pd.concat([
+        expert_quality = _concat([self.experts.quality(n) for n in judged], QUALITY_COLUMNS)
+        distance = _concat([
             diagnostics.function_distance({task: self.experts.log_probs(n)}, {task: scores[task]}, tokenizer,
                                           {task: examples[task]}, reference_name=n, model_name=MERGED_LABEL,
                                           batch_size=s.eval_batch_size, scoring=self.data.scoring_of([task]))
-            for n, task in ((n, self.experts.tasks[n]) for n in names)
-        ], ignore_index=True)
-        return FunctionMetrics(quality, expert_quality, distance, diagnostics.normalized_accuracy(quality, expert_quality))
+            for n, task in ((n, self.experts.tasks[n]) for n in judged)
+        ], DISTANCE_COLUMNS)
+        owned = quality[quality["task"].isin(self.experts.tasks[n] for n in judged)]
+        return FunctionMetrics(quality, expert_quality, distance, diagnostics.normalized_accuracy(owned, expert_quality))
 
     def layer_metrics(self, members: Sequence[str], weights: Sequence[float] | None = None, *,
                       ratios: bool = False) -> LayerMetrics:
@@ -208,7 +234,7 @@ class MeasurementEngine:
                                                 batch_size=s.probe_batch_size, layers_path=s.layers_path)
         merged = diagnostics.collapse_metrics(stats, model=MERGED_LABEL, draws=s.draws, seed=s.seed)
         experts = pd.concat([self.experts.collapse(n) for n in names], ignore_index=True)
-        ratio_table = (diagnostics.collapse_ratios(stats, [self.experts.activations(n) for n in names], alpha,
+        ratio_table = (diagnostics.collapse_ratios(stats, [self.experts.draw_metrics(n) for n in names], alpha,
                                                    model=MERGED_LABEL, draws=s.draws, seed=s.seed)
                        if ratios else None)
         return LayerMetrics(merged, experts, ratio_table, note)
@@ -238,6 +264,15 @@ class MeasurementEngine:
         weight_table = self.weight_metrics(state, members, weights, norm_only=norm_only)
         return Measurement(self.function_metrics(members), self.layer_metrics(members, weights, ratios=ratios),
                            weight_table)
+
+
+def _table(columns: Sequence[str]) -> pd.DataFrame:
+    return pd.DataFrame(columns=list(columns))
+
+
+def _concat(frames: Sequence[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    """The frames one below the other (an empty table with ``columns`` when there are none)."""
+    return pd.concat(frames, ignore_index=True) if frames else _table(columns)
 
 
 def _unreadable_note(readable: Sequence[str], unreadable: Mapping[str, str]) -> str:

@@ -1,24 +1,35 @@
-"""The experts' side of every measurement, computed once per expert on first use and kept.
+"""The experts' side of every measurement, computed once per expert and kept.
 
 Whatever merge is measured, an expert's own numbers are the same: its teacher-forced answer
 log-probabilities on the task it is judged on (the reference side of KL and Fisher–Rao) and its quality
 there (exact match, NLL), both with the task's scoring options as the merged model's
 (``data.scoring``), its activation statistics on the probe batch and their layer metrics (the
-denominators of collapse ratios, the experts' curves), its tensors and their norms (the denominators of
-norm ratios). :class:`ExpertMeasurements` loads an expert lazily and computes each of these at most once.
+denominators of collapse ratios, kept as the layer metrics of every bootstrap draw, the experts'
+curves), and its tensor norms (the denominators of norm
+ratios). :class:`ExpertMeasurements` computes all of them in one visit per expert, the first time any
+is asked for: the expert is loaded, measured, and released, so that one expert model at a time is in
+memory. With a :class:`~karcher_lab.measurement.cache.MeasurementCache` and the expert's content
+fingerprint, a visit's numbers are stored on disk and a later session loads them without loading the
+model. The expert's tensors themselves (the weight metrics' relative distances) are read from its
+:mod:`karcher_lab.io` source one at a time when one is given.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Mapping as MappingABC
+from typing import Any, Callable, Iterator, Mapping
 
 import pandas as pd
 import torch
 
-from karcher_lab.diagnostics import capture_activations, collapse_metrics, task_quality, tensor_norms
-from karcher_lab.diagnostics.activations import ActivationStats, capturable_sites
+from karcher_lab.diagnostics import capture_activations, task_quality, tensor_norms
+from karcher_lab.diagnostics.activations import capturable_sites
 from karcher_lab.diagnostics.collapse import COLUMNS as COLLAPSE_COLUMNS
-from karcher_lab.diagnostics.function import AnswerLogProbs, answer_log_probs
-from karcher_lab.errors import EmptyInputError, InputError, ParameterError
+from karcher_lab.diagnostics.collapse import DrawMetrics, draw_metrics, draw_table
+from karcher_lab.diagnostics.function import QUALITY_COLUMNS, AnswerLogProbs, answer_log_probs
+from karcher_lab.errors import EmptyInputError, InputError, NotSupportedError, ParameterError
+from karcher_lab.io import Source
+from karcher_lab.io.fingerprint import DigestMemo, fingerprint, source_files
+from karcher_lab.measurement.cache import MeasurementCache, code_identity, entry_key, tokenizer_identity
 from karcher_lab.measurement.data import EvaluationData
 from karcher_lab.measurement.settings import MeasurementSettings
 
@@ -43,18 +54,45 @@ def loaded(value: ModelOrLoader, device: torch.device, what: str) -> torch.nn.Mo
     return model.to(device)
 
 
+class SourceTensors(MappingABC):
+    """A source's tensors as a read-only mapping: each read from the source (a memory-mapped file) when
+    indexed, on the CPU in float32."""
+
+    def __init__(self, source: Source):
+        self._source = source
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._source.tensors:
+            raise KeyError(name)
+        return self._source.load(name).float()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._source.tensors)
+
+    def __len__(self) -> int:
+        return len(self._source.tensors)
+
+
 class ExpertMeasurements:
-    """Each expert's own measurements, computed at most once.
+    """Each expert's own measurements, computed in one visit per expert (see the module docstring).
 
     Parameters
     ----------
     experts : mapping of str to model or loader
         The experts by name (in this order), each a torch causal LM or a function that loads one.
-    expert_tasks : mapping of str to str
-        The task each expert is judged on; every expert needs one, with examples in ``data``.
+    expert_tasks : mapping of str to (str or None)
+        The task each expert is judged on (with examples in ``data``), or None for an expert that owns no
+        task: it has no quality, log-probabilities or distances, only layer metrics and norms.
     data : EvaluationData
         Tokenizer, evaluation examples and probe batch.
     settings : MeasurementSettings
+    sources : mapping of str to Source, optional
+        Where each expert's tensors are read from (:meth:`state`); an expert without one is loaded and
+        its state dict kept when its tensors are asked for.
+    cache : MeasurementCache, optional
+        The disk cache of visits, keyed by each expert's content fingerprint
+        (:mod:`karcher_lab.io.fingerprint`); used for the experts whose source is a checkpoint on disk
+        that the expert is loaded from.
 
     Raises
     ------
@@ -63,11 +101,12 @@ class ExpertMeasurements:
     InputError
         An expert that is neither a model nor a loader.
     ParameterError
-        An expert without a task, a task of an unknown expert, or a task without examples.
+        An expert missing from ``expert_tasks``, a task of an unknown expert, or a task without examples.
     """
 
-    def __init__(self, experts: Mapping[str, ModelOrLoader], expert_tasks: Mapping[str, str], data: EvaluationData,
-                 settings: MeasurementSettings):
+    def __init__(self, experts: Mapping[str, ModelOrLoader], expert_tasks: Mapping[str, str | None],
+                 data: EvaluationData, settings: MeasurementSettings, *, sources: Mapping[str, Source] | None = None,
+                 cache: MeasurementCache | None = None):
         if not experts:
             raise EmptyInputError("no experts given")
         for name, value in experts.items():
@@ -77,15 +116,20 @@ class ExpertMeasurements:
         if unknown or missing:
             raise ParameterError(f"expert_tasks must name the task of every expert and nothing else: "
                                  f"no task for {missing}, unknown experts {unknown} (experts: {list(experts)})")
-        untested = {name: task for name, task in expert_tasks.items() if task not in data.examples}
+        untested = {name: task for name, task in expert_tasks.items() if task is not None and task not in data.examples}
         if untested:
             raise ParameterError(f"expert(s) judged on tasks without evaluation examples: {untested} "
                                  f"(tasks with examples: {list(data.examples)})")
         self._sources = dict(experts)
-        self.tasks: dict[str, str] = dict(expert_tasks)
-        """The task each expert is judged on."""
+        self._tensor_sources = dict(sources or {})
+        self.tasks: dict[str, str | None] = dict(expert_tasks)
+        """The task each expert is judged on (None: it owns none)."""
         self.data, self.settings = data, settings
-        self._cache: dict[tuple[str, str], Any] = {}
+        self.cache = cache
+        self._visits: dict[str, dict[str, Any]] = {}
+        self._states: dict[str, Mapping[str, torch.Tensor]] = {}
+        self.loads = 0
+        """How many times an expert model was loaded (at most once per expert and session)."""
 
     @property
     def names(self) -> list[str]:
@@ -103,64 +147,117 @@ class ExpertMeasurements:
         if len(set(names)) != len(names):
             raise ParameterError(f"experts {names} name one expert twice")
 
-    def _once(self, kind: str, name: str, compute: Callable[[], Any]) -> Any:
-        key = (kind, name)
-        if key not in self._cache:
-            self._cache[key] = compute()
-        return self._cache[key]
+    def judged(self, names: list[str]) -> list[str]:
+        """Those of ``names`` that own a task, in the given order."""
+        return [name for name in names if self.tasks[name] is not None]
+
+    @property
+    def owned_tasks(self) -> set[str]:
+        """The tasks some expert is judged on."""
+        return {task for task in self.tasks.values() if task is not None}
 
     def model(self, name: str) -> torch.nn.Module:
-        """The expert's model, loaded (first call) and moved to the settings' device."""
-        return self._once("model", name, lambda: loaded(self._sources[name], self.settings.device, f"expert {name!r}"))
+        """The expert's model, loaded now and moved to the settings' device (not kept)."""
+        self.loads += 1
+        return loaded(self._sources[name], self.settings.device, f"expert {name!r}")
 
-    def state(self, name: str) -> dict[str, torch.Tensor]:
-        """The expert's tensors by name, on the CPU (views of the model's own when it is on the CPU)."""
-        return self._once("state", name, lambda: {k: v.detach().cpu() for k, v in self.model(name).state_dict().items()})
+    def state(self, name: str) -> Mapping[str, torch.Tensor]:
+        """The expert's tensors by name, on the CPU: read one at a time from its source when it has one,
+        else its model's state dict, kept from its visit."""
+        if name in self._tensor_sources:
+            return SourceTensors(self._tensor_sources[name])
+        if name not in self._states:
+            self._visits.pop(name, None)  # a visit from the disk cache kept no tensors: visit the model
+            self._visits[name] = self._measure(name)
+        return self._states[name]
+
+    def examples(self, name: str) -> dict[str, list]:
+        """``{task: examples}`` of the task the expert is judged on; ParameterError when it owns none."""
+        task = self.tasks[name]
+        if task is None:
+            raise ParameterError(f"expert {name!r} owns no task: it has no quality or log-probabilities")
+        return {task: self.data.examples[task]}
+
+    def _key(self, name: str) -> str | None:
+        files = source_files(self._tensor_sources.get(name)) if self.cache is not None else None
+        if files is None:
+            return None
+        task = self.tasks[name]
+        data = self.data
+        return entry_key(fingerprint(files, DigestMemo(self.cache.digests_file)), task, data.examples[task] if task is not None else [],
+                         data.scoring.get(task) if task is not None else None, (data.probe_ids, data.probe_mask),
+                         tokenizer_identity(data.tokenizer), self.settings, code_identity())
+
+    def _visit(self, name: str) -> dict[str, Any]:
+        """Every number of the expert, from the disk cache or measured now in one visit."""
+        if name in self._visits:
+            return self._visits[name]
+        key = self._key(name)
+        entry = self.cache.load(key) if key is not None else None
+        if entry is None:
+            entry = self._measure(name)
+            if key is not None:
+                self.cache.save(key, entry)
+        self._visits[name] = entry
+        return entry
+
+    def _measure(self, name: str) -> dict[str, Any]:
+        model, s, data, task = self.model(name), self.settings, self.data, self.tasks[name]
+        if name not in self._tensor_sources and name not in self._states:  # no source to read them from again
+            self._states[name] = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        entry: dict[str, Any] = dict(norms=tensor_norms(model.state_dict()), log_probs=None,
+                                     quality=pd.DataFrame(columns=QUALITY_COLUMNS))
+        if task is not None:
+            examples, scoring = self.examples(name), data.scoring_of([task])
+            log_probs = answer_log_probs(model, data.tokenizer, examples, batch_size=s.eval_batch_size, scoring=scoring)
+            entry["log_probs"] = log_probs[task]
+            entry["quality"] = task_quality(model, data.tokenizer, examples, model_name=EXPERT_LABEL,
+                                            batch_size=s.eval_batch_size, accuracy=s.exact_match,
+                                            exact_match=s.exact_match_mode, log_probs=log_probs, scoring=scoring)
+        sites, unreadable = capturable_sites(model, s.sites, layers_path=s.layers_path)
+        entry["layer_sites"], entry["unreadable"] = sites, unreadable
+        entry["draw_metrics"] = (draw_metrics(capture_activations(model, data.probe_ids, data.probe_mask, sites=sites,
+                                                                  batch_size=s.probe_batch_size,
+                                                                  layers_path=s.layers_path),
+                                              draws=s.draws, seed=s.seed)
+                                 if sites else None)
+        entry["collapse"] = (draw_table(entry["draw_metrics"], name) if sites
+                             else pd.DataFrame(columns=COLLAPSE_COLUMNS))
+        return entry
 
     def norms(self, name: str) -> dict[str, float]:
         """‖x‖₂ of each floating-point tensor (:func:`~karcher_lab.diagnostics.tensor_norms`)."""
-        return self._once("norms", name, lambda: tensor_norms(self.model(name).state_dict()))
-
-    def examples(self, name: str) -> dict[str, list]:
-        """``{task: examples}`` of the task the expert is judged on."""
-        task = self.tasks[name]
-        return {task: self.data.examples[task]}
+        return self._visit(name)["norms"]
 
     def log_probs(self, name: str) -> AnswerLogProbs:
         """The expert's teacher-forced answer log-probabilities on its task's examples, with the task's
         scoring options (:func:`~karcher_lab.diagnostics.function.answer_log_probs`)."""
-        return self._once("log_probs", name, lambda: answer_log_probs(
-            self.model(name), self.data.tokenizer, self.examples(name), batch_size=self.settings.eval_batch_size,
-            scoring=self.data.scoring_of([self.tasks[name]]))[self.tasks[name]])
+        self.examples(name)  # ParameterError when it owns no task
+        return self._visit(name)["log_probs"]
 
     def quality(self, name: str) -> pd.DataFrame:
         """The expert's exact match (with the settings' ``exact_match`` and the task's scoring options), NLL
         and perplexity on its task (:func:`~karcher_lab.diagnostics.task_quality`; ``model`` =
-        :data:`EXPERT_LABEL`)."""
-        s = self.settings
-        return self._once("quality", name, lambda: task_quality(
-            self.model(name), self.data.tokenizer, self.examples(name), model_name=EXPERT_LABEL,
-            batch_size=s.eval_batch_size, accuracy=s.exact_match, exact_match=s.exact_match_mode,
-            log_probs={self.tasks[name]: self.log_probs(name)}, scoring=self.data.scoring_of([self.tasks[name]])))
+        :data:`EXPERT_LABEL`); no rows for an expert that owns no task."""
+        return self._visit(name)["quality"]
 
     def layer_sites(self, name: str) -> tuple[str, ...]:
         """The settings' sites at which the expert's activations can be read
         (:func:`~karcher_lab.diagnostics.activations.capturable_sites`; empty where its decoder blocks are
         not found)."""
-        return self._once("layer_sites", name, lambda: capturable_sites(self.model(name), self.settings.sites,
-                                                                            layers_path=self.settings.layers_path)[0])
+        return tuple(self._visit(name)["layer_sites"])
 
-    def activations(self, name: str) -> ActivationStats:
-        """The expert's activation statistics on the probe batch at :meth:`layer_sites`
-        (NotSupportedError saying why when there are none)."""
-        sites = self.layer_sites(name) or self.settings.sites  # none readable: the capture raises why
-        return self._once("activations", name, lambda: capture_activations(
-            self.model(name), self.data.probe_ids, self.data.probe_mask, sites=sites,
-            batch_size=self.settings.probe_batch_size, layers_path=self.settings.layers_path))
+    def draw_metrics(self, name: str) -> DrawMetrics:
+        """The expert's layer metrics under every bootstrap draw at :meth:`layer_sites`
+        (:func:`~karcher_lab.diagnostics.collapse.draw_metrics`: the denominators of collapse ratios;
+        its activation statistics are not kept). NotSupportedError saying why when no site can be read."""
+        entry = self._visit(name)
+        if entry["draw_metrics"] is None:
+            raise NotSupportedError(f"expert {name!r}: no activation site can be read: "
+                                    f"{'; '.join(dict.fromkeys(entry['unreadable'].values()))}")
+        return entry["draw_metrics"]
 
     def collapse(self, name: str) -> pd.DataFrame:
         """The expert's layer metrics at :meth:`layer_sites` (:func:`~karcher_lab.diagnostics.collapse_metrics`;
         ``model`` = its name); no rows when there are none."""
-        return self._once("collapse", name, lambda: collapse_metrics(
-            self.activations(name), model=name, draws=self.settings.draws, seed=self.settings.seed)
-            if self.layer_sites(name) else pd.DataFrame(columns=COLLAPSE_COLUMNS))
+        return self._visit(name)["collapse"]

@@ -13,6 +13,9 @@ from karcher_lab.diagnostics.function import EXACT_MATCH_MODES
 from karcher_lab.errors import ParameterError
 from karcher_lab.pipeline.session import resolve_device
 
+MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""The dtypes models can be loaded in (``auto``: the checkpoint's own)."""
+
 
 @dataclass(frozen=True)
 class MeasurementSettings:
@@ -44,6 +47,9 @@ class MeasurementSettings:
         :func:`~karcher_lab.diagnostics.activations.decoder_layers`'s search.
     device : str or torch.device
         Where models run (``cpu``, ``cuda``); a torch.device once made (DeviceError when unavailable).
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        The dtype experts and the merged model are loaded in: ``auto`` keeps each checkpoint's own
+        (bf16 and fp16 experts stay in half the memory), the others cast.
 
     Every bad value raises ParameterError (DeviceError for the device) naming it.
     """
@@ -57,8 +63,10 @@ class MeasurementSettings:
     probe_batch_size: int = 64
     device: str | torch.device = "cpu"
     layers_path: str | None = None
+    dtype: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("dtype", self.dtype, MODEL_DTYPES)
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path):
             raise ParameterError(f"layers_path must be a dotted module path such as 'transformer.h', got {self.layers_path!r}")
         object.__setattr__(self, "sites", check_sites(self.sites))

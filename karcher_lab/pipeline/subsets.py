@@ -48,18 +48,24 @@ class MergedState:
 
 
 class SubsetMerger:
-    """Merges of any subset of ``experts`` (paths, state dicts or transformers models) and an optional
-    ``base``, keeping each expert's loaded tensors and the prepared states between merges.
+    """Merges of any subset of ``experts`` (paths, :mod:`karcher_lab.io` sources, state dicts or
+    transformers models) and an optional ``base``, keeping the prepared states between merges
+    (karcher's N×N Gram matrices per tensor).
 
-    Sessions are kept for the full expert list (two-phase methods) and for the latest subset.
+    Sessions are kept for the full expert list (two-phase methods) and for the latest subset. Inputs
+    are read one tensor of each model at a time for every merge (checkpoints are memory-mapped, so
+    repeated reads come from the page cache), unless ``keep_inputs`` keeps every loaded input tensor
+    (faster re-merges, the memory of every expert).
     """
 
-    def __init__(self, experts: Sequence[Any], *, base: Any = None, device: str | torch.device = "cpu"):
+    def __init__(self, experts: Sequence[Any], *, base: Any = None, device: str | torch.device = "cpu",
+                 keep_inputs: bool = False):
         if experts is None or len(experts) == 0:
             raise EmptyInputError("no experts to merge (got an empty list)")
         self.experts = list(experts)
         self.base = base
         self.device = resolve_device(device)
+        self.keep_inputs = keep_inputs
         self._sessions: dict[tuple, MergeSession] = {}
 
     def merge(
@@ -164,5 +170,5 @@ class SubsetMerger:
                     del self._sessions[old]
             base = self.experts[base_index] if base_index is not None else self.base if has_base else None
             self._sessions[key] = MergeSession([self.experts[i] for i in inputs], base=base, device=self.device,
-                                                 keep_inputs=True)
+                                                 keep_inputs=self.keep_inputs)
         return self._sessions[key]

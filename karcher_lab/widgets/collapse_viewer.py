@@ -1,7 +1,8 @@
 """CollapseViewer: layer curves with ± std bands from sweep results (karcher_lab.experiment).
 
-The results table has the columns of :data:`karcher_lab.experiment.RESULT_COLUMNS`; the viewer reads
-its per-layer rows (scope ``layer``, and scope ``weights`` rows that have a layer, e.g. a
+It opens on a results table, or on a :class:`~karcher_lab.study.Study` (or a study YAML), whose sweep it
+runs first (:func:`sweep_results`; resumable, so a reopened viewer reads the finished run). The results
+table has the columns of :data:`karcher_lab.experiment.RESULT_COLUMNS`; the viewer reads its per-layer rows (scope ``layer``, and scope ``weights`` rows that have a layer, e.g. a
 per-layer ``norm_ratio``). Controls: pool and order (shown only when the table has several), the
 number of merged experts m, the activation site, the metric, and the methods (several at once). The
 figure shows, for each chosen method, the metric's mean against the layer with a band from mean − std
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import html
 import os
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import ipywidgets as widgets
 import pandas as pd
 
 from karcher_lab.errors import InputError
-from karcher_lab.experiment import RESULT_COLUMNS, load_results
+from karcher_lab.experiment import RESULT_COLUMNS, load_results, run_sweep
+from karcher_lab.study import Study, as_study
 from karcher_lab.widgets.controls import STYLE
 from karcher_lab.widgets.figure_sync import sync_figure
 from karcher_lab.widgets.figures import band_curves, figure_widget
@@ -29,9 +32,30 @@ ERROR_CLASS = "kl-error"
 PREFERRED_METRICS = ("variance_ratio", "effective_rank_ratio", "numerical_rank_ratio", "variance", "effective_rank", "numerical_rank")
 
 
-def read_results(results: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
-    """The results table: a DataFrame with :data:`RESULT_COLUMNS` as given, or a CSV path / run
-    directory read by :func:`karcher_lab.experiment.load_results`."""
+SWEEP_RUNS = "runs"
+"""Where a study's sweep is written when ``sweep`` names no ``out``: ``runs/<study name>``."""
+
+
+def sweep_results(study: Study, sweep: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The results of ``study``'s sweep (:func:`karcher_lab.experiment.run_sweep`, resumed when its run
+    directory holds cells already). ``sweep``: run_sweep's keyword arguments; defaults ``out`` =
+    ``runs/<study name>``, ``m_values`` = 2 … the number of experts, no progress bars, no report."""
+    options = dict(out=Path(SWEEP_RUNS) / study.name, m_values=(f"2..{len(study.experts)}",), progress=False,
+                   report=False, log=None)
+    options.update(sweep or {})
+    return run_sweep(study, **options)
+
+
+def read_results(results: pd.DataFrame | Study | str | os.PathLike,
+                 sweep: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """The results table: a DataFrame with :data:`RESULT_COLUMNS` as given, a CSV path / run directory
+    read by :func:`karcher_lab.experiment.load_results`, or a Study / study YAML's :func:`sweep_results`
+    (``sweep`` is only for a study)."""
+    study = as_study(results)
+    if study is not None:
+        return sweep_results(study, sweep)
+    if sweep is not None:
+        raise InputError("sweep options are for a study; the results given are a table, a CSV or a run directory")
     if isinstance(results, pd.DataFrame):
         missing = [c for c in RESULT_COLUMNS if c not in results.columns]
         if missing:
@@ -43,20 +67,22 @@ def read_results(results: pd.DataFrame | str | os.PathLike) -> pd.DataFrame:
 class CollapseViewer(widgets.VBox):
     """Layer curves of sweep results with ± std bands (see the module docstring).
 
-    ``results``: a DataFrame, a ``results.csv`` path or a run directory. ``methods``, ``m``, ``metric``,
-    ``site``: the initial choices (defaults: every method but the experts, the largest m, a ratio
-    metric if present, the first site)."""
+    ``results``: a DataFrame, a ``results.csv`` path, a run directory, or a Study / study YAML whose
+    sweep is run (or resumed) first with the ``sweep`` options (:func:`sweep_results`). ``methods``,
+    ``m``, ``metric``, ``site``: the initial choices (defaults: every method but the experts, the
+    largest m, a ratio metric if present, the first site)."""
 
     def __init__(
         self,
-        results: pd.DataFrame | str | os.PathLike,
+        results: pd.DataFrame | Study | str | os.PathLike,
         *,
         methods: Sequence[str] | None = None,
         m: int | None = None,
         metric: str | None = None,
         site: str | None = None,
+        sweep: Mapping[str, Any] | None = None,
     ):
-        table = read_results(results)
+        table = read_results(results, sweep)
         per_layer = (table["scope"] == "layer") | ((table["scope"] == "weights") & (table["layer"] >= 0))
         self.table = table[per_layer].reset_index(drop=True)
         if self.table.empty:

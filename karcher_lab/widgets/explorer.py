@@ -2,7 +2,9 @@
 quality, collapse curves, Karcher convergence and norm shrinkage update in place.
 
 It opens on a :class:`karcher_lab.Study` (users' own model folders, task files and probes; or a study
-YAML) or on a zoo pool (its experts named by their tasks).
+YAML) or on a zoo pool, as the pool's built-in study (its experts named by their tasks). Experts are
+judged on their own tasks; an expert that owns none is merged and drawn in the layer figure only, and
+tasks no expert owns (held-out sets) are measured on every update.
 
 The panel is an ``ipywidgets.VBox`` subclass, so a notebook displays it by evaluating it (or with
 ``display(explorer)``). It only composes: the controls are :class:`~karcher_lab.widgets.merge_controls.MergeControls`,
@@ -62,18 +64,18 @@ import torch
 from karcher_lab.checks import check_count
 from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.geometry import numerics
-from karcher_lab.measurement import MeasurementSettings, engine_for_pool
-from karcher_lab.measurement.studies import engine_for_study
+from karcher_lab.measurement import MeasurementSettings, engine_for_study
+from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
 from karcher_lab.widgets.explorer_figures import ExplorerFigures
 from karcher_lab.widgets.merge_controls import MergeControls
-from karcher_lab.study import Study, as_study
+from karcher_lab.study import Study, as_study, pool_study
 from karcher_lab.pipeline import MergeSession, MergeStats, resolved_recipe_yaml, run_recipe
 from karcher_lab.recipe.schema import Recipe
-from karcher_lab.study.resolve import is_adapter, load_model, model_dir, model_folder
-from karcher_lab.zoo import Pool, find_pool, load
+from karcher_lab.study.resolve import is_adapter, merge_sources, model_folder
+from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_SELECTED = 4
 """Experts checked at start when ``selected`` is not given (the first ones of the pool)."""
@@ -90,11 +92,9 @@ KEEP_OUTPUT_CLASS = "kl-keep-output"
 """CSS classes of the "save this merge" button and of the area showing the saved folder or the recipe."""
 
 
-def checkpoint_paths(study: Study | None, pool: Pool | None) -> tuple[list[str | None], str | None]:
+def checkpoint_paths(study: Study) -> tuple[list[str | None], str | None]:
     """The experts' and the base's checkpoint folders (None where a model exists only in memory: an
     in-memory model, or a PEFT adapter folded onto the base)."""
-    if study is None:
-        return [e["path"] for e in pool.experts], str(pool.base_path) if pool.record.get("base") else None
 
     def folder(source: Any) -> str | None:
         directory = model_folder(study, source)
@@ -126,7 +126,8 @@ class MergeExplorer(widgets.VBox):
     pool : Study, Pool or str
         A :class:`karcher_lab.Study` (users' own experts, tasks and probes) or the path of a study YAML
         (:func:`karcher_lab.load_study`); or a :class:`karcher_lab.zoo.Pool`, a pool name (``"tiny"``,
-        ``"smollm2"``) or a pool directory.
+        ``"smollm2"``) or a pool directory, opened as its built-in study
+        (:func:`~karcher_lab.study.pool_study`).
     selected : sequence of str, optional
         Experts (a pool's: task names) checked at start (default: the first :data:`DEFAULT_SELECTED` experts).
     method : str
@@ -134,7 +135,8 @@ class MergeExplorer(widgets.VBox):
     quality_examples : int
         Held-out examples per checked task for exact match, NLL and KL.
     activation_examples : int
-        Probe sequences per pool task for the layer metrics (one fixed batch).
+        Probe sequences per task for the layer metrics (one fixed batch; a pool's every task, a study's
+        tasks' prompts when it names no probes).
     draws : int
         Bootstrap draws for the layer metrics' ± std (≥ 2).
     exact_match : bool
@@ -157,6 +159,13 @@ class MergeExplorer(widgets.VBox):
     single_threaded : bool, optional
         Run updates on one torch thread (restored afterwards); None: when the model has fewer than
         :data:`SINGLE_THREAD_PARAMETERS` parameters.
+    device : str
+        Where merges and every evaluation run (``cpu`` or ``cuda``; DeviceError when unavailable).
+    dtype : {"auto", "float32", "bfloat16", "float16"}
+        The dtype experts and the merged model are loaded in (``auto``: the checkpoints' own).
+    cache_measurements : bool
+        Keep the experts' measurements in the disk cache (:mod:`karcher_lab.measurement.cache`), so a
+        later explorer over the same experts, data and settings does not run them again.
 
     Bad arguments raise before any model loads.
     """
@@ -178,23 +187,29 @@ class MergeExplorer(widgets.VBox):
         seed: int = 0,
         initial_update: bool = True,
         single_threaded: bool | None = None,
+        device: str = "cpu",
+        dtype: str = "auto",
+        cache_measurements: bool = True,
     ):
         study = as_study(pool)
         if exact_match_mode is None:
             exact_match_mode = "greedy" if study is not None else "teacher_forced"
         settings = MeasurementSettings(sites=sites, draws=draws, seed=seed, exact_match=exact_match,
                                        exact_match_mode=exact_match_mode, eval_batch_size=EVAL_BATCH,
-                                       probe_batch_size=PROBE_BATCH)
+                                       probe_batch_size=PROBE_BATCH, device=device, dtype=dtype)
         check_count("quality_examples", quality_examples)
         check_count("activation_examples", activation_examples)
         self.runner = DebouncedRunner(self._work, debounce)
         """Debounced, shielded updates (its ``busy_indicator`` and ``error_area`` are in the header)."""
         get_method(method)
+        kind = "pool" if study is None else "study"
+        if study is None:
+            study = pool_study(pool if isinstance(pool, Pool) else find_pool(str(pool)),
+                               probes_per_task=activation_examples, probe_seed=seed + 1)
         self.study = study
-        """The explored :class:`~karcher_lab.study.Study`, or None for a zoo pool (:attr:`pool`)."""
-        self.pool = None if self.study is not None else pool if isinstance(pool, Pool) else find_pool(str(pool))
-        self.label = f"study {self.study.name}" if self.study is not None else f"pool {self.pool.name}"
-        self.tasks = list(self.study.experts) if self.study is not None else [e["task"] for e in self.pool.experts]
+        """The explored :class:`~karcher_lab.study.Study` (a zoo pool's built-in one for a pool)."""
+        self.label = f"{kind} {self.study.name}"
+        self.tasks = list(self.study.experts)
         """The experts' names (a pool's experts are named by their task)."""
         if not self.tasks:
             raise EmptyInputError(f"{self.label} has no experts")
@@ -204,24 +219,19 @@ class MergeExplorer(widgets.VBox):
             raise ParameterError(f"selected expert(s) {unknown} are not in {self.label}: {self.tasks}")
 
         with quiet_loading():
-            if self.study is not None:
-                self.engine = engine_for_study(self.study, settings=settings, examples_per_task=quality_examples,
-                                               probes_per_task=activation_examples)
-                self.expert_models: list[torch.nn.Module] = [self.engine.experts.model(n) for n in self.tasks]
-                self.base_model = (load_model(model_dir(self.study, self.study.base))
-                                   if self.study.base is not None else None)
-            else:
-                self.expert_models = [load(e["path"])[0] for e in self.pool.experts]
-                self.base_model = load(str(self.pool.base_path))[0] if self.pool.record.get("base") else None
-                self.engine = engine_for_pool(self.pool, examples_per_task=quality_examples,
-                                              probes_per_task=activation_examples, settings=settings, seed=seed,
-                                              probe_seed=seed + 1, experts=dict(zip(self.tasks, self.expert_models)))
-            """Every number of an update (expert-side ones computed once)."""
-        self.expert_paths, self.base_path = checkpoint_paths(self.study, self.pool)
+            self.engine = engine_for_study(self.study, settings=settings, examples_per_task=quality_examples,
+                                           probes_per_task=activation_examples,
+                                           cache=MeasurementCache() if cache_measurements else None)
+            """Every number of an update (expert-side ones computed once, one expert loaded at a time)."""
+        self.expert_paths, self.base_path = checkpoint_paths(self.study)
         """Each expert's and the base's checkpoint folder (None for a model held only in memory): what a
         saved merge's recipe names."""
-        self.merger = SubsetMerger(self.expert_models, base=self.base_model)
-        """Every merge of an update (karcher's Gram matrices kept across updates)."""
+        sources, base = merge_sources(self.study)
+        self.has_base = base is not None
+        """Whether the study has a base model."""
+        self.merger = SubsetMerger(list(sources.values()), base=base, device=settings.device)
+        """Every merge of an update, read from the experts' checkpoints one tensor at a time (karcher's
+        Gram matrices kept across updates)."""
         self.model = self.engine.model
         """The one model every merged state is loaded into."""
         self.tokenizer = self.engine.data.tokenizer
@@ -235,7 +245,7 @@ class MergeExplorer(widgets.VBox):
         """The last merged state dict."""
 
         self.controls = MergeControls(self.tasks, selected=selected, method=method,
-                                      has_base=self.base_model is not None, use_base=use_base,
+                                      has_base=self.has_base, use_base=use_base,
                                       on_change=self.schedule)
         self.checkboxes, self.sliders, self.alpha_labels = self.controls.checkboxes, self.controls.sliders, self.controls.alpha_labels
         self.method_dropdown, self.use_base_box = self.controls.method_dropdown, self.controls.use_base_box

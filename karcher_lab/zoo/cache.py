@@ -10,7 +10,6 @@ them builds a new pool instead of reusing a stale one.
 """
 from __future__ import annotations
 
-import ast
 import hashlib
 import json
 import os
@@ -19,9 +18,9 @@ from pathlib import Path
 import torch
 import transformers
 
+from karcher_lab.cache_root import CACHE_ENV, cache_root, code_fingerprint  # noqa: F401  (re-exported)
 from karcher_lab.zoo.corpus import DATA_DIR
 
-CACHE_ENV = "KARCHER_LAB_CACHE"
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 BUILD_MODULES = (
     "zoo/build.py", "zoo/catalog.py", "zoo/config.py", "zoo/conflicts.py", "zoo/corpus.py", "zoo/evaluate.py",
@@ -30,24 +29,6 @@ BUILD_MODULES = (
 )
 """The modules, relative to the package directory, whose code a pool's weights and scores depend on."""
 
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """The cache root: ``cache_dir`` if given, else $KARCHER_LAB_CACHE, else ~/.cache/karcher_lab."""
-    if cache_dir is not None:
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "karcher_lab").expanduser()
-
-
-def code_fingerprint(source: str) -> str:
-    """A module's code without its docstrings and comments: the dump of its syntax tree."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        body = getattr(node, "body", None)
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body and \
-                isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) and \
-                isinstance(body[0].value.value, str):
-            node.body = body[1:] or [ast.Pass()]
-    return ast.dump(tree)
 
 
 def build_key(config_dict: dict) -> str:
