@@ -162,7 +162,7 @@ def test_an_adapter_experts_distance_is_its_folded_weights(micro_pool, tmp_path)
     grid = make_grid(study, methods=["linear"], m_values=[2], orders=["near"])
     expected = _direct({"double": folded, "units": units}, base)
     pd.testing.assert_frame_equal(grid.subject.distances, expected, rtol=1e-6, check_names=False)
-    with pytest.raises(InputError, match=r"expert 'double' is a PEFT adapter .*folding it needs the study's base"):
+    with pytest.raises(InputError, match=r"\['double'\] are PEFT adapters; folding them needs the study's base"):
         make_grid(Study(experts=study.experts, tasks=study.tasks), methods=["linear"], m_values=[2], orders=["pool"])
 
 

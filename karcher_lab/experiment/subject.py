@@ -21,7 +21,7 @@ import os
 from abc import ABC, abstractmethod
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pandas as pd
 
@@ -31,7 +31,7 @@ from karcher_lab.measurement import MeasurementEngine, MeasurementSettings, engi
 from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.study import TASK_OPTIONS, Study, as_study, pool_study
 from karcher_lab.study.from_pool import probe_tasks
-from karcher_lab.study.resolve import merge_sources, model_folder
+from karcher_lab.study.resolve import check_adapters_have_base, merge_sources, model_folder
 from karcher_lab.zoo import Pool, find_pool
 
 DEFAULT_POOL_EXAMPLES = 32
@@ -93,8 +93,9 @@ class SweepSubject(ABC):
         """The base the merges get (a checkpoint folder or a model in memory), or None."""
 
     @abstractmethod
-    def sources(self) -> tuple[dict[str, Source], Source | None]:
-        """Every expert by name and the base (None without one), opened as :mod:`karcher_lab.io` sources."""
+    def sources(self, names: Sequence[str] | None = None) -> tuple[dict[str, Source], Source | None]:
+        """The experts ``names`` (default: every one) by name and the base (None without one), opened as
+        :mod:`karcher_lab.io` sources (only the named experts' files are opened)."""
 
     @cached_property
     def distances(self) -> pd.DataFrame:
@@ -121,7 +122,7 @@ class StudySubject(SweepSubject):
         self.experts = tuple(study.experts)
         self._folders = {name: model_folder(study, source) for name, source in study.experts.items()}
         self._base_folder = model_folder(study, study.base) if study.base is not None else None
-        self._sources = merge_sources(study)
+        check_adapters_have_base(study)
 
     def identity(self, per_task: int | None, probes_per_task: int) -> dict[str, Any]:
         study = self.study
@@ -146,8 +147,8 @@ class StudySubject(SweepSubject):
             return None
         return self.study.base if self._base_folder is None else str(self._base_folder)
 
-    def sources(self) -> tuple[dict[str, Source], Source | None]:
-        return self._sources
+    def sources(self, names: Sequence[str] | None = None) -> tuple[dict[str, Source], Source | None]:
+        return merge_sources(self.study, names)
 
 
 class PoolSubject(StudySubject):

@@ -137,7 +137,7 @@ class CellRunner:
         if order not in self._mergers:
             grid = self.job.grid
             experts = grid.orders[order][: max(grid.m_values)]
-            sources, _ = grid.subject.sources()
+            sources, _ = grid.subject.sources(experts)
             self._mergers[order] = SubsetMerger([sources[t] for t in experts], base=grid.subject.merge_base(),
                                                 device=self.job.settings.device)
         return self._mergers[order]

@@ -31,7 +31,7 @@ as its numbers exist; :meth:`MeasurementEngine.measure` runs all three:
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -80,8 +80,9 @@ class MeasurementEngine:
     scoring : mapping of str to TaskScoring, optional
         Scoring options by task (:mod:`karcher_lab.diagnostics.scoring`); a task not named is scored by
         the plain rules (prompt as the tokenizer encodes it, exact string match).
-    sources : mapping of str to Source, optional
-        Where each expert's tensors are read from, one at a time (the weight metrics), and what its
+    sources : mapping of str to (Source or callable), optional
+        Where each expert's tensors are read from (or a function that opens it), one at a time (the
+        weight metrics), and what its
         cached measurements are keyed by (:class:`~karcher_lab.measurement.experts.ExpertMeasurements`).
     cache : MeasurementCache, optional
         A disk cache of the experts' measurements (:mod:`karcher_lab.measurement.cache`).
@@ -100,7 +101,7 @@ class MeasurementEngine:
         expert_tasks: Mapping[str, str] | None = None,
         settings: MeasurementSettings | None = None,
         scoring: Mapping[str, TaskScoring] | None = None,
-        sources: Mapping[str, Source] | None = None,
+        sources: Mapping[str, Source | Callable[[], Source]] | None = None,
         cache: MeasurementCache | None = None,
     ):
         settings = MeasurementSettings() if settings is None else settings

@@ -86,9 +86,10 @@ class ExpertMeasurements:
     data : EvaluationData
         Tokenizer, evaluation examples and probe batch.
     settings : MeasurementSettings
-    sources : mapping of str to Source, optional
-        Where each expert's tensors are read from (:meth:`state`); an expert without one is loaded and
-        its state dict kept when its tensors are asked for.
+    sources : mapping of str to (Source or callable), optional
+        Where each expert's tensors are read from (:meth:`state`), or a function without arguments that
+        opens it (called when first needed); an expert without one is loaded and its state dict kept
+        when its tensors are asked for.
     cache : MeasurementCache, optional
         The disk cache of visits, keyed by each expert's content fingerprint
         (:mod:`karcher_lab.io.fingerprint`); used for the experts whose source is a checkpoint on disk
@@ -121,7 +122,7 @@ class ExpertMeasurements:
             raise ParameterError(f"expert(s) judged on tasks without evaluation examples: {untested} "
                                  f"(tasks with examples: {list(data.examples)})")
         self._sources = dict(experts)
-        self._tensor_sources = dict(sources or {})
+        self._tensor_sources: dict[str, Source | Callable[[], Source]] = dict(sources or {})
         self.tasks: dict[str, str | None] = dict(expert_tasks)
         """The task each expert is judged on (None: it owns none)."""
         self.data, self.settings = data, settings
@@ -165,11 +166,18 @@ class ExpertMeasurements:
         """The expert's tensors by name, on the CPU: read one at a time from its source when it has one,
         else its model's state dict, kept from its visit."""
         if name in self._tensor_sources:
-            return SourceTensors(self._tensor_sources[name])
+            return SourceTensors(self._source(name))
         if name not in self._states:
             self._visits.pop(name, None)  # a visit from the disk cache kept no tensors: visit the model
             self._visits[name] = self._measure(name)
         return self._states[name]
+
+    def _source(self, name: str) -> Source:
+        """The expert's tensor source, opened on first use."""
+        source = self._tensor_sources[name]
+        if callable(source) and not hasattr(source, "tensors"):
+            source = self._tensor_sources[name] = source()
+        return source
 
     def examples(self, name: str) -> dict[str, list]:
         """``{task: examples}`` of the task the expert is judged on; ParameterError when it owns none."""
@@ -179,7 +187,8 @@ class ExpertMeasurements:
         return {task: self.data.examples[task]}
 
     def _key(self, name: str) -> str | None:
-        files = source_files(self._tensor_sources.get(name)) if self.cache is not None else None
+        has_source = self.cache is not None and name in self._tensor_sources
+        files = source_files(self._source(name)) if has_source else None
         if files is None:
             return None
         task = self.tasks[name]

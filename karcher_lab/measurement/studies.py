@@ -13,7 +13,8 @@ from karcher_lab.measurement.engine import MeasurementEngine
 from karcher_lab.measurement.settings import MeasurementSettings
 from karcher_lab.study import Study
 from karcher_lab.study.resolve import (
-    check_vocabularies, expert_loader, load_model, merge_sources, model_dir, probe_texts, study_examples, task_scoring,
+    check_adapters_have_base, check_vocabularies, expert_loader, load_model, merge_sources, model_dir, probe_texts,
+    study_examples, task_scoring,
 )
 
 
@@ -62,7 +63,8 @@ def engine_for_study(
     from transformers import AutoTokenizer
 
     experts = {name: expert_loader(study, name, settings.dtype) for name in study.experts}
-    sources, _ = merge_sources(study)
+    check_adapters_have_base(study)
+    sources = {name: (lambda name=name: merge_sources(study, [name])[0][name]) for name in study.experts}
     first = study.base if study.base is not None else next(iter(study.experts.values()))
     directory = model_dir(study, first)
     tokenizer = AutoTokenizer.from_pretrained(directory)

@@ -16,7 +16,7 @@ task, probe texts, and the experts as models (loaded lazily) or state dicts for 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -112,27 +112,40 @@ def expert_loader(study: Study, name: str, dtype: str = "auto") -> Callable[[], 
     return load_folded
 
 
-def merge_sources(study: Study) -> tuple[dict[str, Source], Source | None]:
-    """Every expert by name and the base (None without one) as :mod:`karcher_lab.io` sources read one
-    tensor at a time: a model folder or cached hub id as a :class:`~karcher_lab.io.Checkpoint`
-    (memory-mapped safetensors), a PEFT adapter folded onto the base as each tensor is read
-    (:class:`~karcher_lab.io.lora.AdapterOnBase`), a model or state dict in memory as given.
+def check_adapters_have_base(study: Study) -> None:
+    """InputError naming the PEFT adapter experts when the study's base is no model folder or cached
+    hub id to fold them onto (folders are resolved, no weights read)."""
+    folders = {name: model_folder(study, source) for name, source in study.experts.items()}
+    adapters = [name for name, folder in folders.items() if folder is not None and is_adapter(folder)]
+    if adapters and (study.base is None or model_folder(study, study.base) is None):
+        raise InputError(f"expert(s) {adapters} are PEFT adapters; folding them needs the study's base as a "
+                         "model folder or cached hub id")
+
+
+def merge_sources(study: Study, names: Sequence[str] | None = None) -> tuple[dict[str, Source], Source | None]:
+    """The experts ``names`` (default: every one) by name and the base (None without one) as
+    :mod:`karcher_lab.io` sources read one tensor at a time: a model folder or cached hub id as a
+    :class:`~karcher_lab.io.Checkpoint` (memory-mapped safetensors), a PEFT adapter folded onto the base
+    as each tensor is read (:class:`~karcher_lab.io.lora.AdapterOnBase`), a model or state dict in
+    memory as given. Only the named experts' files are opened.
 
     Raises
     ------
     InputError
-        Adapter experts without the study's base as a model folder or cached hub id.
+        Adapter experts without the study's base as a model folder or cached hub id
+        (:func:`check_adapters_have_base`).
+    CheckpointError
+        A named expert's or the base's checkpoint cannot be read.
     """
+    check_adapters_have_base(study)
     base_folder = model_folder(study, study.base) if study.base is not None else None
     experts: dict[str, Source] = {}
-    for name, source in study.experts.items():
+    for name in study.experts if names is None else names:
+        source = study.experts[name]
         folder = model_folder(study, source)
         if folder is None:
             experts[name] = StateDictSource(source, name)
         elif is_adapter(folder):
-            if base_folder is None:
-                raise InputError(f"expert {name!r} is a PEFT adapter ({folder}); folding it needs the study's base "
-                                 "as a model folder or cached hub id")
             experts[name] = AdapterOnBase(base_folder, folder, name)
         else:
             experts[name] = Checkpoint(folder, label=name)
