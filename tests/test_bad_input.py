@@ -73,7 +73,7 @@ def test_all_zero_weights():
         merge_tensors("karcher", _models(), weights=[0.0, 0.0, 0.0])
 
 
-@pytest.mark.parametrize("method", ["karcher", "multislerp", "nuslerp"])
+@pytest.mark.parametrize("method", ["karcher", "multislerp"])
 def test_negative_weights_rejected_where_the_method_needs_non_negative_ones(method):
     models = _models(2)
     with pytest.raises(errors.WeightError, match="non-negative"):

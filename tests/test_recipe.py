@@ -8,13 +8,14 @@ from karcher_lab.methods.registry import Param
 from karcher_lab.recipe import (
     NOT_SET,
     ModelRef,
-    check_layer_ranges,
     evaluate_setting,
     layer_position,
     load_recipe,
     num_layers,
     parse_recipe,
     resolve_setting,
+    spans_whole_models,
+    tower_depths,
 )
 
 FLOAT = Param("x", float, 0.0).coerce
@@ -65,9 +66,39 @@ def test_whole_model_slices_become_the_models_form():
     assert [str(e.model) for e in r.models] == ["a", "b"]
     assert r.models[0].parameters == {"weight": 2.0}
     assert r.slice_parameters == {"weight": 0.5}
-    check_layer_ranges(r, {ModelRef("a"): 4, ModelRef("b"): 4})
-    with pytest.raises(errors.NotSupportedError, match=r"layer_range \[0, 4\] of a is not the whole model \(\[0, 6\]\)"):
-        check_layer_ranges(r, {ModelRef("a"): 6, ModelRef("b"): 4})
+    assert spans_whole_models(r, {ModelRef("a"): 4, ModelRef("b"): 4})
+    assert not spans_whole_models(r, {ModelRef("a"): 6, ModelRef("b"): 4})
+    with pytest.raises(errors.RecipeError, match=r"slices\[0\].sources\[0\].layer_range \[0, 4\] goes past the 3 layers of a"):
+        spans_whole_models(r, {ModelRef("a"): 3, ModelRef("b"): 4})
+
+
+def test_stacked_slices_keep_every_slice_and_list_each_model_once():
+    r = parse_recipe({
+        "merge_method": "passthrough",
+        "seed": 3,
+        "slices": [
+            {"sources": [{"model": "a", "layer_range": [0, 3]}]},
+            {"sources": [{"model": "b", "layer_range": [1, 4], "parameters": {"scale": 0.5}}], "parameters": {"scale": 2.0}},
+            {"sources": [{"model": "a", "layer_range": [2, 4]}]},
+        ],
+    })
+    assert [str(e.model) for e in r.models] == ["a", "b"]
+    assert [[(str(s.model), s.layer_range) for s in sl.sources] for sl in r.slices] == [[("a", (0, 3))], [("b", (1, 4))], [("a", (2, 4))]]
+    assert r.slices[1].parameters == {"scale": 2.0} and r.slices[1].sources[0].parameters == {"scale": 0.5}
+    assert r.seed == 3
+    assert not spans_whole_models(r, {ModelRef("a"): 4, ModelRef("b"): 4})
+
+
+def test_tower_depths_resolve_each_layer_stack_on_its_own_depth():
+    names = [f"language_model.model.layers.{i}.mlp.up_proj.weight" for i in range(2)] + [
+        f"vision_tower.encoder.layers.{i}.mlp.fc1.weight" for i in range(4)
+    ] + ["multi_modal_projector.linear_1.weight"]
+    depths = tower_depths({"text_config": {"num_hidden_layers": 2}}, names)
+    assert depths == {"language_model.model.layers": 2, "vision_tower.encoder.layers": 4}
+    assert layer_position("language_model.model.layers.1.mlp.up_proj.weight", depths) == 1.0
+    assert layer_position("vision_tower.encoder.layers.1.mlp.fc1.weight", depths) == pytest.approx(1 / 3)
+    assert layer_position("multi_modal_projector.linear_1.weight", depths) == 0.0
+    assert tower_depths({"num_hidden_layers": 6}, ["model.layers.0.w"]) == {"model.layers": 6}
 
 
 @pytest.mark.parametrize(
@@ -91,7 +122,10 @@ def test_whole_model_slices_become_the_models_form():
         ({"merge_method": "linear", "models": ["a"], "chat_template": "chatml"}, errors.NotSupportedError, "chat_template"),
         ({"merge_method": "linear", "models": ["a"], "tokenizer": {"source": "base", "tokens": {"x": {}}}}, errors.NotSupportedError, r"\['tokens'\]"),
         ({"merge_method": "linear", "modules": {"text": {}}, "models": ["a"]}, errors.NotSupportedError, "modules"),
-        ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}]}] * 2}, errors.NotSupportedError, "2 output slices"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0, 2]}, {"model": "b", "layer_range": [0, 3]}]}]},
+         errors.RecipeError, r"every source of a slice must span the same number of layers, got a \[0, 2\], b \[0, 3\]"),
+        ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [2, 2]}]}]}, errors.RecipeError, "0 <= start < end"),
+        ({"merge_method": "linear", "models": ["a"], "seed": -1}, errors.RecipeError, "seed: expected a non-negative integer"),
         ({"merge_method": "linear", "slices": [{"sources": [{"model": "a", "layer_range": [0]}]}]}, errors.RecipeError, "layer_range: expected"),
     ],
 )

@@ -2,8 +2,35 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+
+class Terminated(BaseException):
+    """Raised in the main thread when the process receives SIGTERM (``kill``, ``timeout``, schedulers),
+    so that the merge unwinds as for Ctrl-C: the partial output directory is removed."""
+
+
+@contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` instead of killing the process (only in
+    the main thread, the one Python delivers signals to)."""
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _size(n: int) -> str:
@@ -21,13 +48,18 @@ def run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(Path(args.config))
     try:
-        stats = run_recipe(
-            recipe, args.out, device=args.device, seed=args.seed, overwrite=args.overwrite,
-            out_shard_size=args.out_shard_size, progress=True, relative_to=Path(args.config).resolve().parent,
-        )
+        with sigterm_unwinds():
+            stats = run_recipe(
+                recipe, args.out, device=args.device, seed=args.seed, overwrite=args.overwrite,
+                out_shard_size=args.out_shard_size, progress=True, relative_to=Path(args.config).resolve().parent,
+                allow_crimes=args.allow_crimes, check_finite=args.check_finite,
+            )
     except KeyboardInterrupt:
         print(f"karcher-lab merge: interrupted; nothing was written to {args.out}", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"karcher-lab merge: terminated (SIGTERM); nothing was written to {args.out}", file=sys.stderr)
+        return 143
     except OSError as exc:
         if isinstance(exc, KarcherLabError):
             raise
@@ -55,6 +87,13 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="cpu", help="where the per-tensor math runs: cpu (default) or cuda")
     p.add_argument("--out-shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists (only once the merge succeeded)")
-    p.add_argument("--seed", type=int, default=None, help="seed of randomized methods (dare, della, arcee_fusion); default 0")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of randomized methods (dare, della, arcee_fusion); default: the recipe's seed, else 0")
+    p.add_argument("--allow-crimes", action="store_true",
+                   help="merge models of different architectures (model_type / architectures), as mergekit's --allow-crimes")
+    p.add_argument("--check-finite", action="store_true",
+                   help="read every input once before merging and stop at the first NaN/Inf, naming the model and tensor "
+                   "(costs one extra read of all inputs; without it a NaN is found when its tensor is merged, and nothing "
+                   "is written either way)")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
     p.set_defaults(func=run)

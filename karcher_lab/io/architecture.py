@@ -70,6 +70,28 @@ def natural_key(name: str) -> tuple:
     return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
 
 
+def layer_tower(name: str) -> str | None:
+    """The layer stack (tower) tensor ``name`` belongs to: the part of its name before the layer index
+    (``vision_tower.encoder.layers.3.mlp.fc1.weight`` → ``vision_tower.encoder.layers``), None outside
+    any layer stack. A LLaVA-style model has two towers, a text decoder and a vision encoder."""
+    match = LAYER_INDEX.search(name)
+    return name[: match.start(1) - 1] if match else None
+
+
+def rename_layer(name: str, index: int) -> str:
+    """``name`` with its layer index replaced by ``index`` (``model.layers.7.x`` → ``model.layers.2.x``)."""
+    match = LAYER_INDEX.search(name)
+    if match is None:
+        raise ValueError(f"tensor {name!r} belongs to no layer")
+    return f"{name[: match.start(1)]}{index}{name[match.end(1):]}"
+
+
+def is_embedding(name: str) -> bool:
+    """A tensor before the layer stack (token or position embeddings), as opposed to the ones after it
+    (final norm, LM head): mergekit's ``pre_weights`` and ``post_weights``."""
+    return name in EMBEDDINGS or any(part in name for part in ("embed", "wte.", "wpe."))
+
+
 def layer_index(name: str) -> int | None:
     """The decoder-layer index of tensor ``name`` (``model.layers.7.mlp.up_proj.weight`` → 7,
     ``transformer.h.3.attn.c_attn.weight`` → 3), None for tensors outside the layer stack (embeddings,
@@ -100,6 +122,27 @@ def vocabulary_rows(source: Source) -> int | None:
     """Rows of a model's input embedding (its vocabulary size as stored), None if it has none."""
     name = _embedding_name(source) or (HEAD if HEAD in source.tensors else None)
     return None if name is None else source.tensors[name].shape[0]
+
+
+def check_architectures(sources: Sequence[Source], allow_crimes: bool = False) -> None:
+    """Refuse models whose configs name different ``architectures`` or ``model_type`` (models without a
+    config, in-memory state dicts, are not compared), unless ``allow_crimes``: mergekit's rule, as two
+    architectures may share tensor names and shapes (Llama, Granite) yet compute differently."""
+    if allow_crimes:
+        return
+    described = [
+        (i, s, (tuple(s.config.get("architectures") or ()), s.config.get("model_type")))
+        for i, s in enumerate(sources) if s.config
+    ]
+    if len({kind for _, _, kind in described}) > 1:
+        listing = "; ".join(
+            f"model {i} ({s.label}): {'/'.join(kind[0]) or 'no architectures'}, model_type {kind[1]}" for i, s, kind in described
+        )
+        raise ArchitectureMismatchError(
+            f"the models are of different architectures ({listing}); merging them would produce a model whose "
+            "config names only one of them. Pass --allow-crimes (allow_crimes=True) to merge them anyway, as "
+            "mergekit's --allow-crimes does"
+        )
 
 
 def check_layout(sources: Sequence[Source], aligned_vocabulary: int | None = None) -> Layout:

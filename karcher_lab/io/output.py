@@ -58,12 +58,16 @@ def remove_stale_incomplete(out: Path) -> None:
 
 
 def check_output_path(out: Path, overwrite: bool, sources: list[Path]) -> None:
-    """Refuse an existing output (unless ``overwrite``), a non-directory, or a path that is a source."""
+    """Refuse a path that is (inside) a source, one under a file, an existing output (unless
+    ``overwrite``) or a non-directory; ``sources`` are the local directories of the models."""
     out = out.absolute()
     for src in sources:
         src = src.resolve()
         if out.resolve() == src or src in out.resolve().parents:
             raise OutputError(f"output {out} is (inside) the source model {src}; sources are never modified")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"output {out} cannot be created: {blocking} is a file, not a directory")
     if out.exists():
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a directory")

@@ -157,3 +157,47 @@ def write_reordered_vocabulary_checkpoint(
         moved[name] = rows
     new_config = dict(config, vocab_size=vocab_size + extra_tokens)
     return write_checkpoint(directory, new_config, moved, tokens=tokens), ids
+
+
+PICO_MODELS = ("picollama", "picogranite", "picollava", "picogpt2")
+"""The tiny architectures mergekit 0.1.5's tests merge (its tests/common.py), and a small GPT-2."""
+
+
+def pico_config(kind: str):
+    """The transformers config of a pico model: ``picollama``, ``picogranite`` and ``picollava`` as in
+    mergekit's tests/common.py; ``picogpt2`` a 4-layer GPT-2 of width 32 (mergekit's is GPT-2 size)."""
+    from transformers import CLIPVisionConfig, GPT2Config, GraniteConfig, LlamaConfig, LlavaConfig
+
+    llama = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
+    if kind == "picollama":
+        return LlamaConfig(**llama)
+    if kind == "picogranite":
+        return GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=2,
+                             num_key_value_heads=2, num_hidden_layers=2)
+    if kind == "picollava":
+        vision = CLIPVisionConfig(image_size=32, patch_size=4, num_hidden_layers=2, num_attention_heads=2,
+                                  hidden_size=64, intermediate_size=128)
+        return LlavaConfig(vision_config=vision, text_config=LlamaConfig(**llama), image_seq_length=16)
+    if kind == "picogpt2":
+        return GPT2Config(n_ctx=64, n_embd=32, n_head=4, n_layer=4, n_positions=64, vocab_size=64)
+    raise ValueError(f"unknown pico model {kind!r}; known: {', '.join(PICO_MODELS)}")
+
+
+def write_pico_model(directory: str | Path, kind: str, seed: int, vision_layers: int | None = None) -> Path:
+    """Save a pico model (:func:`pico_config`) with ``save_pretrained``, every parameter drawn from a
+    generator seeded with ``seed`` (0.02·N(0, 1), in the model's parameter order), so the weights do
+    not depend on transformers' initializers. ``vision_layers`` changes a LLaVA's vision-tower depth."""
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel, LlavaForConditionalGeneration
+
+    config = pico_config(kind)
+    if vision_layers is not None:
+        config.vision_config.num_hidden_layers = vision_layers
+    model_class = {"picollava": LlavaForConditionalGeneration, "picogpt2": GPT2LMHeadModel}.get(kind, AutoModelForCausalLM)
+    model = model_class.from_config(config) if model_class is AutoModelForCausalLM else model_class(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(0.02 * torch.randn(parameter.shape, generator=generator))
+    directory = Path(directory)
+    model.save_pretrained(str(directory), safe_serialization=True)
+    return directory

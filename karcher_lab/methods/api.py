@@ -203,7 +203,8 @@ def merge_tensors(
 
     Every input is validated before any work (errors from :mod:`karcher_lab.errors` name ``name``); a
     method registered with ``checks_finite`` finds NaN/Inf in its own first pass over the data, before
-    writing any output.
+    writing any output. A result that is not finite in ``out_dtype`` (an overflow) raises
+    NonFiniteError (:func:`check_finite_result`; one reduction over the output).
     """
     call = validate(method, tensors, weights=weights, base=base, seed=seed, out_dtype=out_dtype, name=name,
                     params=params)
@@ -213,4 +214,19 @@ def merge_tensors(
         out = call.method.call(call.tensors, call.context, call.params)
     tensor, trace = out if isinstance(out, tuple) else (out, None)
     tensor = tensor.to(call.out_dtype)
+    check_finite_result(tensor, call.method.name, name)
     return MergeResult(tensor, trace) if return_trace else tensor
+
+
+def check_finite_result(tensor: torch.Tensor, method: str, name: str | None = None) -> None:
+    """NonFiniteError when a merge of finite inputs gives NaN or Inf in the output dtype (an overflow:
+    the merged values exceed the dtype's range), naming the tensor, the count and the dtype."""
+    if bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all()):
+        return
+    n_nan, n_inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+    largest = torch.finfo(tensor.dtype).max
+    raise NonFiniteError(
+        f"{where(name)}{method}: the merged tensor holds {n_inf} Inf and {n_nan} NaN values in {str(tensor.dtype).removeprefix('torch.')} "
+        f"(of {tensor.numel()}; the largest finite value is {largest:.4g}) although the inputs are finite: the merge "
+        "overflowed; lower the weights (or lambda), or save in a wider dtype (out_dtype: float32)"
+    )

@@ -21,6 +21,8 @@ SLERP_NORM_EPS = 1e-8
 """slerp: a tensor with norm at most this has no direction (mergekit's ``eps``)."""
 NUSLERP_NORM_EPS = 1e-7
 """nuslerp: a vector with norm at most this has no direction (mergekit's normalization clamp)."""
+NUSLERP_CANCELLING_RTOL = 1e-9
+"""nuslerp: weights whose sum is at most this fraction of Σ|wi| cancel, and give t = 0.5."""
 NUSLERP_SIN_EPS = 1e-8
 """nuslerp interpolates linearly where sin² Ω = 1 − cos² Ω is at most this squared (mergekit's ``eps``)."""
 
@@ -93,14 +95,14 @@ def _as_vectors(
 
 @register(
     "nuslerp",
-    summary="SLERP at t = w2/(w1 + w2), per tensor, row or column, optionally of task vectors.",
+    summary="SLERP at t = w2/(w1 + w2) (0.5 when the weights cancel), per tensor, row or column, optionally of task vectors.",
     params=(
         Param("nuslerp_flatten", bool, True, doc="interpolate the whole tensor as one vector"),
         Param("nuslerp_row_wise", bool, False,
               doc="without flattening: interpolate the vectors along the first axis instead of the last"),
     ),
     base="optional",
-    weights="nonnegative",
+    weights="any",
     min_models=2,
     max_models=2,
     paper="mergekit nuslerp",
@@ -124,11 +126,17 @@ def nuslerp(
 
     Deviations: where either vector has norm ≤ 1e-7 we interpolate linearly, whereas mergekit divides by
     1e-7 instead of the norm, which for a zero vector (e.g. an untouched parameter's task vector) gives
-    sin(tπ/2)·x2 (checked: 0.7071·δ2 at t = 0.5 in mergekit 0.1.5). mergekit uses t = 0.5 when
-    w1 + w2 < 1e-6; here t = w2/(w1 + w2) for any positive sum (all-zero weights are rejected).
+    sin(tπ/2)·x2 (checked: 0.7071·δ2 at t = 0.5 in mergekit 0.1.5).
+
+    Weights, as in mergekit: any sign; t = w2/(w1 + w2), which lies outside [0, 1] (extrapolation along
+    the great circle) when the weights differ in sign, and t = 0.5 (the spherical midpoint) when the
+    weights cancel, |w1 + w2| ≤ 1e-9 (|w1| + |w2|), e.g. −0.5 and 0.5 (mergekit's own test). Deviation:
+    mergekit also takes t = 0.5 for small positive weights (w1 + w2 < 1e-6); we keep their ratio.
+    All-zero weights are refused.
     """
     w1, w2 = weights.tolist()
-    t = w2 / (w1 + w2)
+    cancel = abs(w1 + w2) <= NUSLERP_CANCELLING_RTOL * (abs(w1) + abs(w2))
+    t = 0.5 if cancel else w2 / (w1 + w2)
     xs = tensors if base is None else [x - base for x in tensors]
     a, restore = _as_vectors(xs[0], nuslerp_flatten, nuslerp_row_wise)
     b, _ = _as_vectors(xs[1], nuslerp_flatten, nuslerp_row_wise)

@@ -23,13 +23,13 @@ from typing import Any, Callable, Mapping
 import torch
 
 from karcher_lab.errors import MissingBaseError, NotSupportedError, ParameterError, RecipeError
-from karcher_lab.io.architecture import Layout, Source, check_layout, vocabulary_rows
+from karcher_lab.io.architecture import Layout, Source, check_architectures, check_layout, vocabulary_rows
 from karcher_lab.io.checkpoint import StateDictSource
 from karcher_lab.io.vocabulary import VocabularyAlignment, tokenizer_vocabulary
 from karcher_lab.methods.api import merge_tensors
 from karcher_lab.methods.registry import REQUIRED, MergeMethod, Param, get_method
-from karcher_lab.recipe.parameters import NOT_SET, layer_position, num_layers, resolve_setting
-from karcher_lab.recipe.schema import DTYPES, ModelEntry, ModelRef, Recipe, check_layer_ranges
+from karcher_lab.recipe.parameters import NOT_SET, layer_position, num_layers, resolve_setting, tower_depths
+from karcher_lab.recipe.schema import DTYPES, ModelEntry, ModelRef, Recipe, spans_whole_models
 
 WEIGHT = Param("weight", float, 1.0, per_model=True, doc="per-model weight")
 """mergekit's per-model ``weight``, handed to methods as ``weights`` (1.0 when not given)."""
@@ -116,18 +116,25 @@ def _base_mode(recipe: Recipe, method: MergeMethod) -> dict[str, Any]:
     return {name: setting}
 
 
-def _check_count(method: MergeMethod, n: int) -> None:
+def check_model_count(method: MergeMethod, n: int) -> None:
     what = "model(s) (besides the base model)" if method.base in ("required", "optional") else "model(s)"
     method.check_count(n, what=what, given="the recipe gives")
 
 
 def _check_parameter_names(recipe: Recipe, method: MergeMethod, warnings: list[str]) -> None:
-    """Unknown names are errors (mergekit ignores them silently, hiding typos); misplaced ones warn."""
-    known = {p.name: p for p in method.params}
     scopes = [("parameters", recipe.parameters), ("slices[0].parameters", recipe.slice_parameters)] + [
         (f"models[{i}].parameters", e.parameters) for i, e in enumerate(recipe.models)
     ]
+    check_parameter_names(method, scopes, warnings)
+
+
+def check_parameter_names(method: MergeMethod, scopes: list[tuple[str, Mapping[str, Any]]], warnings: list[str]) -> None:
+    """Unknown names are errors (mergekit ignores them silently, hiding typos); misplaced ones warn.
+    ``scopes``: (where, settings); a per-model scope's ``where`` ends in ``].parameters`` after
+    ``models[i`` or ``sources[i``."""
+    known = {p.name: p for p in method.params}
     for where, scope in scopes:
+        per_model_scope = where.startswith("models[") or ".sources[" in where
         for name in scope:
             if name == WEIGHT.name:
                 if method.weights == "unused":
@@ -137,7 +144,7 @@ def _check_parameter_names(recipe: Recipe, method: MergeMethod, warnings: list[s
                     f"{where}: {method.name} has no parameter {name!r}; known: "
                     f"{', '.join(['weight'] * (method.weights != 'unused') + sorted(known)) or 'none'}"
                 )
-            elif where.startswith("models[") and not known[name].per_model:
+            elif per_model_scope and not known[name].per_model:
                 warnings.append(f"{where}.{name} is ignored: {name} applies to the whole merge (set it under parameters)")
 
 
@@ -151,30 +158,40 @@ def plan_merge(
     *,
     seed: int | None = None,
     open_tensor_source: Callable[..., Source] | None = None,
+    allow_crimes: bool = False,
 ) -> MergePlan:
     """Validate ``recipe`` against the opened ``sources`` and resolve every tensor's task (no data read).
+
+    Models of different architectures (``architectures`` / ``model_type`` in their configs) are
+    refused unless ``allow_crimes`` (mergekit's ``--allow-crimes``); the output's config is then the
+    base model's, else the first model's. Recipes whose slices do not span whole models (layer ranges,
+    stacked slices) are planned by :func:`karcher_lab.pipeline.slices.plan_slices`.
 
     ``open_tensor_source(value, label)`` opens what tensor-valued parameters give (e.g. ``fisher``: each
     model's Fisher, as a checkpoint with the same tensor names, a ModelRef, or an in-memory state dict),
     returning the same source for the same value (see :meth:`MergeSession.open_tensor_source`).
     """
     method = get_method(recipe.merge_method)
+    check_architectures([sources[ref] for ref in recipe.all_models()], allow_crimes)
+    depth = {ref: num_layers(sources[ref].config, sources[ref].tensors) for ref in recipe.all_models()}
+    if not spans_whole_models(recipe, depth):
+        from karcher_lab.pipeline.slices import plan_slices  # it builds on this module
+
+        return plan_slices(recipe, sources, method, seed=seed)
     warnings: list[str] = []
     _check_parameter_names(recipe, method, warnings)
     entries, base_ref, more = _method_inputs(recipe, method)
     warnings += more
-    _check_count(method, len(entries))
+    check_model_count(method, len(entries))
     inputs = [(e.model, sources[e.model]) for e in entries]
     base = (base_ref, sources[base_ref]) if base_ref is not None else None
     all_sources = [s for _, s in inputs] + ([base[1]] if base else [])
     all_refs = [r for r, _ in inputs] + ([base[0]] if base else [])
     alignment = _vocabulary_alignment(recipe, all_refs, all_sources) if recipe.tokenizer_source is not None else None
     layout = check_layout(all_sources, aligned_vocabulary=alignment.size if alignment else None)
-    depth = {ref: num_layers(src.config, src.tensors) for ref, src in sources.items()}
-    check_layer_ranges(recipe, depth)
     donor_ref = recipe.base_model or recipe.models[0].model
     donor = sources[donor_ref]
-    n_layers = depth[donor_ref]
+    depths = tower_depths(donor.config, donor.tensors)
     load_dtype = DTYPES[recipe.dtype] if recipe.dtype else None
     save_dtype = DTYPES[recipe.out_dtype] if recipe.out_dtype else None
     model_scopes = [(e.parameters, recipe.slice_parameters, recipe.parameters) for e in entries]
@@ -189,47 +206,67 @@ def plan_merge(
     tasks = []
     probed: set[str] = set()
     for name in layout.names:
-        t = layer_position(name, n_layers)
         first = all_sources[0].tensors[layout.stored_names[0][name]]
-        floating = first.dtype.is_floating_point
-        out_dtype = save_dtype or load_dtype or first.dtype if floating else first.dtype
-        params: dict[str, Any] = {}
-        weights = None
-        tensor_params: dict[str, list[tuple[Source, str]]] = {}
-        for p in method.params:
-            if p.kind is object and p.per_model:  # tensor-valued: given for every model, or optional and absent
-                if p.name in tensor_refs:
-                    tensor_params[p.name] = _tensor_parameter(p, name, layout.shapes[name], tensor_refs[p.name])
-                continue
-            coerce = _coerce(p, method)
-            if p.per_model:
-                values = [resolve_setting(p.name, scopes, name, t, coerce) for scopes in model_scopes]
-                if any(v is NOT_SET for v in values):
-                    if p.default is REQUIRED:
-                        missing = entries[[v is NOT_SET for v in values].index(True)].model
-                        raise ParameterError(f"{method.name}: parameter {p.name!r} is required for model {missing} (tensor {name!r})")
-                    values = [p.default if v is NOT_SET else v for v in values]
-                params[p.name] = values
-            else:
-                value = resolve_setting(p.name, shared_scopes, name, t, coerce)
-                if value is not NOT_SET:
-                    params[p.name] = value
-        if method.weights != "unused":
-            coerce = _coerce(WEIGHT, method)
-            weights = [
-                1.0 if (w := resolve_setting(WEIGHT.name, scopes, name, t, coerce)) is NOT_SET else w
-                for scopes in model_scopes
-            ]
-        task = TensorTask(name, layout.shapes[name], out_dtype, weights, params, tensor_params, tensor_seed(seed, name), floating)
-        if floating:
-            _probe(method, task, len(entries), base is not None, probed)
+        tensor_params = {p: _tensor_parameter(method.param(p), name, layout.shapes[name], refs) for p, refs in tensor_refs.items()}
+        task = resolve_task(
+            method, name, layout.shapes[name], first.dtype, layer_position(name, depths), model_scopes, shared_scopes,
+            [e.model for e in entries], load_dtype=load_dtype, save_dtype=save_dtype, seed=seed, tensor_params=tensor_params,
+        )
+        if task.floating:
+            probe_parameters(method, task, len(entries), base is not None, probed)
         tasks.append(task)
     return MergePlan(recipe, method, inputs, base, layout, tasks, donor, load_dtype, alignment, warnings)
 
 
+def resolve_task(
+    method: MergeMethod,
+    name: str,
+    shape: tuple[int, ...],
+    stored_dtype: torch.dtype,
+    t: float,
+    model_scopes: list[tuple[Mapping[str, Any], ...]],
+    shared_scopes: tuple[Mapping[str, Any], ...],
+    models: list[ModelRef],
+    *,
+    load_dtype: torch.dtype | None,
+    save_dtype: torch.dtype | None,
+    seed: int | None,
+    tensor_params: dict[str, list[tuple[Source, str]]] | None = None,
+) -> TensorTask:
+    """One tensor's task: every parameter of ``method`` resolved at layer position ``t`` from the
+    scopes (per input model, most specific first; shared), mergekit's rules (module docstring)."""
+    floating = stored_dtype.is_floating_point
+    out_dtype = save_dtype or load_dtype or stored_dtype if floating else stored_dtype
+    params: dict[str, Any] = {}
+    for p in method.params:
+        if p.kind is object and p.per_model:  # tensor-valued: given for every model, or optional and absent
+            continue
+        coerce = _coerce(p, method)
+        if p.per_model:
+            values = [resolve_setting(p.name, scopes, name, t, coerce) for scopes in model_scopes]
+            if any(v is NOT_SET for v in values):
+                if p.default is REQUIRED:
+                    missing = models[[v is NOT_SET for v in values].index(True)]
+                    raise ParameterError(f"{method.name}: parameter {p.name!r} is required for model {missing} (tensor {name!r})")
+                values = [p.default if v is NOT_SET else v for v in values]
+            params[p.name] = values
+        else:
+            value = resolve_setting(p.name, shared_scopes, name, t, coerce)
+            if value is not NOT_SET:
+                params[p.name] = value
+    weights = None
+    if method.weights != "unused":
+        coerce = _coerce(WEIGHT, method)
+        weights = [
+            1.0 if (w := resolve_setting(WEIGHT.name, scopes, name, t, coerce)) is NOT_SET else w
+            for scopes in model_scopes
+        ]
+    return TensorTask(name, shape, out_dtype, weights, params, dict(tensor_params or {}), tensor_seed(seed, name), floating)
+
+
 def reweighted(plan: MergePlan, weights: list[float]) -> MergePlan:
     """``plan`` with every tensor's per-model weights set to ``weights`` (one per input model), nothing
-    else re-resolved; each distinct parameter set is probed again with them (see :func:`_probe`)."""
+    else re-resolved; each distinct parameter set is probed again with them (see :func:`probe_parameters`)."""
     if plan.method.weights == "unused":
         return plan
     if len(weights) != len(plan.inputs):
@@ -238,7 +275,7 @@ def reweighted(plan: MergePlan, weights: list[float]) -> MergePlan:
     probed: set[str] = set()
     for task in tasks:
         if task.floating:
-            _probe(plan.method, task, len(plan.inputs), plan.base is not None, probed)
+            probe_parameters(plan.method, task, len(plan.inputs), plan.base is not None, probed)
     return replace(plan, tasks=tasks)
 
 
@@ -260,7 +297,7 @@ def _vocabulary_alignment(recipe: Recipe, refs: list[ModelRef], sources: list[So
     return VocabularyAlignment.build(target, vocabularies, rows, base_index)
 
 
-def _probe(method: MergeMethod, task: TensorTask, n: int, has_base: bool, probed: set[str]) -> None:
+def probe_parameters(method: MergeMethod, task: TensorTask, n: int, has_base: bool, probed: set[str]) -> None:
     """Run the method once per distinct parameter set on small, well-conditioned probe tensors.
 
     Methods check some parameters only when called (e.g. karcher's η ∈ (0, 1]); probing surfaces

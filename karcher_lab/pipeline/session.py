@@ -4,16 +4,17 @@ per-tensor state between calls for the widgets)."""
 from __future__ import annotations
 
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 
-from karcher_lab.errors import DeviceError, EmptyInputError, ParameterError, WeightError
+from karcher_lab.errors import DeviceError, EmptyInputError, NonFiniteError, ParameterError, WeightError
 from karcher_lab.io.architecture import Source
 from karcher_lab.io.checkpoint import Checkpoint, StateDictSource
 from karcher_lab.io.output import check_output_path
-from karcher_lab.io.resolve import resolve_model_dir
+from karcher_lab.io.resolve import local_directory, resolve_model_dir
 from karcher_lab.io.writer import parse_size
 from karcher_lab.methods.api import merge_tensors
 from karcher_lab.methods.prepared import PreparedStates
@@ -149,9 +150,9 @@ class MergeSession:
             dtype=parse_dtype(self.dtype, "dtype"), out_dtype=parse_dtype(out_dtype, "out_dtype"),
         )
 
-    def plan(self, recipe: Recipe, seed: int | None = None) -> MergePlan:
+    def plan(self, recipe: Recipe, seed: int | None = None, allow_crimes: bool = False) -> MergePlan:
         """Validate ``recipe`` against the session's models (see :func:`plan_merge`)."""
-        return plan_merge(recipe, self.sources, seed=seed, open_tensor_source=self.open_tensor_source)
+        return plan_merge(recipe, self.sources, seed=seed, open_tensor_source=self.open_tensor_source, allow_crimes=allow_crimes)
 
     def _merge_one(self, method: str, tensors: list[torch.Tensor], *, key: Hashable, **kwargs: Any) -> torch.Tensor:
         result = merge_tensors(method, tensors, states=self.states, key=key, return_trace=True, **kwargs)
@@ -168,14 +169,21 @@ class MergeSession:
         overwrite: bool = False,
         out_shard_size: str | int = DEFAULT_SHARD_SIZE,
         progress: bool = False,
+        allow_crimes: bool = False,
+        check_finite: bool = False,
     ) -> dict[str, torch.Tensor] | MergeStats:
         """Run ``recipe``: the merged state dict when ``out`` is None, else write a checkpoint
-        directory (atomically) and return its :class:`MergeStats`."""
+        directory (atomically) and return its :class:`MergeStats`. ``seed`` None means the recipe's
+        ``seed`` (0 when it has none). ``check_finite``: scan every input for NaN/Inf before merging
+        (:func:`scan_finite`)."""
         shard_bytes = parse_size(out_shard_size)
+        seed = recipe.seed if seed is None else seed
         if out is not None:
             check_output_path(Path(out), overwrite, [s.directory for s in self.sources.values() if s.directory])
-        return self.execute(self.plan(recipe, seed), out=out, seed=seed, overwrite=overwrite,
-                            out_shard_size=shard_bytes, progress=progress)
+        plan = self.plan(recipe, seed, allow_crimes)
+        if check_finite:
+            scan_finite(plan)
+        return self.execute(plan, out=out, seed=seed, overwrite=overwrite, out_shard_size=shard_bytes, progress=progress)
 
     def execute(
         self,
@@ -221,24 +229,30 @@ class MergeSession:
         overwrite: bool = False,
         out_shard_size: str | int = DEFAULT_SHARD_SIZE,
         progress: bool = False,
+        allow_crimes: bool = False,
     ) -> dict[str, torch.Tensor] | MergeStats:
         """Merge the session's models with ``method`` (arguments as in :func:`merge_models`).
 
         In memory (``out`` None), the plan of each (method, params, model_params, out_dtype, seed) is
         kept: a merge that changes only ``weights`` re-weights that plan (:func:`reweighted`) instead of
-        building and resolving a recipe again."""
+        building and resolving a recipe again. The plan's warnings (e.g. a base model merged as one more
+        input) are also issued through :mod:`warnings`."""
         if out is not None:
             recipe = self.recipe(method, weights=weights, params=params, model_params=model_params, out_dtype=out_dtype)
-            return self.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size,
-                            progress=progress)
-        key = (method, _frozen(params), _frozen(model_params), out_dtype, seed)
-        if key not in self._plans:
-            recipe = self.recipe(method, params=params, model_params=model_params, out_dtype=out_dtype)
-            self._plans = {key: self.plan(recipe, seed)}  # the latest plan only: re-weighting reuses it
-        plan = self._plans[key]
-        if weights is not None:
-            plan = reweighted(plan, self._input_weights(plan, weights))
-        return self.execute(plan, progress=progress)
+            result = self.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size,
+                              progress=progress, allow_crimes=allow_crimes)
+        else:
+            key = (method, _frozen(params), _frozen(model_params), out_dtype, seed, allow_crimes)
+            if key not in self._plans:
+                recipe = self.recipe(method, params=params, model_params=model_params, out_dtype=out_dtype)
+                self._plans = {key: self.plan(recipe, seed, allow_crimes)}  # the latest plan only: re-weighting reuses it
+            plan = self._plans[key]
+            if weights is not None:
+                plan = reweighted(plan, self._input_weights(plan, weights))
+            result = self.execute(plan, progress=progress)
+        for message in self.last_stats.warnings:
+            warnings.warn(message, UserWarning, stacklevel=2)
+        return result
 
     def _input_weights(self, plan: MergePlan, weights: Sequence[float]) -> list[float]:
         """The session models' weights in the order of the plan's inputs, as :meth:`recipe` gives them:
@@ -251,6 +265,26 @@ class MergeSession:
         if plan.base is not None:
             given = [(ref, w) for ref, w in given if ref != plan.base[0]]
         return [w for _, w in given] + [1.0] * (len(plan.inputs) - len(given))
+
+
+def scan_finite(plan: MergePlan) -> None:
+    """NonFiniteError naming the model and the tensor when any input of ``plan`` (a model's tensor, the
+    base's, a tensor-valued parameter's) holds NaN or Inf: one pass that reads every input once, before
+    any merging. Without it a NaN is found when its tensor is merged (and nothing is written either),
+    possibly after the other tensors were merged; karcher finds it in the pass over the data its Gram
+    matrix makes anyway, so for karcher the pre-scan costs a second read of the inputs and saves nothing
+    but time to failure."""
+    for task in plan.tasks:
+        if not task.floating:
+            continue
+        reads = [(s, plan.stored_name(k, task.name)) for k, s in enumerate(plan.sources)]
+        reads += [pair for pairs in task.tensor_params.values() for pair in pairs]
+        for source, stored in reads:
+            t = source.load(stored)
+            if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
+                n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+                raise NonFiniteError(f"model {source.label}: tensor {stored!r} contains {n_nan} NaN and {n_inf} Inf values "
+                                     "(found by the finite check before merging)")
 
 
 def merge_models(
@@ -269,6 +303,7 @@ def merge_models(
     overwrite: bool = False,
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     progress: bool = False,
+    allow_crimes: bool = False,
 ) -> dict[str, torch.Tensor] | MergeStats:
     """Merge whole models with a registered method; also callable as ``karcher_lab.merge(...)``.
 
@@ -279,12 +314,15 @@ def merge_models(
     ``model_params``: one dict of per-model settings per model (e.g. ``density``, or ``fisher``).
     ``dtype`` casts the inputs on load; ``out_dtype`` is the saved dtype. Returns the merged state dict
     (CPU tensors) when ``out`` is None; otherwise writes a checkpoint directory atomically and returns
-    :class:`MergeStats`. For repeated merges of the same models, use :class:`MergeSession`.
+    :class:`MergeStats`. Models of different architectures are refused unless ``allow_crimes``
+    (mergekit's ``--allow-crimes``). Warnings (e.g. ``base`` given to a method that does not use a
+    base, which then merges it as one more input, as mergekit does) are issued through :mod:`warnings`.
+    For repeated merges of the same models, use :class:`MergeSession`.
     """
     session = MergeSession(models, base=base, dtype=dtype, device=device, cache_states=False)
     return session.merge(
         method, weights=weights, params=params, model_params=model_params, out_dtype=out_dtype, seed=seed,
-        out=out, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress,
+        out=out, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress, allow_crimes=allow_crimes,
     )
 
 
@@ -298,6 +336,8 @@ def run_recipe(
     out_shard_size: str | int = DEFAULT_SHARD_SIZE,
     progress: bool = False,
     relative_to: Path | None = None,
+    allow_crimes: bool = False,
+    check_finite: bool = False,
 ) -> MergeStats:
     """Run a recipe into the checkpoint directory ``out`` (what ``karcher-lab merge`` does).
 
@@ -306,9 +346,11 @@ def run_recipe(
     get_method(recipe.merge_method)
     parse_size(out_shard_size)
     resolve_device(device)
-    check_output_path(Path(out), overwrite, [])
+    local = [local_directory(ref.path, relative_to) for ref in recipe.all_models() if ref.revision is None]
+    check_output_path(Path(out), overwrite, [d for d in local if d is not None])
     session = MergeSession(
         [e.model for e in recipe.models], base=recipe.base_model, dtype=recipe.dtype, device=device,
         cache_states=False, relative_to=relative_to,
     )
-    return session.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress)
+    return session.run(recipe, out=out, seed=seed, overwrite=overwrite, out_shard_size=out_shard_size, progress=progress,
+                       allow_crimes=allow_crimes, check_finite=check_finite)

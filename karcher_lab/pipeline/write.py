@@ -22,7 +22,7 @@ from karcher_lab.io.writer import ShardedSafetensorsWriter, TensorSpec
 from karcher_lab.methods.registry import REQUIRED
 from karcher_lab.pipeline.execute import MergeStats, TensorCache, execute_plan
 from karcher_lab.pipeline.plan import MergePlan
-from karcher_lab.recipe.schema import ModelEntry, ModelRef
+from karcher_lab.recipe.schema import ModelEntry, ModelRef, SliceSource
 
 def _yaml_value(value: Any) -> Any:
     """Settings as YAML; in-memory tensor-valued parameters (e.g. a Fisher dict) are named, not dumped."""
@@ -35,7 +35,7 @@ def _yaml_value(value: Any) -> Any:
     return f"<in-memory {type(value).__name__}>"
 
 
-def _entry_parameters(entry: ModelEntry) -> dict[str, Any]:
+def _entry_parameters(entry: ModelEntry | SliceSource) -> dict[str, Any]:
     return {"parameters": {k: _yaml_value(v) for k, v in entry.parameters.items()}} if entry.parameters else {}
 
 
@@ -53,9 +53,15 @@ def resolved_recipe_yaml(plan: MergePlan, seed: int | None) -> str:
     data: dict[str, Any] = {"merge_method": r.merge_method}
     if r.base_model is not None:
         data["base_model"] = str(r.base_model)
-    if r.layer_ranges:
-        src = [{"model": str(e.model), "layer_range": list(r.layer_ranges[e.model]), **_entry_parameters(e)} for e in r.models]
-        data["slices"] = [{"sources": src, **({"parameters": r.slice_parameters} if r.slice_parameters else {})}]
+    if r.slices:
+        data["slices"] = [
+            {
+                "sources": [{"model": str(s.model), "layer_range": list(s.layer_range), **_entry_parameters(s)} for s in out_slice.sources],
+                **({"base_model": str(out_slice.base_model)} if out_slice.base_model else {}),
+                **({"parameters": out_slice.parameters} if out_slice.parameters else {}),
+            }
+            for out_slice in r.slices
+        ]
     else:
         data["models"] = [{"model": str(e.model), **_entry_parameters(e)} for e in r.models]
     data["parameters"] = params
@@ -64,7 +70,8 @@ def resolved_recipe_yaml(plan: MergePlan, seed: int | None) -> str:
             data[key] = getattr(r, key)
     if r.tokenizer_source is not None:
         data["tokenizer_source"] = str(r.tokenizer_source)
-    header = f"# karcher-lab {__version__}: the recipe as run, method defaults filled in; seed: {0 if seed is None else seed}\n"
+    data["seed"] = 0 if seed is None else int(seed)
+    header = f"# karcher-lab {__version__}: the recipe as run, method defaults filled in (seed: ours; mergekit ignores it)\n"
     return header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
 
 

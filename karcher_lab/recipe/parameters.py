@@ -18,15 +18,17 @@ parameter from a model's entry). The first scope where the setting yields a valu
 method's default applies (or the parameter is required).
 
 The layer position (:func:`layer_position`) is ``t = i / (L − 1)`` for a tensor of decoder layer ``i``
-(:func:`karcher_lab.io.architecture.layer_index`) in a model of ``L`` layers (``t = 1`` when ``L = 1``,
-as mergekit's planner does), and ``t = 0`` for every tensor outside the layer stack: embeddings, final
-norm and LM head.
+(:func:`karcher_lab.io.architecture.layer_index`) in a layer stack of ``L`` layers (``t = 1`` when
+``L = 1``, as mergekit's planner does), and ``t = 0`` for every tensor outside the layer stacks:
+embeddings, final norm and LM head. A model with several layer stacks (towers; a LLaVA-style model has
+a text decoder and a vision encoder) resolves each tower on its own depth, as mergekit resolves each
+module (:func:`tower_depths`).
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, Mapping
 
-from karcher_lab.io.architecture import layer_index
+from karcher_lab.io.architecture import layer_index, layer_tower
 
 NUM_LAYERS_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
 
@@ -43,12 +45,30 @@ def num_layers(config: Mapping[str, Any], tensor_names: Iterable[str]) -> int:
     return max(indices) + 1 if indices else 0
 
 
-def layer_position(tensor_name: str, n_layers: int) -> float:
-    """t ∈ [0, 1] at which gradients are evaluated: i/(L−1) in layer i, 1 when L = 1, 0 outside layers."""
+def tower_depths(config: Mapping[str, Any], tensor_names: Iterable[str]) -> dict[str, int]:
+    """Depth of each layer stack (tower, :func:`karcher_lab.io.architecture.layer_tower`) of a model:
+    one more than its largest layer index, or the config's layer count when the model has one tower."""
+    depths: dict[str, int] = {}
+    names = list(tensor_names)
+    for name in names:
+        index, tower = layer_index(name), layer_tower(name)
+        if index is not None:
+            depths[tower] = max(depths.get(tower, 0), index + 1)
+    if len(depths) == 1:
+        depths = {tower: num_layers(config, names) for tower in depths}
+    return depths
+
+
+def layer_position(tensor_name: str, n_layers: int | Mapping[str, int]) -> float:
+    """t ∈ [0, 1] at which gradients are evaluated: i/(L−1) in layer i, 1 when L = 1, 0 outside layers.
+
+    ``n_layers``: the depth L, or each tower's depth (:func:`tower_depths`), L then being the depth of
+    the tensor's own tower."""
     index = layer_index(tensor_name)
     if index is None:
         return 0.0
-    return index / (n_layers - 1) if n_layers > 1 else 1.0
+    depth = n_layers[layer_tower(tensor_name)] if isinstance(n_layers, Mapping) else n_layers
+    return index / (depth - 1) if depth > 1 else 1.0
 
 
 def _is_number(value: Any) -> bool:

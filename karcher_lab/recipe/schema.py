@@ -13,12 +13,17 @@ A recipe is what ``mergekit-yaml`` reads, so users' existing configs run unchang
     out_dtype: bfloat16     # saved dtype (sets torch_dtype in config.json)
     tokenizer_source: base  # base | union | a model
 
-Supported: every top-level key above, ``tokenizer: {source: ...}``, and ``slices`` in its whole-model
-form (one output slice whose sources each span a model's full ``layer_range``), which is normalized to
-the ``models`` form with the slice's parameters as an extra scope between per-model and global (as
-mergekit does). Partial layer ranges, several slices, ``modules``, LoRA references (``model+lora``),
+Supported: every top-level key above, ``tokenizer: {source: ...}``, and ``slices``: a list of output
+slices, each with ``sources`` (a model and its ``layer_range: [start, end)``, optionally per-source
+``parameters``), an optional ``base_model`` and ``parameters``. The output stacks the slices' layers in
+order (frankenmerges: the same model may appear in several slices); every source of one slice spans
+the same number of layers. One slice whose sources each span a model's full ``layer_range`` is also
+normalized to the ``models`` form, with the slice's parameters as an extra scope between per-model and
+global (as mergekit does). ``modules``, ``residual_weight``, LoRA references (``model+lora``),
 ``tokenizer.tokens``/``pad_to_multiple_of`` and ``chat_template`` raise NotSupportedError. Unlike
-mergekit, unknown top-level keys are an error (mergekit ignores them silently, hiding typos).
+mergekit, unknown top-level keys are an error (mergekit ignores them silently, hiding typos); the one
+key of our own is ``seed``, the seed of randomized methods, which mergekit ignores (its
+``--random-seed`` is a command-line option).
 
 Parameter *values* are kept unevaluated here (scalars, gradients, ``[{filter, value}]`` lists); see
 :mod:`karcher_lab.recipe.parameters` for how they are resolved per tensor.
@@ -45,7 +50,7 @@ DTYPES: dict[str, torch.dtype] = {
 
 TOP_LEVEL_KEYS = (
     "merge_method", "models", "slices", "base_model", "parameters", "dtype", "out_dtype",
-    "tokenizer_source", "tokenizer", "chat_template", "modules", "name",
+    "tokenizer_source", "tokenizer", "chat_template", "modules", "name", "seed",
 )
 
 
@@ -69,13 +74,34 @@ class ModelEntry:
 
 
 @dataclass
+class SliceSource:
+    """One source of an output slice: layers ``layer_range`` = [start, end) of ``model``."""
+
+    model: ModelRef
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class OutputSlice:
+    """One output slice: its sources (equally deep), its own base model and parameters (optional)."""
+
+    sources: list[SliceSource]
+    base_model: ModelRef | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
 class Recipe:
     """A validated recipe in the ``models`` form.
 
-    ``parameters`` are the global settings; ``slice_parameters`` the settings of a whole-model slice
-    (empty for the ``models`` form), which rank between per-model and global ones. ``layer_ranges``
-    holds each source's ``layer_range`` from the slices form, checked against the models' depth once
-    their configs are read (see :func:`check_layer_ranges`). ``source`` is the YAML text as given.
+    ``parameters`` are the global settings; ``slice_parameters`` the settings of a one-slice recipe
+    (empty for the ``models`` form), which rank between per-model and global ones. ``slices`` holds the
+    slices form as given; ``layer_ranges`` each source's ``layer_range`` of a one-slice recipe, whose
+    ``models`` are that slice's sources. A recipe of several slices lists every model once under
+    ``models`` (without parameters). Whether the slices span whole models is known once the models'
+    configs are read (:func:`spans_whole_models`). ``seed`` seeds randomized methods (None: not
+    given). ``source`` is the YAML text as given.
     """
 
     merge_method: str
@@ -87,6 +113,8 @@ class Recipe:
     out_dtype: str | None = None
     tokenizer_source: str | ModelRef | None = None
     layer_ranges: dict[ModelRef, tuple[int, int]] = field(default_factory=dict)
+    slices: list[OutputSlice] = field(default_factory=list)
+    seed: int | None = None
     source: str | None = None
 
     def all_models(self) -> list[ModelRef]:
@@ -201,53 +229,64 @@ def _models_form(raw: Any) -> list[ModelEntry]:
     return entries
 
 
-def _slices_form(raw: Any) -> tuple[list[ModelEntry], dict[str, Any], ModelRef | None, dict[ModelRef, tuple[int, int]]]:
-    """The whole-model slices form: one output slice, each source spanning a full layer range."""
+def _layer_range(value: Any, where: str) -> tuple[int, int]:
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in value)):
+        raise RecipeError(f"{where}: expected [start, end] integers, got {value!r}")
+    if not 0 <= value[0] < value[1]:
+        raise RecipeError(f"{where}: expected 0 <= start < end, got {value!r}")
+    return value[0], value[1]
+
+
+def _slices_form(raw: Any) -> list[OutputSlice]:
+    """The output slices, in order (see the module docstring)."""
     if not isinstance(raw, list) or not raw:
         raise RecipeError("slices: expected a non-empty list of output slices")
-    if len(raw) > 1:
-        raise NotSupportedError(
-            f"slices: {len(raw)} output slices (layer stacking / frankenmerges) are not supported yet; "
-            "only one slice covering every model's full layer_range is"
-        )
-    out_slice = raw[0]
-    if not isinstance(out_slice, Mapping) or "sources" not in out_slice:
-        raise RecipeError("slices[0]: expected a mapping with 'sources'")
-    unknown = sorted(set(out_slice) - {"sources", "base_model", "parameters", "residual_weight"})
-    if unknown:
-        raise RecipeError(f"slices[0]: unknown key(s) {unknown}")
-    if out_slice.get("residual_weight") is not None:
-        raise NotSupportedError("slices[0].residual_weight is not supported yet")
-    sources = out_slice["sources"]
-    if not isinstance(sources, list) or not sources:
-        raise RecipeError("slices[0].sources: expected a non-empty list")
-    entries, ranges = [], {}
-    for i, src in enumerate(sources):
-        where = f"slices[0].sources[{i}]"
-        if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
-            raise RecipeError(f"{where}: expected a mapping with 'model' and 'layer_range'")
-        unknown = sorted(set(src) - {"model", "layer_range", "parameters"})
+    out = []
+    for k, out_slice in enumerate(raw):
+        here = f"slices[{k}]"
+        if not isinstance(out_slice, Mapping) or "sources" not in out_slice:
+            raise RecipeError(f"{here}: expected a mapping with 'sources'")
+        unknown = sorted(set(out_slice) - {"sources", "base_model", "parameters", "residual_weight"})
         if unknown:
-            raise RecipeError(f"{where}: unknown key(s) {unknown}")
-        lr = src["layer_range"]
-        if not (isinstance(lr, list) and len(lr) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in lr)):
-            raise RecipeError(f"{where}.layer_range: expected [start, end] integers, got {lr!r}")
-        ref = parse_model_ref(src["model"], f"{where}.model")
-        entries.append(ModelEntry(ref, parse_parameters(src.get("parameters"), f"{where}.parameters")))
-        ranges[ref] = (lr[0], lr[1])
-    base = parse_model_ref(out_slice["base_model"], "slices[0].base_model") if out_slice.get("base_model") else None
-    return entries, parse_parameters(out_slice.get("parameters"), "slices[0].parameters"), base, ranges
+            raise RecipeError(f"{here}: unknown key(s) {unknown}")
+        if out_slice.get("residual_weight") is not None:
+            raise NotSupportedError(f"{here}.residual_weight is not supported yet")
+        sources = out_slice["sources"]
+        if not isinstance(sources, list) or not sources:
+            raise RecipeError(f"{here}.sources: expected a non-empty list")
+        parsed = []
+        for i, src in enumerate(sources):
+            where = f"{here}.sources[{i}]"
+            if not isinstance(src, Mapping) or "model" not in src or "layer_range" not in src:
+                raise RecipeError(f"{where}: expected a mapping with 'model' and 'layer_range'")
+            unknown = sorted(set(src) - {"model", "layer_range", "parameters"})
+            if unknown:
+                raise RecipeError(f"{where}: unknown key(s) {unknown}")
+            ref = parse_model_ref(src["model"], f"{where}.model")
+            if any(p.model == ref for p in parsed):
+                raise RecipeError(f"{where}: model {ref} is listed twice in {here}")
+            parsed.append(SliceSource(ref, _layer_range(src["layer_range"], f"{where}.layer_range"),
+                                      parse_parameters(src.get("parameters"), f"{where}.parameters")))
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in parsed}
+        if len(lengths) > 1:
+            raise RecipeError(f"{here}: every source of a slice must span the same number of layers, got "
+                              + ", ".join(f"{s.model} {list(s.layer_range)}" for s in parsed))
+        base = parse_model_ref(out_slice["base_model"], f"{here}.base_model") if out_slice.get("base_model") else None
+        out.append(OutputSlice(parsed, base, parse_parameters(out_slice.get("parameters"), f"{here}.parameters")))
+    return out
 
 
-def check_layer_ranges(recipe: Recipe, num_layers: Mapping[ModelRef, int]) -> None:
-    """Slices form: every source must span its model's whole depth, [0, num_layers]."""
-    for ref, (start, end) in recipe.layer_ranges.items():
-        depth = num_layers[ref]
-        if (start, end) != (0, depth):
-            raise NotSupportedError(
-                f"slices: layer_range [{start}, {end}] of {ref} is not the whole model ([0, {depth}]); "
-                "partial layer ranges are not supported yet"
-            )
+def spans_whole_models(recipe: Recipe, num_layers: Mapping[ModelRef, int]) -> bool:
+    """True for the ``models`` form and for one slice whose sources each span their model's whole
+    depth [0, num_layers]; a layer_range past a model's depth is an error."""
+    for k, out_slice in enumerate(recipe.slices):
+        for i, src in enumerate(out_slice.sources):
+            if src.layer_range[1] > num_layers[src.model]:
+                raise RecipeError(
+                    f"slices[{k}].sources[{i}].layer_range {list(src.layer_range)} goes past the "
+                    f"{num_layers[src.model]} layers of {src.model}"
+                )
+    return len(recipe.slices) <= 1 and all(r == (0, num_layers[ref]) for ref, r in recipe.layer_ranges.items())
 
 
 def parse_recipe(data: Any, source: str | None = None) -> Recipe:
@@ -268,18 +307,30 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
     base = parse_model_ref(data["base_model"], "base_model") if data.get("base_model") else None
     slice_params: dict[str, Any] = {}
     ranges: dict[ModelRef, tuple[int, int]] = {}
+    slices: list[OutputSlice] = []
     if has_models:
         entries = _models_form(data["models"])
+        seen: set[ModelRef] = set()
+        for i, e in enumerate(entries):
+            if e.model in seen:
+                raise RecipeError(f"model {e.model} is listed twice (entry {i})")
+            seen.add(e.model)
     else:
-        entries, slice_params, slice_base, ranges = _slices_form(data["slices"])
-        if slice_base is not None and base is not None and slice_base != base:
-            raise RecipeError(f"slices[0].base_model {slice_base} differs from base_model {base}")
-        base = base or slice_base
-    seen: set[ModelRef] = set()
-    for i, e in enumerate(entries):
-        if e.model in seen:
-            raise RecipeError(f"model {e.model} is listed twice (entry {i})")
-        seen.add(e.model)
+        slices = _slices_form(data["slices"])
+        if len(slices) == 1:
+            only = slices[0]
+            entries = [ModelEntry(s.model, s.parameters) for s in only.sources]
+            slice_params = only.parameters
+            ranges = {s.model: s.layer_range for s in only.sources}
+            if only.base_model is not None and base is not None and only.base_model != base:
+                raise RecipeError(f"slices[0].base_model {only.base_model} differs from base_model {base}")
+            base = base or only.base_model
+        else:
+            refs = list(dict.fromkeys(s.model for out_slice in slices for s in out_slice.sources))
+            entries = [ModelEntry(ref) for ref in refs]
+    seed = data.get("seed")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or seed < 0):
+        raise RecipeError(f"seed: expected a non-negative integer, got {seed!r}")
     if data.get("chat_template"):
         raise NotSupportedError("chat_template is not supported yet (the tokenizer files are copied as they are)")
     tokenizer_source = data.get("tokenizer_source")
@@ -307,6 +358,8 @@ def parse_recipe(data: Any, source: str | None = None) -> Recipe:
         out_dtype=parse_dtype(data.get("out_dtype"), "out_dtype"),
         tokenizer_source=tokenizer_source,
         layer_ranges=ranges,
+        slices=slices,
+        seed=seed,
         source=source,
     )
 
