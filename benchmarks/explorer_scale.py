@@ -6,8 +6,9 @@ today's code (a git commit, run from an exported copy) in one run, with the floo
                                                   [--dtype bfloat16] [--folder DIR] [--device cpu]
 
 For each N a study is written once (:func:`karcher_lab.study.synthetic.write_synthetic_study`: a base
-and N experts of the config, 2 tasks of 16 JSONL examples, 8 probe lines) and each code version opens
-``MergeExplorer(study)`` in a fresh process (initial update), moves one weight slider and updates again.
+and N experts of the config, each owning a task of 16 JSONL examples, 8 probe lines) and each code
+version opens ``MergeExplorer(study)`` in a fresh process with two experts checked (an update measures
+2 tasks; karcher's session spans all N), moves one weight slider and updates again.
 The child reports its peak RSS (``ru_maxrss``) and the second update's stages. Printed side by side:
 peak RSS of ours and of the baseline, the target 2 × one expert + 1 GiB, the merge stage against one
 read pass over the experts' bytes (the floor; target ≤ 2×), and the stages of our update.
@@ -38,7 +39,7 @@ def child(study: str, device: str) -> None:
     from karcher_lab.widgets import MergeExplorer
 
     torch.set_num_threads(int(os.environ.get("KARCHER_LAB_THREADS", "2")))
-    kwargs = dict(quality_examples=16, activation_examples=4, draws=4, debounce=0.05)
+    kwargs = dict(quality_examples=16, activation_examples=4, draws=4, debounce=0.05, selected=["e0", "e1"])
     if device != "cpu":
         kwargs["device"] = device
     start = time.perf_counter()
@@ -111,7 +112,7 @@ def main() -> None:
     for n in args.n:
         study = work / f"n{n}" / "study.yml"
         if not study.is_file():
-            write_synthetic_study(study.parent, n, config=config, dtype=getattr(torch, args.dtype))
+            write_synthetic_study(study.parent, n, config=config, dtype=getattr(torch, args.dtype), tasks=n)
         expert = sum(f.stat().st_size for f in (study.parent / "experts" / "e0").glob("*.safetensors"))
         ours = run_child(study, ROOT, args.device, Path(tempfile.mkdtemp(prefix="cache_")))
         base = (run_child(study, baseline, args.device, Path(tempfile.mkdtemp(prefix="cache_")))
@@ -122,7 +123,7 @@ def main() -> None:
               f"{(base['peak_rss'] / GIB if base else float('nan')):>9.2f}G {(2 * expert + GIB) / GIB:>7.2f}G "
               f"{t['merge']:>6.2f}s {read_seconds:>8.2f}s {t['merge'] / read_seconds:>5.2f}× | "
               f"{t['load']:.2f} {t['weights']:.2f} {t['quality']:.2f} {t['activations']:.2f} {t['total']:.2f}"
-              + (f"  (baseline update {base['timings']['total']:.2f} s)" if base else ""))
+              + (f"  (baseline update {base['timings']['total']:.2f} s)" if base else ""), flush=True)
 
 
 if __name__ == "__main__":
