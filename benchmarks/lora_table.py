@@ -8,7 +8,12 @@ For each pool (``--pool`` may be repeated: ``tiny-lora``, ``smollm2`` or a pool 
 pool.json lists an ``adapter`` per expert) and each merge size m in ``--sizes``, the pool's first m
 experts (pool order) are merged, adapter by adapter, with every method of ``--methods``:
 
-- ``geomerge``: the quotient Fréchet mean (rank r; ``--workers`` processes merge its modules in parallel);
+- ``geomerge``: the quotient Fréchet mean (rank r), by the batched solver that ``merge_lora`` uses
+  (:func:`karcher_lab.methods.lora.geomerge_modules`; ``--workers`` processes share its modules); unless
+  ``--no-sequential``, the same modules are merged again by the sequential solver
+  (:func:`karcher_lab.methods.lora.geomerge.geomerge_factors`, one module after the other, one process),
+  and both wall times, the speed-up and the largest relative ΔW difference are printed and stored
+  (summary rows ``merge_seconds_sequential`` and ``sequential_max_rel_diff``);
 - ``knots_ta`` and ``knots_ties`` (KnOTS joint-SVD alignment, then TA / TIES on the aligned coefficients);
 - ``task_arithmetic`` (the mean of the ΔW_i; identical to knots_ta by construction) and
   ``task_arithmetic_sum`` (λ = 1, weights 1: Σ ΔW_i, Ilharco et al.'s plain sum);
@@ -60,6 +65,7 @@ from karcher_lab.errors import InputError, KarcherLabError  # noqa: E402
 from karcher_lab.experiment import RESULT_COLUMNS  # noqa: E402
 from karcher_lab.experiment.results import ResultStore, cell_key  # noqa: E402
 from karcher_lab.io.lora import fold_into_state, read_adapter  # noqa: E402
+from karcher_lab.methods.lora.geomerge import geomerge_factors  # noqa: E402
 from karcher_lab.pipeline.lora import merge_lora  # noqa: E402
 from karcher_lab.zoo import find_pool, get_task, load  # noqa: E402
 
@@ -104,8 +110,20 @@ def stored_cell(store: ResultStore, key: str, label: str, compute) -> pd.DataFra
     return store.read(key)
 
 
+def sequential_geomerge(adapters: list, result) -> tuple[float, float]:
+    """(seconds, largest relative ΔW difference from ``result``): geomerge of the same modules by the
+    sequential solver, one module after the other, in this process."""
+    start = time.perf_counter()
+    worst = 0.0
+    for name, (g, h) in result.factors.items():
+        gs, hs = geomerge_factors([a.modules[name].factors() for a in adapters])
+        reference = gs.double() @ hs.double().T
+        worst = max(worst, float((g.double() @ h.double().T - reference).norm() / reference.norm()))
+    return time.perf_counter() - start, worst
+
+
 def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_task: int, density: float,
-                   batch_size: int, store: ResultStore, workers: int) -> pd.DataFrame:
+                   batch_size: int, store: ResultStore, workers: int, sequential: bool = True) -> pd.DataFrame:
     pool = find_pool(pool_name)
     experts = lora_experts(pool)
     model, tokenizer = load(str(pool.base_path))
@@ -149,6 +167,12 @@ def table_for_pool(pool_name: str, sizes: list[int], methods: list[str], per_tas
         summary = {"avg_normalized_accuracy": normalized["mean"].mean(),
                    "avg_accuracy": quality[quality.metric == "accuracy"]["mean"].mean(),
                    "avg_nll": quality[quality.metric == "nll"]["mean"].mean(), "merge_seconds": seconds}
+        if method == "geomerge" and sequential:
+            sequential_seconds, difference = sequential_geomerge([adapters[t] for t in tasks], result)
+            summary.update(merge_seconds_sequential=sequential_seconds, sequential_max_rel_diff=difference)
+            print(f"{pool.name} m={m} {label:<20} sequential solver {sequential_seconds:.1f} s, batched {seconds:.1f} s "
+                  f"({workers} worker(s)): speed-up {sequential_seconds / seconds:.1f}x; largest relative ΔW "
+                  f"difference {difference:.1e}", flush=True)
         rows += [dict(cell, scope="summary", task="", site="", layer=-1, metric=k, mean=v, std=float("nan"))
                  for k, v in summary.items()]
         print(f"{pool.name} m={m} {label:<20} avg normalized accuracy {summary['avg_normalized_accuracy']:.3f}  "
@@ -203,6 +227,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="processes merging modules in parallel (merge_lora)")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "lora_table.csv")
     parser.add_argument("--fresh", action="store_true", help="discard the cells an earlier, stopped run finished")
+    parser.add_argument("--no-sequential", action="store_true",
+                        help="skip the sequential geomerge solver (its comparison with the batched one)")
     args = parser.parse_args()
     run_dir = args.out.with_name(f"{args.out.stem}.run")
     if args.fresh:
@@ -213,7 +239,8 @@ def main() -> None:
     transformers.utils.logging.disable_progress_bar()
     start = time.perf_counter()
     table = pd.concat([table_for_pool(p, args.sizes, args.methods, args.per_task, args.density, args.batch_size,
-                                      store, args.workers) for p in args.pool or ["tiny-lora"]], ignore_index=True)
+                                      store, args.workers, not args.no_sequential)
+                       for p in args.pool or ["tiny-lora"]], ignore_index=True)
     print_table(table)
     if FAILURES:
         print("\nmerges that failed (no row above):\n" + "\n".join(FAILURES))

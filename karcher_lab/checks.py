@@ -1,4 +1,4 @@
-"""Input checks shared by every layer: weights, model counts, solver parameters, counts and labels.
+"""Input checks shared by every layer: weights, model counts, solver parameters, counts, labels, devices.
 
 Each check raises a specific :mod:`karcher_lab.errors` exception before any work is done, and names
 the tensor (``name``) or the caller (``label``) when given. Nothing here knows models or files.
@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import torch
 
-from karcher_lab.errors import EmptyInputError, ModelCountError, ParameterError, StepSizeError, WeightError
+from karcher_lab.errors import DeviceError, EmptyInputError, ModelCountError, ParameterError, StepSizeError, WeightError
 
 
 def where(name: str | None) -> str:
@@ -122,3 +122,14 @@ def check_positive(name: str, value: Any) -> float:
     if isinstance(value, bool) or not (isinstance(value, (int, float)) and value > 0):
         raise ParameterError(f"{name} must be a positive number, got {value!r}")
     return value
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch.device; DeviceError for an unknown device, or when CUDA is requested but not available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}; use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError(f"device {device!r} was requested but CUDA is not available on this machine; use --device cpu")
+    return dev

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from karcher_lab.errors import AntipodalError, ConvergenceError, ManifoldError, ShapeMismatchError
+from karcher_lab.errors import AntipodalError, ConvergenceError, ManifoldError, ParameterError, ShapeMismatchError
 from karcher_lab.geometry import sphere, stiefel
 
 F64 = torch.float64
@@ -133,6 +133,31 @@ def test_surrogate_replaces_only_the_logs_beyond_reach():
         assert torch.allclose(delta[k], -stiefel.project(u, u - ys[k]), atol=1e-12)
     assert float(delta[1].norm()) < 1e-12  # Y = −U is a critical point of the chordal distance too
     assert float((delta[2] - stiefel.log(u, ys[2])).norm()) > 0.1  # far away: a surrogate, not the log
+
+
+def test_per_entry_tolerances_stop_each_entry_as_its_own_run():
+    """``tol`` as a tensor: every batch entry iterates exactly as a run with its own scalar threshold."""
+    u = _point(24, 3, seed=40)
+    ys = torch.stack([stiefel.exp(u, _tangent(u, seed=41 + k, length=1.5)) for k in range(3)])
+    m, _, n = stiefel.coordinates(u.expand(3, 24, 3), ys)
+    tols = torch.tensor([1e-2, 1e-6, 1e-12], dtype=F64)
+    a, b, _, info = stiefel.log_coordinates(m, n, tol=tols)
+    assert info.converged and torch.equal(info.tol, tols)
+    for k in range(3):
+        a_k, b_k, _, info_k = stiefel.log_coordinates(m[k], n[k], tol=float(tols[k]))
+        assert int(info.iterations[k]) == int(info_k.iterations)
+        assert torch.allclose(a[k], a_k, rtol=0, atol=1e-14) and torch.allclose(b[k], b_k, rtol=0, atol=1e-14)
+    assert info.iterations.tolist() == sorted(info.iterations.tolist()) and info.iterations[0] < info.iterations[2]
+
+
+@pytest.mark.parametrize("tol, error", [(torch.ones(2, dtype=F64), ShapeMismatchError),
+                                        (torch.tensor([1e-3, 0.0, 1e-3], dtype=F64), ParameterError),
+                                        (-1.0, ParameterError)])
+def test_bad_tolerances_are_rejected(tol, error):
+    u = _point(10, 2, seed=50)
+    m, _, n = stiefel.coordinates(u.expand(3, 10, 2), _point(10, 2, 3, seed=51))
+    with pytest.raises(error):
+        stiefel.log_coordinates(m, n, tol=tol)
 
 
 def test_bad_points_are_rejected():

@@ -16,7 +16,9 @@ tensors or named tuples of tensors (a product manifold); a *batch* of points car
 length N in every tensor. :data:`SPHERE` is the unit sphere (the Fisher–Rao Karcher merge of the first
 paper runs this iteration in coefficient space, :mod:`karcher_lab.geometry.karcher_mean`; this solver
 reproduces it directly in the ambient space); the LoRA quotient geometry is built in
-:mod:`karcher_lab.methods.lora.geomerge`.
+:mod:`karcher_lab.methods.lora.geomerge`. :func:`frechet_mean_batched` runs the same iteration on K
+independent problems at once (a :class:`BatchGeometry`: every map batched over a leading module axis),
+each problem with its own step, L-BFGS pairs, line search and stopping test.
 """
 from __future__ import annotations
 
@@ -264,3 +266,272 @@ SPHERE = Geometry(exp=sphere.exp, log=_sphere_log, inner=_sphere_inner)
 """The unit sphere (any shape, the whole tensor one point): Exp/Log of :mod:`karcher_lab.geometry.sphere`,
 the Euclidean inner product of the embedding. ``frechet_mean(SPHERE, xs, w, init)`` is the Karcher
 mean of eq. 5 of the Fisher–Rao paper."""
+
+
+@dataclass(frozen=True)
+class BatchGeometry:
+    """What :func:`frechet_mean_batched` needs from a manifold: the maps of :class:`Geometry`, batched over a
+    leading module axis K (one problem per module, solved together).
+
+    Points μ carry the module axis ``[K, ...]``; the inputs ``[K, N, ...]``. Tangent vectors at μ are
+    ``[K, ...]`` or carry one more axis after the module axis (``[K, N, ...]``: the logs of the N inputs;
+    ``[K, m, ...]``: stored L-BFGS pairs), broadcast against μ.
+
+    - ``exp(μ, v)``, ``inner(μ, u, v)`` (→ [K] or [K, N]), ``horizontal(μ, v)`` (quotients only) and
+      ``transport(μ, ν, v)`` (only for ``memory`` > 0), as in :class:`Geometry`, entry by entry;
+    - ``align(μ, xs, modules)``: ``(aligned xs, Log_μ of them)`` (``[K, N, ...]`` each), where
+      ``modules`` (int64 [K]) says which of the original modules the rows are, so an implementation can
+      keep per-module state (warm starts) across calls.
+    """
+
+    exp: Callable[[Point, Point], Point]
+    inner: Callable[[Point, Point, Point], torch.Tensor]
+    align: Callable[[Point, Point, torch.Tensor], tuple[Point, Point]]
+    horizontal: Callable[[Point, Point], Point] | None = None
+    transport: Callable[[Point, Point, Point], Point] | None = None
+
+
+SOLVER_ERRORS = (ConvergenceError, AntipodalError, ManifoldError)
+"""The errors of an evaluation at a trial point that count as a rejected step (see :func:`frechet_mean`)."""
+
+
+def _rows(tree: Point, index: torch.Tensor) -> Point:
+    return tree_map(lambda t: t[index], tree)
+
+
+def _put(tree: Point, index: torch.Tensor, values: Point) -> Point:
+    """``tree`` with rows ``index`` replaced by ``values`` (a new tree; ``tree`` is not modified)."""
+
+    def put(t, v):
+        out = t.clone()
+        out[index] = v
+        return out
+
+    return tree_map(put, tree, values)
+
+
+def _where(mask: torch.Tensor, a: Point, b: Point) -> Point:
+    """Row-wise choice over the leading axis."""
+    return tree_map(lambda x, y: torch.where(mask.reshape(-1, *([1] * (x.ndim - 1))), x, y), a, b)
+
+
+def _scale(factor: torch.Tensor, tree: Point) -> Point:
+    """Row-wise product with ``factor`` [K]."""
+    return tree_map(lambda t: factor.reshape(-1, *([1] * (t.ndim - 1))).to(t.dtype) * t, tree)
+
+
+def frechet_mean_batched(
+    geometry: BatchGeometry,
+    points: Point,
+    weights: Sequence[float] | torch.Tensor | None,
+    init: Point,
+    *,
+    eta: float = 1.0,
+    max_iter: int = 100,
+    tol: float = 1e-10,
+    memory: int = 0,
+    labels: Sequence[str] | None = None,
+) -> tuple[Point, list[FrechetTrace]]:
+    """:func:`frechet_mean` on K problems at once, each module's iteration exactly the one
+    :func:`frechet_mean` runs on it alone (same start, steps, L-BFGS pairs, line search and stopping rule).
+
+    ``points``: the inputs ``[K, N, ...]`` (the same N weights ``weights`` for every module), ``init``:
+    the starts ``[K, ...]``. Every map is called on the rows that still need it: a module leaves the
+    batch once ‖v‖ < tol (or v = 0, or ``max_iter`` iterations), and a line-search trial is evaluated
+    only for the modules whose step is still pending. A trial evaluation that raises one of
+    :data:`SOLVER_ERRORS` is split into halves until the failing modules are found; for those the trial
+    is a rejected step, as in :func:`frechet_mean`. Any other evaluation that raises re-raises that
+    error, its message prefixed by the module's label (``labels``; default "module k"), as the sequential
+    solver would raise it.
+
+    Returns the means ``[K, ...]`` and one :class:`FrechetTrace` per module.
+    """
+    check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
+    checks.check_count("memory", memory, 0)
+    if memory > 0 and geometry.transport is None:
+        raise ParameterError("memory > 0 (L-BFGS) needs a geometry with a vector transport")
+    first = tree_leaves(points)[0]
+    k, n = first.shape[0], first.shape[1]
+    device = first.device
+    w = check_weights(weights, n).to(device)
+
+    def evaluate(mu, xs, modules):
+        xs, logs = geometry.align(mu, xs, modules)
+        v = tree_map(lambda t: torch.tensordot(t, w.to(t.dtype), dims=([1], [0])), logs)
+        if geometry.horizontal is not None:
+            v = geometry.horizontal(mu, v)
+        sq = geometry.inner(mu, logs, logs).to(w.dtype)
+        radius = sq[:, w > 0].amax(dim=1).clamp_min(0).sqrt()
+        return xs, v, 0.5 * (sq * w).sum(dim=1), radius
+
+    def strict(mu, xs, modules):
+        results, failed, error = _evaluate_split(evaluate, mu, xs, modules)
+        if error is not None:
+            index = int(modules[failed][0])
+            raise type(error)(f"{labels[index] if labels is not None else f'module {index}'}: {error}") from error
+        return results
+
+    def norm(mu, v):
+        return geometry.inner(mu, v, v).to(w.dtype).clamp_min(0).sqrt()
+
+    modules = torch.arange(k, device=device)
+    mu = init
+    xs, v, value, radius = strict(mu, points, modules)
+    residual = norm(mu, v)
+    traces_res = [[x] for x in residual.tolist()]
+    traces_obj = [[x] for x in value.tolist()]
+    iterations = torch.zeros(k, dtype=torch.int64, device=device)
+    history = _empty_history(v, memory) if memory > 0 else None
+    means: list[Point | None] = [None] * k
+    while True:
+        active = (residual >= tol) & (residual != 0) & (iterations < max_iter)
+        if not bool(active.all()):
+            for row, module in zip(torch.nonzero(~active).flatten().tolist(), modules[~active].tolist()):
+                means[module] = tree_map(lambda t, row=row: t[row], mu)
+            mu, xs, v, value, radius, residual, iterations, modules = _rows(
+                (mu, xs, v, value, radius, residual, iterations, modules), active
+            )
+            if history is not None:
+                history = _rows(history, active)
+        if modules.numel() == 0:
+            break
+        iterations = iterations + 1
+        if memory == 0:
+            mu = geometry.exp(mu, tree_map(lambda t: eta * t, v))
+            xs, v, value, radius = strict(mu, xs, modules)
+        else:
+            mu, xs, v, value, radius, history = _lbfgs_step_batched(
+                geometry, evaluate, strict, mu, xs, v, value, radius, history, modules, eta, memory
+            )
+        residual = norm(mu, v)
+        for module, r, f in zip(modules.tolist(), residual.tolist(), value.tolist()):
+            traces_res[module].append(r)
+            traces_obj[module].append(f)
+    traces = [
+        FrechetTrace(
+            residuals=torch.tensor(traces_res[i], dtype=torch.float64),
+            objectives=torch.tensor(traces_obj[i], dtype=torch.float64),
+            iterations=len(traces_res[i]) - 1,
+            tol=float(tol),
+            eta=float(eta),
+            max_iter=int(max_iter),
+        )
+        for i in range(k)
+    ]
+    return tree_map(lambda *rows: torch.stack(rows), *means), traces
+
+
+def _evaluate_split(evaluate, mu, xs, modules):
+    """``evaluate(mu, xs, modules)``, split in halves around rows whose evaluation raises one of
+    :data:`SOLVER_ERRORS`: returns (results, failed [K] bool, the first such error or None); the results of
+    failed rows are placeholders (xs, v = 0, F = inf, radius 0)."""
+    try:
+        return evaluate(mu, xs, modules), torch.zeros_like(modules, dtype=torch.bool), None
+    except SOLVER_ERRORS as error:
+        if modules.numel() == 1:
+            zero = tree_map(torch.zeros_like, mu)
+            inf = torch.full((1,), torch.inf, dtype=torch.float64, device=modules.device)
+            return (xs, zero, inf, torch.zeros_like(inf)), torch.ones_like(modules, dtype=torch.bool), error
+    half = modules.numel() // 2
+    parts = [
+        _evaluate_split(evaluate, _rows(mu, index), _rows(xs, index), modules[index])
+        for index in (slice(None, half), slice(half, None))
+    ]
+    results = tree_map(lambda a, b: torch.cat([a, b]), parts[0][0], parts[1][0])
+    error = parts[0][2] if parts[0][2] is not None else parts[1][2]
+    return results, torch.cat([parts[0][1], parts[1][1]]), error
+
+
+def _empty_history(v: Point, memory: int) -> tuple[Point, Point, torch.Tensor]:
+    """L-BFGS pairs per module: (S, Y) tangents [K, memory, ...] and ⟨s, y⟩ [K, memory]; a slot with
+    ⟨s, y⟩ = 0 is empty. Each module's pairs are kept oldest to newest at the end of its slots."""
+    pairs = tree_map(lambda t: torch.zeros(t.shape[0], memory, *t.shape[1:], dtype=t.dtype, device=t.device), v)
+    sy = torch.zeros(tree_leaves(v)[0].shape[0], memory, dtype=torch.float64, device=tree_leaves(v)[0].device)
+    return pairs, pairs, sy
+
+
+def _slot(tree: Point, j: int) -> Point:
+    return tree_map(lambda t: t[:, j], tree)
+
+
+def _lbfgs_step_batched(geometry, evaluate, strict, mu, xs, v, value, radius, history, modules, eta, memory):
+    """:func:`_lbfgs_step` for every row at once (empty history slots are no-ops of the two-loop recursion)."""
+    s_hist, y_hist, sy_hist = history
+    inner = lambda x, a, b: geometry.inner(x, a, b).to(torch.float64)  # noqa: E731
+    g = tree_map(lambda t: -t, v)
+    q, alphas = g, []
+    safe = lambda sy: torch.where(sy > 0, sy, 1.0)  # noqa: E731
+    for j in reversed(range(memory)):
+        sy = sy_hist[:, j]
+        a = torch.where(sy > 0, inner(mu, _slot(s_hist, j), q) / safe(sy), 0.0)
+        alphas.append(a)
+        q = _axpy_rows(-a, _slot(y_hist, j), q)
+    has = sy_hist[:, -1] > 0
+    yy = inner(mu, _slot(y_hist, -1), _slot(y_hist, -1))
+    q = _scale(torch.where(has, sy_hist[:, -1] / torch.where(has, yy, 1.0), eta), q)
+    for j, a in zip(range(memory), reversed(alphas)):
+        sy = sy_hist[:, j]
+        b = torch.where(sy > 0, inner(mu, _slot(y_hist, j), q) / safe(sy), 0.0)
+        q = _axpy_rows(a - b, _slot(s_hist, j), q)
+    direction = tree_map(lambda t: -t, q)
+    if geometry.horizontal is not None:
+        direction = geometry.horizontal(mu, direction)
+    slope = inner(mu, g, direction)
+    restart = ~(slope < 0)  # not a descent direction: restart from the plain step
+    if bool(restart.any()):
+        sy_hist = torch.where(restart[:, None], 0.0, sy_hist)
+        direction = _where(restart, tree_map(lambda t: eta * t, v), direction)
+        slope = torch.where(restart, inner(mu, g, direction), slope)
+    length = inner(mu, direction, direction).clamp_min(0).sqrt()
+    cap = (length > radius) & (radius > 0)
+    ratio = torch.where(cap, radius / torch.where(cap, length, 1.0), 1.0)
+    direction, slope = _scale(ratio, direction), slope * ratio
+
+    rows = torch.arange(value.shape[0], device=value.device)
+    step = torch.ones_like(value)
+    pending = torch.ones_like(value, dtype=torch.bool)
+    new_mu, new_xs, new_v, new_value, new_radius = mu, xs, v, value, radius
+    for _ in range(MAX_HALVINGS):
+        idx = rows[pending]
+        trial = geometry.exp(_rows(mu, idx), _scale(step[idx], _rows(direction, idx)))
+        (t_xs, t_v, t_value, t_radius), failed, _ = _evaluate_split(evaluate, trial, _rows(xs, idx), modules[idx])
+        bound = value[idx] + ARMIJO * step[idx] * slope[idx] + 1e-14 * (1.0 + value[idx].abs())
+        accept = ~failed & (t_value <= bound)
+        if bool(accept.any()):
+            took = idx[accept]
+            new_mu, new_xs, new_v = (_put(a, took, _rows(b, accept)) for a, b in
+                                     ((new_mu, trial), (new_xs, t_xs), (new_v, t_v)))
+            new_value, new_radius = _put(new_value, took, t_value[accept]), _put(new_radius, took, t_radius[accept])
+            pending = pending.clone()
+            pending[took] = False
+        if not bool(pending.any()):
+            break
+        step = torch.where(pending, 0.5 * step, step)
+    plain = pending  # no decrease found along the L-BFGS direction: the plain step, history forgotten
+    if bool(plain.any()):
+        idx = rows[plain]
+        trial = geometry.exp(_rows(mu, idx), tree_map(lambda t: eta * t, _rows(v, idx)))
+        t_xs, t_v, t_value, t_radius = strict(trial, _rows(xs, idx), modules[idx])
+        new_mu, new_xs, new_v = (_put(a, idx, b) for a, b in ((new_mu, trial), (new_xs, t_xs), (new_v, t_v)))
+        new_value, new_radius = _put(new_value, idx, t_value), _put(new_radius, idx, t_radius)
+
+    move = lambda t: geometry.transport(mu, new_mu, t)  # noqa: E731
+    s_new = move(_scale(step, direction))
+    y_new = _axpy_rows(torch.ones_like(step), move(v), tree_map(lambda t: -t, new_v))  # g_new − T(g)
+    s_hist, y_hist = move(s_hist), move(y_hist)
+    sy_hist = torch.where(sy_hist > 0, inner(new_mu, s_hist, y_hist), 0.0)
+    sy_new = inner(new_mu, s_new, y_new)
+    s_all = tree_map(lambda h, t: torch.cat([h, t.unsqueeze(1)], dim=1), s_hist, s_new)
+    y_all = tree_map(lambda h, t: torch.cat([h, t.unsqueeze(1)], dim=1), y_hist, y_new)
+    sy_all = torch.cat([sy_hist, sy_new.unsqueeze(1)], dim=1)
+    sy_all = torch.where((sy_all > 0) & ~plain[:, None], sy_all, 0.0)
+    # each module's kept pairs (⟨s, y⟩ > 0), oldest to newest, at the end of its slots; the newest memory kept
+    order = torch.argsort((sy_all > 0).to(torch.int8), dim=1, stable=True)[:, -memory:]
+    gather = lambda t: t[rows[:, None], order]  # noqa: E731
+    history = (tree_map(gather, s_all), tree_map(gather, y_all), gather(sy_all))
+    return new_mu, new_xs, new_v, new_value, new_radius, history
+
+
+def _axpy_rows(a: torch.Tensor, x: Point, y: Point) -> Point:
+    """a x + y with a per-row factor a [K]."""
+    return tree_map(lambda xi, yi: a.reshape(-1, *([1] * (xi.ndim - 1))).to(xi.dtype) * xi + yi, x, y)

@@ -257,7 +257,7 @@ class Alignment:
     log: PolarTangent
     iterations: int
     residuals: torch.Tensor
-    tol: float
+    tol: float | torch.Tensor
     log_starts: torch.Tensor
     log_fallback: torch.Tensor
     surrogates: int
@@ -306,6 +306,13 @@ def _select(mask: torch.Tensor, a, b):
     return torch.where(mask.reshape(-1, *([1] * (a.ndim - 1))), a, b)
 
 
+def _put_rows(t: torch.Tensor, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` with its entries ``rows`` (leading axis) replaced by ``values``."""
+    out = t.clone()
+    out[rows] = values
+    return out
+
+
 def _lbfgs_direction(grad, history, precondition, dot) -> torch.Tensor:
     """−H grad by the L-BFGS two-loop recursion (batched; pairs with sᵀy ≤ 0 are skipped per entry),
     initial H = γ c⁻¹ with γ = sᵀy / yᵀc⁻¹y from the newest pair (c⁻¹ alone, i.e. Gauss–Newton, without)."""
@@ -352,21 +359,32 @@ class _OrbitObjective:
         self.log_params = dict(tol=log_tol, max_iter=log_max_iter, surrogate=log_surrogate)
         self.surrogates = 0  # surrogate Stiefel logs over every evaluation (candidates and rejected trials too)
 
-    def __call__(self, o: torch.Tensor, start: torch.Tensor | None = None):
+    def __call__(self, o: torch.Tensor, start: torch.Tensor | None = None, rows: torch.Tensor | None = None):
         """(½ d², gradient R, state) at O; state = (A_U, B_U, A_V, B_V, ξ_B, fallback [2N] (the Stiefel logs, U's
-        then V's, that got the projection surrogate), completions [2N, 2r, r])."""
+        then V's, that got the projection surrogate), completions [2N, 2r, r]). With ``rows`` (int64 [K]), only
+        those entries: ``o`` [K, r, r], ``start`` [2K, 2r, r] (U's then V's), everything returned for them."""
+        m, n, lam, p, b_point, b_other, log_params = (
+            self.m, self.n, self.lam, self.p, self.point.B, self.other.B, self.log_params
+        )
+        if rows is not None:
+            both = torch.cat([rows, rows + self.m.shape[0] // 2])
+            m, n, b_other = m[both], n[both], b_other[rows]
+            if lam.ndim > 1:  # one reference point per entry
+                lam, p, b_point = lam[rows], p[rows], b_point[rows]
+            if isinstance(log_params["tol"], torch.Tensor):
+                log_params = dict(log_params, tol=log_params["tol"][both])
         o2 = torch.cat([o, o])
-        a, b, completion, info = stiefel.log_coordinates(self.m @ o2, self.n @ o2, start=start, **self.log_params)
+        a, b, completion, info = stiefel.log_coordinates(m @ o2, n @ o2, start=start, **log_params)
         if not info.converged:
             raise stiefel.not_converged_error(info)
         (a_u, a_v), (b_u, b_v) = a.chunk(2), b.chunk(2)
-        xi_b = spd.log(self.point.B, spd.sym(o.mT @ self.other.B @ o), cache=self.cache).to(F64)
-        bt = self.p.mT @ xi_b @ self.p
-        inv = 1.0 / self.lam
+        xi_b = spd.log(b_point, spd.sym(o.mT @ b_other @ o), cache=self.cache).to(F64)
+        bt = p.mT @ xi_b @ p
+        inv = 1.0 / lam
         sq = lambda x: (x * x).sum(dim=(-2, -1))  # noqa: E731
         spd_sq = (bt * bt * inv.unsqueeze(-1) * inv.unsqueeze(-2)).sum(dim=(-2, -1))  # ‖ξ_B‖²_B
         half_d2 = 0.5 * (0.5 * sq(a_u) + sq(b_u) + 0.5 * sq(a_v) + sq(b_v) + spd_sq)
-        grad = _omega_rhs(self.lam, self.p, a_u, a_v, xi_b)
+        grad = _omega_rhs(lam, p, a_u, a_v, xi_b)
         fallback = torch.zeros(o2.shape[0], dtype=torch.bool) if info.fallback is None else info.fallback
         self.surrogates += info.fallbacks
         return half_d2, grad, (a_u, b_u, a_v, b_v, xi_b, fallback.to(o.device), completion)
@@ -385,7 +403,7 @@ def align(
     *,
     warm_start: bool = False,
     log_starts: torch.Tensor | None = None,
-    tol: float = ALIGN_TOL,
+    tol: float | torch.Tensor = ALIGN_TOL,
     max_iter: int = ALIGN_MAX_ITER,
     log_tol: float = stiefel.LOG_TOL,
     log_max_iter: int = stiefel.LOG_MAX_ITER,
@@ -394,7 +412,12 @@ def align(
 ) -> Alignment:
     """Orbit minimization O* = argmin_O d(point, other·O)² (eq. 2 / eq. 10), batched over ``other``'s leading axis.
 
-    ``point`` is one (unbatched) Polar, ``other`` a batch ``[N, ...]``. Cold (default): the start is
+    ``point`` is one (unbatched) Polar, or a batch with ``other``'s leading axis (entry i aligns
+    other[i] to point[i]: many reference points solved together); ``other`` a batch ``[N, ...]``; ``tol``
+    one threshold or one per entry (a positive tensor [N]). Every entry runs its own iteration (its own
+    L-BFGS pairs, line search and stopping test; a line-search trial evaluates only the entries still
+    searching), so its result does not depend on the other entries.
+    Cold (default): the start is
     the better (by the true d) of the two closed-form candidates of the module doc, both equivariant
     under other ↦ other·O'. ``warm_start``: ``other`` is already aligned to a nearby point (e.g. the
     previous Fréchet iterate) and the start is the identity, with the Stiefel logs warm-started from
@@ -410,12 +433,17 @@ def align(
     :class:`~karcher_lab.geometry.spd.EighCache` (without one, a cache local to this call still computes
     the eigendecomposition of ``point.B`` once).
     """
-    checks.check_positive("alignment tol", tol)
+    n, r = other.U.shape[0], other.U.shape[-1]
+    tol = stiefel.check_tolerance("alignment tol", tol, torch.Size([n]), other.U.device)
     checks.check_count("alignment max_iter", max_iter, 0)
     if cache is None:
         cache = spd.EighCache()
-    n, r = other.U.shape[0], other.U.shape[-1]
-    objective = _OrbitObjective(point, other, max(log_tol, LOG_TOL_FRACTION * tol), log_max_iter, log_surrogate, cache)
+    if isinstance(tol, torch.Tensor):  # the U and V logs of entry i both get entry i's threshold
+        log_tol_entries = (LOG_TOL_FRACTION * tol).clamp_min(log_tol).expand(n)
+        log_tol_entries = torch.cat([log_tol_entries, log_tol_entries])
+    else:
+        log_tol_entries = max(log_tol, LOG_TOL_FRACTION * tol)
+    objective = _OrbitObjective(point, other, log_tol_entries, log_max_iter, log_surrogate, cache)
     if warm_start:
         o = torch.eye(r, dtype=F64, device=other.U.device).expand(n, r, r)
         f, grad, state = objective(o, log_starts)
@@ -450,29 +478,39 @@ def align(
         slope = dot(grad, direction)
         step = torch.ones(n, dtype=F64, device=o.device)
         pending = active.clone()
+        # this iteration's pair of every entry (zero where it takes no step): one history slot per iteration
+        s_k, y_k = torch.zeros_like(direction), torch.zeros_like(direction)
         for _ in range(LINE_SEARCH_HALVINGS):
-            trial_o = o @ torch.linalg.matrix_exp((step * pending)[:, None, None] * direction)
-            trial_f, trial_grad, trial_state = objective(trial_o, state[-1])
+            rows = torch.nonzero(pending).flatten()  # only the entries still searching are evaluated
+            both = torch.cat([rows, rows + n])
+            trial_o = o[rows] @ torch.linalg.matrix_exp(step[rows, None, None] * direction[rows])
+            trial_f, trial_grad, trial_state = objective(trial_o, state[-1][both], rows)
             # Armijo on ½d², with slack for the rounding of f once the decrease is below its last digits
-            accept = pending & (trial_f <= f + 1e-4 * step * slope + 1e-13 * (1.0 + f))
+            accept = trial_f <= f[rows] + 1e-4 * step[rows] * slope[rows] + 1e-13 * (1.0 + f[rows])
             if bool(accept.any()):
-                s_k = step[:, None, None] * direction * accept[:, None, None]
-                y_k = (trial_grad - grad) * accept[:, None, None]
-                history.append((s_k, y_k, dot(s_k, y_k)))
-                del history[:-LBFGS_MEMORY]
-                o, f = _select(accept, trial_o, o), _select(accept, trial_f, f)
-                grad, state = _select(accept, trial_grad, grad), _select(accept, trial_state, state)
-                pending = pending & ~accept
+                took = rows[accept]
+                s_k = _put_rows(s_k, took, step[took, None, None] * direction[took])
+                y_k = _put_rows(y_k, took, trial_grad[accept] - grad[took])
+                o, f = _put_rows(o, took, trial_o[accept]), _put_rows(f, took, trial_f[accept])
+                grad = _put_rows(grad, took, trial_grad[accept])
+                took_both, accept_both = torch.cat([took, took + n]), torch.cat([accept, accept])
+                state = tuple(
+                    _put_rows(t, took_both, x[accept_both]) if t.shape[0] == 2 * n else _put_rows(t, took, x[accept])
+                    for t, x in zip(state, trial_state)
+                )
+                pending = _put_rows(pending, took, torch.zeros_like(took, dtype=torch.bool))
             if not bool(pending.any()):
                 break
             step = torch.where(pending, 0.5 * step, step)
+        history.append((s_k, y_k, dot(s_k, y_k)))
+        del history[:-LBFGS_MEMORY]
     return Alignment(
         O=o,
         aligned=act(other, o),
         log=objective.tangent(state),
         iterations=iterations,
         residuals=residual,
-        tol=float(tol),
+        tol=tol,
         log_starts=state[-1],
         log_fallback=state[-2],
         surrogates=objective.surrogates,
@@ -489,7 +527,8 @@ def quotient_dist(point: Polar, other: Polar, *, cache: spd.EighCache | None = N
     al = align(point, other, cache=cache, **align_params)
     if not al.converged:
         raise ConvergenceError(
-            f"alignment did not converge: vertical residual {float(al.residuals.max()):.3g} ≥ tol {al.tol:g} "
+            f"alignment did not converge: vertical residual {float(al.residuals.max()):.3g} ≥ tol "
+            f"{float(torch.as_tensor(al.tol).min()):g} "
             f"after {al.iterations} iterations (raise max_iter or tol)"
         )
     return norm(point, al.log, cache=cache)

@@ -51,6 +51,7 @@ from karcher_lab.errors import (
     ManifoldError,
     NonFiniteError,
     NotSupportedError,
+    ParameterError,
     ShapeMismatchError,
 )
 from karcher_lab.geometry.numerics import result_dtype, single_threaded
@@ -72,7 +73,8 @@ class LogInfo:
 
     iterations: torch.Tensor
     residuals: torch.Tensor
-    tol: float
+    tol: float | torch.Tensor
+    """The threshold, or one per batch entry."""
     max_iter: int
     fallback: torch.Tensor | None = None
     """With ``surrogate`` (:func:`log_coordinates`): the entries that got the projection surrogate."""
@@ -94,6 +96,24 @@ class LogInfo:
     def residual(self) -> float:
         """Largest final residual over the batch."""
         return float(self.residuals.max()) if self.residuals.numel() else 0.0
+
+
+def check_tolerance(
+    name: str, tol: float | torch.Tensor, batch_shape: torch.Size, device: torch.device
+) -> float | torch.Tensor:
+    """``tol`` itself if a positive number; a positive finite tensor broadcastable to ``batch_shape`` (one
+    threshold per batch entry) as float64 on ``device``; ParameterError otherwise."""
+    if not isinstance(tol, torch.Tensor):
+        return checks.check_positive(name, tol)
+    fits = tol.ndim <= len(batch_shape) and all(
+        t in (1, b) for t, b in zip(reversed(tol.shape), reversed(tuple(batch_shape)))
+    )
+    if not fits:
+        raise ShapeMismatchError(f"{name}: per-entry tolerances of shape {tuple(tol.shape)} do not fit the batch "
+                                 f"{tuple(batch_shape)}")
+    if not bool((torch.isfinite(tol) & (tol > 0)).all()):
+        raise ParameterError(f"{name} must be positive and finite, got {tol}")
+    return tol.to(dtype=torch.float64, device=device)
 
 
 def skew(x: torch.Tensor) -> torch.Tensor:
@@ -294,41 +314,57 @@ def log_coordinates(
     n: torch.Tensor,
     *,
     start: torch.Tensor | None = None,
-    tol: float = LOG_TOL,
+    tol: float | torch.Tensor = LOG_TOL,
     max_iter: int = LOG_MAX_ITER,
     surrogate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, LogInfo]:
     """Zimmermann's iteration on the frame coordinates: (A, B) with Log_U(Y) = U A + Q B (module doc).
 
     ``m``, ``n``: [..., p, p] from :func:`coordinates`. ``start``: the trailing columns of a previous
-    run's final rotation (returned here as ``completion``) for a warm start at nearby (M, N).
+    run's final rotation (returned here as ``completion``) for a warm start at nearby (M, N). ``tol``:
+    one threshold, or one per batch entry (a positive tensor of the batch shape ``m.shape[:-2]``).
     Returns (A, B, completion [..., 2p, p], :class:`LogInfo`); convergence is for the caller to judge.
 
     An iterate rotating by (nearly) π (the cut locus, or an iteration that left the log's domain) raises
     AntipodalError. With ``surrogate``, such entries, and those not converged after ``max_iter``, get
     instead the tangent projection of the ambient difference (:func:`surrogate_coordinates`), and
-    ``info.fallback`` marks them; the other entries are unaffected.
+    ``info.fallback`` marks them; the other entries are unaffected. Each entry iterates on its own: an
+    iteration computes only the entries that have not stopped, so an entry's result does not depend on
+    the others in the batch.
     """
-    checks.check_positive("tol", tol)
+    tol = check_tolerance("tol", tol, m.shape[:-2], m.device)
     checks.check_count("max_iter", max_iter, 0)
     p = m.shape[-1]
     with single_threaded():
         v = _start_rotation(m, n, start)
-        iterations = torch.zeros(v.shape[:-2], dtype=torch.int64, device=v.device)
-        failed = torch.zeros(v.shape[:-2], dtype=torch.bool, device=v.device)
+        batch = v.shape[:-2]
+        v = v.reshape(-1, 2 * p, 2 * p)
+        tols = tol.expand(batch).reshape(-1) if isinstance(tol, torch.Tensor) else None
+        count = v.shape[0]
+        iterations = torch.zeros(count, dtype=torch.int64, device=v.device)
+        failed = torch.zeros(count, dtype=torch.bool, device=v.device)
+        gen = torch.zeros_like(v)
+        residuals = torch.zeros(count, dtype=v.dtype, device=v.device)
+        rows = torch.arange(count, device=v.device)  # the entries still iterating: only they are computed
+        steps = 0
         while True:
-            gen, ok = _logm_orthogonal_masked(v)
+            gen_rows, ok = _logm_orthogonal_masked(v[rows])
             if not bool(ok.all()) and not surrogate:
-                logm_orthogonal(v)  # raises the cut-locus error
-            failed = failed | ~ok
-            c = gen[..., p:, p:]
-            residuals = torch.where(failed, torch.inf, c.norm(dim=(-2, -1)))
-            moving = (residuals >= tol) & ~failed
-            if not bool(moving.any()) or int(iterations.max()) >= max_iter:
+                logm_orthogonal(v[rows])  # raises the cut-locus error
+            failed[rows] = failed[rows] | ~ok
+            c = gen_rows[:, p:, p:]
+            res = torch.where(failed[rows], torch.inf, c.norm(dim=(-2, -1)))
+            gen[rows], residuals[rows] = gen_rows, res
+            moving = (res >= (tol if tols is None else tols[rows])) & ~failed[rows]
+            if not bool(moving.any()) or steps >= max_iter:
                 break
-            phi = torch.linalg.matrix_exp(_trailing_update(gen[..., p:, :p], c) * moving[..., None, None])
-            v = torch.cat([v[..., :p], v[..., p:] @ phi], dim=-1)
-            iterations += moving
+            rows, gen_rows, c = rows[moving], gen_rows[moving], c[moving]
+            phi = torch.linalg.matrix_exp(_trailing_update(gen_rows[:, p:, :p], c))
+            v[rows] = torch.cat([v[rows][:, :, :p], v[rows][:, :, p:] @ phi], dim=-1)
+            iterations[rows] += 1
+            steps += 1
+        v, gen = v.reshape(*batch, 2 * p, 2 * p), gen.reshape(*batch, 2 * p, 2 * p)
+        iterations, failed, residuals = iterations.reshape(batch), failed.reshape(batch), residuals.reshape(batch)
     a, b = gen[..., :p, :p], gen[..., p:, :p]
     fallback = None
     if surrogate:
@@ -338,7 +374,8 @@ def log_coordinates(
         b = torch.where(fallback[..., None, None], b_s, b)
         fallback = fallback.cpu()
     info = LogInfo(
-        iterations=iterations.cpu(), residuals=residuals.cpu(), tol=float(tol), max_iter=int(max_iter),
+        iterations=iterations.cpu(), residuals=residuals.cpu(),
+        tol=tol.cpu() if isinstance(tol, torch.Tensor) else float(tol), max_iter=int(max_iter),
         fallback=fallback,
     )
     return a, b, v[..., p:], info
@@ -358,7 +395,8 @@ def surrogate_coordinates(m: torch.Tensor, n: torch.Tensor) -> tuple[torch.Tenso
 def not_converged_error(info: LogInfo) -> ConvergenceError:
     """The error raised when a Stiefel log did not converge."""
     return ConvergenceError(
-        f"Stiefel log did not converge: ‖C‖ = {info.residual:.3g} ≥ tol {info.tol:g} after {info.max_iter} "
+        f"Stiefel log did not converge: ‖C‖ = {info.residual:.3g} ≥ tol {float(torch.as_tensor(info.tol).min()):g} "
+        f"after {info.max_iter} "
         "iterations (the points are too far apart for Zimmermann's iteration; raise max_iter or tol, or "
         "move them closer)"
     )

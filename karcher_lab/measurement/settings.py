@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from karcher_lab.checks import check_choice, check_count
+from karcher_lab.checks import check_choice, check_count, resolve_device
 from karcher_lab.diagnostics.activations import check_sites
 from karcher_lab.diagnostics.collapse import DEFAULT_DRAWS
 from karcher_lab.diagnostics.function import EXACT_MATCH_MODES
 from karcher_lab.errors import ParameterError
-from karcher_lab.pipeline.session import resolve_device
 
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 """The dtypes models can be loaded in (``auto``: the checkpoint's own)."""

@@ -12,7 +12,9 @@ on failure (output directories appear atomically).
 Worker processes pay off for methods whose per-module work is many small operations that intra-op
 threads do not speed up (geomerge: r×r and 2r×2r matrices): the modules are independent, so
 ``workers`` processes of one torch thread each divide the wall time by up to ``workers``, less each
-process's start-up time; the result is the same.
+process's start-up time; the result is the same. A method with a batched form (geomerge:
+:func:`karcher_lab.methods.lora.geomerge_batched.geomerge_modules`) merges all modules in one batched
+call, or with workers one call per worker on an interleaved share of the modules.
 """
 from __future__ import annotations
 
@@ -140,7 +142,7 @@ def merge_lora(
     check_compatible(read)
     modules = {name: [a.modules[name].factors() for a in read] for name in read[0].modules}
     with module_workers(workers, len(modules)) as executor:
-        factors = merge_factor_sets(modules, method, weights=weights, executor=executor, **params)
+        factors = merge_factor_sets(modules, method, weights=weights, executor=executor, chunks=workers, **params)
     result = LoraMergeResult(method, factors, read[0], [a.label for a in read],
                              None if weights is None else [float(w) for w in weights], dict(params))
     if out is not None:

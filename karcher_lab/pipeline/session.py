@@ -10,7 +10,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import torch
 
-from karcher_lab.errors import DeviceError, EmptyInputError, NonFiniteError, ParameterError, WeightError
+from karcher_lab.checks import resolve_device
+from karcher_lab.errors import EmptyInputError, NonFiniteError, ParameterError, WeightError
 from karcher_lab.io.architecture import Source
 from karcher_lab.io.checkpoint import Checkpoint, StateDictSource
 from karcher_lab.io.output import check_output_path
@@ -47,17 +48,6 @@ def open_model(model: Any, label: str, relative_to: Path | None = None) -> Sourc
         ref = model if isinstance(model, ModelRef) else ModelRef(str(model))
         return Checkpoint(resolve_model_dir(ref.path, ref.revision, relative_to), label=str(ref))
     return StateDictSource(model, label)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch.device; DeviceError when CUDA is requested but not available."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise DeviceError(f"unknown device {device!r}; use cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DeviceError(f"device {device!r} was requested but CUDA is not available on this machine; use --device cpu")
-    return dev
 
 
 class MergeSession:

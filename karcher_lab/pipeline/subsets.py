@@ -22,7 +22,8 @@ import torch
 
 from karcher_lab.errors import EmptyInputError, NotSupportedError, ParameterError
 from karcher_lab.methods.registry import get_method
-from karcher_lab.pipeline.session import MergeSession, resolve_device
+from karcher_lab.checks import resolve_device
+from karcher_lab.pipeline.session import MergeSession
 from karcher_lab.recipe.schema import ModelEntry, ModelRef, Recipe, parse_parameters
 
 

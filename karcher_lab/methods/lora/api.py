@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from karcher_lab.checks import check_weights
+from karcher_lab.checks import check_count, check_weights
 from karcher_lab.errors import (
     ArchitectureMismatchError,
     EmptyInputError,
@@ -56,12 +56,27 @@ def _merge_module(method: str, name: str, pairs: Sequence[tuple[torch.Tensor, to
     return g.to(pairs[0][0].dtype), h.to(pairs[0][0].dtype)
 
 
+def _merge_modules(method: str, names: list[str], modules: list[Sequence[tuple[torch.Tensor, torch.Tensor]]],
+                   weights: torch.Tensor, params: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Many modules' merged factors by the method's ``batch_fn``, each as :func:`_merge_module` returns it."""
+    cast = []
+    for pairs in modules:
+        dtype = compute_dtype([t for pair in pairs for t in pair])
+        cast.append([(g.to(dtype), h.to(dtype)) for g, h in pairs])
+    try:
+        merged = get_lora_method(method).batch_fn(cast, weights=weights, names=names, **params)
+    except KarcherLabError as error:  # the message starts with the module's name; keep the type
+        raise type(error)(f"{method} failed on {error}") from error
+    return [(g.to(pairs[0][0].dtype), h.to(pairs[0][0].dtype)) for (g, h), pairs in zip(merged, modules)]
+
+
 def merge_factor_sets(
     modules: Mapping[str, Sequence[tuple[torch.Tensor, torch.Tensor]]],
     method: str = "geomerge",
     *,
     weights: Sequence[float] | torch.Tensor | None = None,
     executor: Executor | None = None,
+    chunks: int = 1,
     **params: Any,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Merge every module's factor list [(G_1, H_1), …, (G_N, H_N)] with LoRA method ``method``.
@@ -78,6 +93,10 @@ def merge_factor_sets(
         Merge the modules through ``executor.map`` (e.g. worker processes,
         :func:`karcher_lab.pipeline.lora.module_workers`); the modules are independent, so the result
         is the same as without.
+    chunks : int
+        For a method with a batched form (``batch_fn``, e.g. geomerge: all modules solved together),
+        the modules go to ``executor`` in this many interleaved chunks, one batched call each (give the
+        number of workers); without an executor, one call merges every module.
     **params
         The method's parameters (defaults filled in, checked).
 
@@ -105,6 +124,13 @@ def merge_factor_sets(
     for name, pairs in modules.items():
         _check_module(name, pairs, m)
     names = list(modules)
+    if m.batch_fn is not None:
+        check_count("chunks", chunks)
+        parts = [names[i::chunks] for i in range(min(chunks, len(names)))] if executor is not None else [names]
+        calls = [(method, part, [modules[name] for name in part], w, resolved) for part in parts]
+        merged = executor.map(_merge_modules, *zip(*calls)) if executor is not None else [_merge_modules(*calls[0])]
+        out = {name: pair for part, results in zip(parts, merged) for name, pair in zip(part, results)}
+        return {name: out[name] for name in names}
     if executor is None:
         return {name: _merge_module(method, name, modules[name], w, resolved) for name in names}
     merged = executor.map(_merge_module, [method] * len(names), names, [modules[name] for name in names],

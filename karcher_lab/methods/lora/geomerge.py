@@ -49,6 +49,10 @@ The returned mean must have exact logs only: if its last iterate still needs the
 have no unique mean (ΔW and −ΔW of rank 1: antipodal Stiefel columns) or none within the log's reach,
 and AntipodalError is raised.
 
+Many modules. :func:`karcher_lab.methods.lora.geomerge_batched.geomerge_modules` runs this solver on
+many modules at once (batched small-matrix operations, per-module convergence), with the same result
+per module.
+
 Numerics. All geometry is float64; the output factors have the inputs' dtype promoted to at least
 float32 and are balanced, G = U_s √Σ and H = V_s √Σ with U_s Σ V_sᵀ the SVD of the merged ΔW (columns
 by decreasing singular value).
@@ -118,7 +122,8 @@ class GeoMergeTrace:
         return self.log_fallbacks[-1]
 
 
-def _check_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+def check_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """One module's [(G_1, H_1), …] checked (see :func:`geomerge_factors`), stacked in float64: G [N, d1, r], H [N, d2, r]."""
     if isinstance(pairs, (str, bytes)) or not isinstance(pairs, Sequence):
         raise ShapeMismatchError(f"pairs must be a sequence of (G, H) tuples, got {type(pairs).__name__}")
     if len(pairs) == 0:
@@ -150,7 +155,8 @@ def _check_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([g.to(torch.float64) for g in gs]), torch.stack([h.to(torch.float64) for h in hs])
 
 
-def _check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter) -> None:
+def check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter, memory) -> None:
+    """ParameterError / StepSizeError for bad solver parameters of :func:`geomerge_factors`."""
     check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
     if init not in GEOMERGE_INITS:
         raise ParameterError(f"unknown init {init!r}; choose one of {list(GEOMERGE_INITS)}")
@@ -158,24 +164,26 @@ def _check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter) -> Non
         raise ParameterError(f"align_tol must be a positive number, got {align_tol!r}")
     if isinstance(align_max_iter, bool) or not isinstance(align_max_iter, int) or align_max_iter < 0:
         raise ParameterError(f"align_max_iter must be a non-negative int, got {align_max_iter!r}")
+    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
+        raise ParameterError(f"memory must be a non-negative int, got {memory!r}")
 
 
-def _truncated_mean(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: float) -> Polar | None:
-    """Polar factors of the rank-r truncated SVD of Σ_i w_i G_i H_iᵀ, or None if its σ_r ≤ START_RTOL · scale
-    (``scale``: the inputs' weighted mean largest singular value; the updates (nearly) cancel).
+def truncated_means(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> tuple[Polar, torch.Tensor]:
+    """Polar factors of the rank-r truncated SVD of Σ_i w_i G_i H_iᵀ, and whether its σ_r > START_RTOL · scale
+    (``scale``: the inputs' weighted mean largest singular value; False where the updates (nearly) cancel).
 
+    ``g`` [..., N, d1, r], ``h`` [..., N, d2, r], ``w`` [N], ``scale`` [...] (leading axes: modules).
     Σ_i w_i G_i H_iᵀ = [w_1 G_1 … w_N G_N] [H_1 … H_N]ᵀ: thin QRs of the stacked d×(N r) factors and an
     SVD of the (N r)×(N r) core.
     """
-    n, d1, r = g.shape
-    stacked_g = (g * w[:, None, None]).permute(1, 0, 2).reshape(d1, n * r)
-    stacked_h = h.permute(1, 0, 2).reshape(h.shape[1], n * r)
+    n, d1, r = g.shape[-3:]
+    stacked_g = (g * w[:, None, None]).transpose(-3, -2).reshape(*g.shape[:-3], d1, n * r)
+    stacked_h = h.transpose(-3, -2).reshape(*h.shape[:-3], h.shape[-2], n * r)
     qg, rg = torch.linalg.qr(stacked_g)
     qh, rh = torch.linalg.qr(stacked_h)
     p, sigma, zt = torch.linalg.svd(rg @ rh.mT)
-    if not float(sigma[r - 1]) > START_RTOL * scale:
-        return None
-    return Polar(qg @ p[:, :r], torch.diag(sigma[:r]), qh @ zt[:r].mT)
+    ok = sigma[..., r - 1] > START_RTOL * scale
+    return Polar(qg @ p[..., :r], torch.diag_embed(sigma[..., :r]), qh @ zt[..., :r, :].mT), ok
 
 
 def geomerge_factors(
@@ -206,10 +214,9 @@ def geomerge_factors(
     or r, r > min(d1, d2)), NotSupportedError (2r > min(d1, d2)), NonFiniteError, WeightError (wrong
     length, negative, non-finite, all zero), StepSizeError / ParameterError (bad solver parameters); ManifoldError if some ΔW_i has rank < r.
     """
-    _check_params(eta=eta, max_iter=max_iter, tol=tol, init=init, align_tol=align_tol, align_max_iter=align_max_iter)
-    if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
-        raise ParameterError(f"memory must be a non-negative int, got {memory!r}")
-    g, h = _check_pairs(pairs)
+    check_params(eta=eta, max_iter=max_iter, tol=tol, init=init, align_tol=align_tol, align_max_iter=align_max_iter,
+                 memory=memory)
+    g, h = check_pairs(pairs)
     w_all = check_weights(weights, g.shape[0]).to(g.device)
     with single_threaded():  # r×r work: see karcher_lab.geometry.numerics
         return _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max_iter, memory, return_trace)
@@ -223,10 +230,10 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
     w = w_all[kept] / w_all[kept].sum()
     out_dtype = torch.promote_types(torch.promote_types(pairs[0][0].dtype, pairs[0][1].dtype), torch.float32)
 
-    scale = float((w * points.B.diagonal(dim1=-2, dim2=-1).amax(-1)).sum())
-    start = _truncated_mean(g[kept], h[kept], w, scale) if init == "mean" else None
-    used_init = "mean" if start is not None else "first"
-    if start is None:
+    scale = (w * points.B.diagonal(dim1=-2, dim2=-1).amax(-1)).sum()
+    start, ok = truncated_means(g[kept], h[kept], w, scale) if init == "mean" else (None, False)
+    used_init = "mean" if bool(ok) else "first"
+    if not bool(ok):
         heaviest = int(torch.argmax(w))
         start = Polar(points.U[heaviest], points.B[heaviest], points.V[heaviest])
 

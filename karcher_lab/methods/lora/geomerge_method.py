@@ -4,7 +4,9 @@ GeoMerge (the paper's §2.2 and §3, eq. 10–11) averages the updates ΔW_i = G
 the polar factorizations (U, B, V) by O(r), so the merged update does not depend on which factors
 (G_i A⁻¹, H_i Aᵀ), A ∈ GL(r), represent each ΔW_i; its rank is the adapters' common rank r. The
 geometry and the solver live in :mod:`karcher_lab.methods.lora.geomerge`; this module only registers
-the method, with that function's own parameter defaults. Fréchet weights are non-negative and used
+the method, with that function's own parameter defaults, and its batched form over modules
+(:func:`karcher_lab.methods.lora.geomerge_batched.geomerge_modules`: the same result per module), which
+:func:`karcher_lab.methods.lora.merge_factor_sets` uses. Fréchet weights are non-negative and used
 normalized to sum 1.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ import inspect
 import torch
 
 from karcher_lab.methods.lora.geomerge import geomerge_factors
+from karcher_lab.methods.lora.geomerge_batched import geomerge_modules
 from karcher_lab.methods.lora.registry import register_lora
 from karcher_lab.methods.registry import Param
 
@@ -28,9 +31,15 @@ GEOMERGE_PARAMS = (
 )
 
 
+def geomerge_batch(modules, *, weights: torch.Tensor, names=None, **params):
+    """:func:`karcher_lab.methods.lora.geomerge_batched.geomerge_modules` on many modules' factors."""
+    return geomerge_modules(modules, weights / weights.sum(), names=names, **params)
+
+
 @register_lora("geomerge", summary="GeoMerge: quotient Fréchet mean of the polar factors (U, B, V) / O(r)",
                rank="r (the adapters' common rank)", params=GEOMERGE_PARAMS, equal_ranks=True,
-               weights="nonnegative", paper="GeoMerge (Fréchet averages on quotient manifolds), §3, eq. 10–11")
+               weights="nonnegative", paper="GeoMerge (Fréchet averages on quotient manifolds), §3, eq. 10–11",
+               batch_fn=geomerge_batch)
 def geomerge(pairs, *, weights: torch.Tensor, name: str | None = None, **params):
     """:func:`karcher_lab.methods.lora.geomerge.geomerge_factors` on one module's factors."""
     return geomerge_factors(pairs, weights / weights.sum(), **params)

@@ -25,7 +25,8 @@ class LoraMethod:
     """Registry entry: the function and what it needs, so inputs are checked before any work.
 
     ``equal_ranks``: every adapter must have the same rank in each module. ``weights``: as for tensor
-    methods ("nonnegative" or "any"). ``rank``: the rank of the merged update, in words.
+    methods ("nonnegative" or "any"). ``rank``: the rank of the merged update, in words. ``batch_fn``: a
+    batched form of ``fn`` over modules, which :func:`~karcher_lab.methods.lora.merge_factor_sets` uses.
     """
 
     name: str
@@ -37,6 +38,10 @@ class LoraMethod:
     weights: WeightUse = "nonnegative"
     min_models: int = 1
     paper: str = ""
+    batch_fn: Callable[..., Any] | None = None
+    """Optional: the same merge on many modules at once, ``batch_fn(modules, *, weights, names, **params)``
+    -> [(G, H), …] for ``modules`` = [[(G_1, H_1), …], …] (one entry per module, as ``fn`` returns it); an
+    error about one module starts its message with the module's name ("name: …")."""
 
 
 LORA_METHODS: Registry[LoraMethod] = Registry("LoRA merge method")
@@ -45,7 +50,7 @@ LORA_METHODS: Registry[LoraMethod] = Registry("LoRA merge method")
 
 def register_lora(name: str, **rules: Any) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Decorator: register ``fn`` as LoRA merge method ``name``; ``rules`` are the other fields of
-    :class:`LoraMethod` (summary, rank, params, equal_ranks, weights, min_models, paper)."""
+    :class:`LoraMethod` (summary, rank, params, equal_ranks, weights, min_models, paper, batch_fn)."""
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
         LORA_METHODS.add(name, LoraMethod(name=name, fn=fn, **rules))
