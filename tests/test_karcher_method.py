@@ -190,3 +190,20 @@ def test_non_finite_inputs_are_found_through_the_gram_and_named(threshold, monke
     for task_vectors in (True, False):  # an unused base is still refused, as by every method
         with pytest.raises(errors.NonFiniteError, match="base contains 1 NaN"):
             merge_tensors("karcher", xs, base=bad_base, task_vectors=task_vectors)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [{}, {"block": "row"}, {"task_vectors": True}])
+def test_narrow_inputs_are_read_as_they_are_with_the_float32_result(dtype, options):
+    """karcher takes bf16/fp16 inputs without a float32 copy of each (MergeCall holds the inputs
+    themselves) and gives the same bits as on their exact float32 copies."""
+    from karcher_lab.methods.api import validate
+
+    g = torch.Generator().manual_seed(0)
+    experts = [torch.randn(64, 48, generator=g).to(dtype) for _ in range(4)]
+    base = torch.randn(64, 48, generator=g).to(dtype)
+    call = validate("karcher", experts, weights=[1, 2, 3, 4], base=base, params=options)
+    assert all(x is y for x, y in zip(call.tensors, experts))
+    narrow = merge_tensors("karcher", experts, weights=[1, 2, 3, 4], base=base, out_dtype=torch.float32, **options)
+    wide = merge_tensors("karcher", [x.float() for x in experts], weights=[1, 2, 3, 4], base=base.float(), **options)
+    assert torch.equal(narrow, wide)

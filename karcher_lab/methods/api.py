@@ -144,8 +144,9 @@ def validate(
     w = method_weights(weights, n, m, name)
     resolved = resolve_params(m, n, params)
     dtype = compute_dtype(list(tensors) + ([base] if base is not None else []))
-    xs = [t.to(dtype) for t in tensors]
-    b = base.to(dtype) if (base is not None and m.base != "unused") else None
+    widen = (lambda t: t) if m.reads_narrow else (lambda t: t.to(dtype))
+    xs = [widen(t) for t in tensors]
+    b = widen(base) if (base is not None and m.base != "unused") else None
     if b is not None and not m.uses_base(resolved) and m.checks_finite:
         check_finite([], b, name)  # given but unused: still refused when broken, as for other methods
     generator = None

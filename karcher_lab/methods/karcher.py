@@ -116,6 +116,7 @@ def solve_from_gram(gram: torch.Tensor, call: MergeCall) -> tuple[torch.Tensor, 
     min_models=1,
     returns_trace=True,
     checks_finite=True,
+    reads_narrow=True,
     two_phase=TwoPhase(
         prepare=prepare_gram, solve=solve_from_gram, prepared_by=("block", "task_vectors", "fisher", "fisher_floor"),
     ),
@@ -215,14 +216,15 @@ def _fisher_weights(weights: torch.Tensor, n: int, name: str | None) -> torch.Te
 def fisher_metric(
     fisher: list[torch.Tensor], weights: torch.Tensor, like: torch.Tensor, floor: float = 1e-6, name: str | None = None
 ) -> torch.Tensor:
-    """F̄ = Σ α_i max(F_i, floor) / Σ α_i, in ``like``'s dtype and device: the diagonal metric of the
-    Fisher-preconditioned karcher. The Fishers are checked first (count, shape, finite, non-negative)."""
+    """F̄ = Σ α_i max(F_i, floor) / Σ α_i, on ``like``'s device in its dtype widened to at least float32:
+    the diagonal metric of the Fisher-preconditioned karcher. The Fishers are checked first (count,
+    shape, finite, non-negative)."""
     alpha = _fisher_weights(weights, len(fisher), name)
     check_fishers(fisher, like.shape, name, floor=floor, method="karcher")
-    mean = torch.zeros_like(like)
+    mean = torch.zeros_like(like, dtype=torch.promote_types(like.dtype, torch.float32))
     for f, a in zip(fisher, alpha.tolist()):
         if a > 0:
-            mean.add_(f.to(like).clamp_min(floor), alpha=a)
+            mean.add_(f.to(mean).clamp_min(floor), alpha=a)
     return mean
 
 
@@ -239,7 +241,9 @@ def fisher_grams(
     float64 (N data passes). :func:`mix_fisher_grams` turns them into the Gram of F̄ for any weights."""
     check_fishers(fisher, tensors[0].shape, name, floor=floor, method="karcher")
     return torch.stack([
-        checked_gram(tensors, block, center=center, metric=f.to(tensors[0]).clamp_min(floor), name=name) for f in fisher
+        checked_gram(tensors, block, center=center, name=name,
+                     metric=f.to(tensors[0].device, torch.promote_types(tensors[0].dtype, torch.float32)).clamp_min(floor))
+        for f in fisher
     ])
 
 

@@ -136,7 +136,10 @@ class MergeMethod:
     weights must be non-negative, may be negative (task arithmetic) or are not used at all.
     min_models / max_models: the number of inputs besides the base. checks_finite: the method itself
     raises NonFiniteError for NaN/Inf inputs, found in a pass over the data it makes anyway (karcher's
-    Gram diagonal), so ``merge_tensors`` skips its own NaN/Inf pass. two_phase: see :class:`TwoPhase`.
+    Gram diagonal), so ``merge_tensors`` skips its own NaN/Inf pass. reads_narrow: the method takes
+    bf16/fp16 inputs as they are and widens them chunk by chunk in its own passes (karcher's Gram and
+    combine), so no float32 copy of every input is made; the others get float32 copies. two_phase: see
+    :class:`TwoPhase`.
     """
 
     name: str
@@ -151,6 +154,7 @@ class MergeMethod:
     randomized: bool = False
     returns_trace: bool = False
     checks_finite: bool = False
+    reads_narrow: bool = False
     two_phase: TwoPhase | None = None
     paper: str = ""
 
