@@ -55,11 +55,13 @@ TARGETS = {"tiny": 0.5, "smollm2": 10.0}
 EVALUATION_STAGES = ("weights", "quality", "activations")
 
 
-def weighted_sum_in_place(model: torch.nn.Module, experts: list[torch.nn.Module], alpha: list[float]) -> None:
-    """θ ← Σ α_i θ_i written into ``model``'s own parameters (the floor of any merge update)."""
-    states = [e.state_dict() for e in experts]
+def weighted_sum_in_place(model: torch.nn.Module, states: list[dict], alpha: list[float]) -> None:
+    """θ ← Σ α_i θ_i written into ``model``'s own parameters from the experts' tensors held in memory
+    (the floor of any merge update); a tied head (absent from checkpoints) follows its embedding."""
     with torch.no_grad():
         for name, target in model.state_dict().items():
+            if name not in states[0]:
+                continue
             target.zero_()
             for a, state in zip(alpha, states):
                 target.add_(state[name], alpha=a)
@@ -165,8 +167,9 @@ def run_pool(name: str, args) -> None:
             fresh, _ = load(str(pool.base_path))
             fresh.load_state_dict(state, strict=False)
             scratch.append(time.perf_counter() - begin)
+            held = [dict(explorer.engine.experts.state(explorer.tasks[i])) for i in request["members"]]  # not timed
             begin = time.perf_counter()
-            weighted_sum_in_place(explorer.model, [explorer.expert_models[i] for i in request["members"]], request["alpha"])
+            weighted_sum_in_place(explorer.model, held, request["alpha"])
             floor.append(time.perf_counter() - begin)
             explorer.load_state(explorer.state)  # back to the merged model
         rows.append((kind, median(ours_merge), median(scratch), median(floor), median(evaluation), median(totals),

@@ -97,11 +97,12 @@ def time_updates(study: Study, exact_match: bool, args) -> dict[str, float]:
         totals.append(explorer.timings["total"])
         merges.append(explorer.timings["merge"] + explorer.timings["load"])
         request = explorer.request()
+        experts = [dict(explorer.engine.experts.state(explorer.tasks[j])) for j in request["members"]]  # not timed
         begin = time.perf_counter()
         with torch.no_grad():  # the floor: Σ α_i θ_i written in place into the one model
-            experts = [explorer.expert_models[j].state_dict() for j in request["members"]]
             for name, tensor in explorer.model.state_dict().items():
-                tensor.copy_(sum(a * e[name] for a, e in zip(request["alpha"], experts)))
+                if name in experts[0]:  # a tied head follows its embedding
+                    tensor.copy_(sum(a * e[name] for a, e in zip(request["alpha"], experts)))
         floors.append(time.perf_counter() - begin)
     return dict(total=statistics.median(totals), best=min(totals), merge=statistics.median(merges),
                 floor=statistics.median(floors), **{f"stage {k}": statistics.median(v) for k, v in stages.items()})
