@@ -70,3 +70,23 @@ def smollm2_study_file(tmp_path_factory):
                        "geo2": {"source": CAPITALS, "chat_template": True}}}
     (root / "study.yml").write_text(yaml.safe_dump(study, sort_keys=False))
     return root / "study.yml"
+
+
+def write_micro_study(pool, root, examples: int):
+    """study.yml in ``root`` naming ``pool``'s base and experts as plain folders and each task's first
+    ``examples`` held-out examples (seed 0) as ``<task>.jsonl``; returns the YAML's path."""
+    import json
+
+    from karcher_lab.zoo import get_task
+
+    tasks = [e["task"] for e in pool.experts]
+    for task in tasks:
+        lines = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in get_task(task).examples("eval", examples, seed=0)]
+        (root / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
+    (root / "study.yml").write_text(
+        "name: micro-folders\n"
+        f"base: {pool.base_path}\n"
+        "experts:\n" + "".join(f"  {t}: {pool.expert_path(t)}\n" for t in tasks)
+        + "tasks:\n" + "".join(f"  {t}: {t}.jsonl\n" for t in tasks)
+    )
+    return root / "study.yml"

@@ -2,16 +2,14 @@
 zoo pool the folders come from, for the same examples."""
 from __future__ import annotations
 
-import json
-
 import pandas as pd
 import pytest
 import torch
 
+from conftest import write_micro_study
 from karcher_lab import Study
 from karcher_lab.errors import DeviceError
 from karcher_lab.widgets import MergeExplorer
-from karcher_lab.zoo import get_task
 
 FAST = dict(quality_examples=4, activation_examples=2, draws=4, exact_match=True, debounce=0.05)
 
@@ -20,16 +18,7 @@ FAST = dict(quality_examples=4, activation_examples=2, draws=4, exact_match=True
 def study_files(micro_pool, tmp_path_factory):
     """The micro pool's experts as plain folders, and their tasks' first 4 held-out examples as JSONL."""
     root = tmp_path_factory.mktemp("study_explorer")
-    tasks = [e["task"] for e in micro_pool.experts]
-    for task in tasks:
-        lines = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in get_task(task).examples("eval", 4, seed=0)]
-        (root / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "study.yml").write_text(
-        "name: micro-folders\n"
-        f"base: {micro_pool.base_path}\n"
-        "experts:\n" + "".join(f"  {t}: {micro_pool.expert_path(t)}\n" for t in tasks)
-        + "tasks:\n" + "".join(f"  {t}: {t}.jsonl\n" for t in tasks)
-    )
+    write_micro_study(micro_pool, root, 4)
     return root
 
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from conftest import write_micro_study
 from karcher_lab import Study, load_study
 from karcher_lab.cli import main
 from karcher_lab.errors import InputError, ModelCountError, ParameterError
 from karcher_lab.experiment import load_results, make_grid, run_sweep
 from karcher_lab.experiment.report import write_report
-from karcher_lab.zoo import get_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,18 +33,7 @@ SCORES = ["accuracy", "normalized_accuracy", "nll", "kl", "avg_accuracy", "avg_n
 def study_file(micro_pool, tmp_path_factory):
     """study.yml naming the micro pool's base and experts as plain folders and each task's held-out
     examples as JSONL."""
-    root = tmp_path_factory.mktemp("sweep_study")
-    tasks = [e["task"] for e in micro_pool.experts]
-    for task in tasks:
-        lines = [json.dumps({"prompt": e.prompt, "answer": e.answer}) for e in get_task(task).examples("eval", WRITTEN, seed=0)]
-        (root / f"{task}.jsonl").write_text("\n".join(lines) + "\n")
-    (root / "study.yml").write_text(
-        "name: micro-folders\n"
-        f"base: {micro_pool.base_path}\n"
-        "experts:\n" + "".join(f"  {t}: {micro_pool.expert_path(t)}\n" for t in tasks)
-        + "tasks:\n" + "".join(f"  {t}: {t}.jsonl\n" for t in tasks)
-    )
-    return root / "study.yml"
+    return write_micro_study(micro_pool, tmp_path_factory.mktemp("sweep_study"), WRITTEN)
 
 
 @pytest.fixture(scope="module")

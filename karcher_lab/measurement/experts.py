@@ -16,6 +16,7 @@ model. The expert's tensors themselves (the weight metrics' relative distances) 
 from __future__ import annotations
 
 from collections.abc import Mapping as MappingABC
+from functools import cached_property
 from typing import Any, Callable, Iterator, Mapping
 
 import pandas as pd
@@ -193,9 +194,22 @@ class ExpertMeasurements:
             return None
         task = self.tasks[name]
         data = self.data
-        return entry_key(fingerprint(files, DigestMemo(self.cache.digests_file)), task, data.examples[task] if task is not None else [],
+        return entry_key(fingerprint(files, self._digests), task, data.examples[task] if task is not None else [],
                          data.scoring.get(task) if task is not None else None, (data.probe_ids, data.probe_mask),
-                         tokenizer_identity(data.tokenizer), self.settings, code_identity())
+                         self._tokenizer_id, self.settings, self._code_id)
+
+    @cached_property
+    def _digests(self) -> DigestMemo:
+        """The cache's remembered file digests, read once."""
+        return DigestMemo(self.cache.digests_file)
+
+    @cached_property
+    def _tokenizer_id(self) -> str:
+        return tokenizer_identity(self.data.tokenizer)
+
+    @cached_property
+    def _code_id(self) -> str:
+        return code_identity()
 
     def _visit(self, name: str) -> dict[str, Any]:
         """Every number of the expert, from the disk cache or measured now in one visit."""
