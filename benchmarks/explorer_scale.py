@@ -62,8 +62,11 @@ def run_child(study: Path, code: Path, device: str, cache: Path) -> dict:
 
 
 def read_pass(study: Path) -> tuple[float, int]:
-    """Seconds and bytes of one read of every expert tensor (the floor of any merge)."""
+    """Seconds and bytes of one read of every expert tensor, every byte touched (a float32 sum of each;
+    the floor of any merge: mapping a safetensors file without touching its pages reads nothing)."""
     sys.path.insert(0, str(ROOT))
+    import torch
+
     from karcher_lab import load_study
     from karcher_lab.study.resolve import merge_sources
 
@@ -71,7 +74,9 @@ def read_pass(study: Path) -> tuple[float, int]:
     start, total = time.perf_counter(), 0
     for source in sources.values():
         for name in source.tensors:
-            total += source.load(name).numel() * source.tensors[name].dtype.itemsize
+            tensor = source.load(name)
+            tensor.sum(dtype=torch.float32)
+            total += tensor.numel() * tensor.element_size()
     return time.perf_counter() - start, total
 
 

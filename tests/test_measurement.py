@@ -262,3 +262,33 @@ def test_examples_are_plain_data(models, micro_pool):
     function = engine.function_metrics([tasks[0]])
     assert list(function.quality["task"].unique()) == ["mine"]
     assert list(function.distance["reference"]) == [tasks[0]] * 2
+
+
+def test_experts_are_measured_in_the_resident_model_with_the_numbers_of_their_own(micro_pool, monkeypatch):
+    """An expert whose checkpoint fits the engine's model is written into it (no second model) and gives
+    the numbers of the expert loaded on its own; once a merge is written, experts load on their own."""
+    settings = MeasurementSettings(draws=2, seed=5)
+    study = pool_study(micro_pool)
+    separate = engine_for_study(study, settings=settings, examples_per_task=3)
+    separate.experts._host = lambda: None  # no model to measure experts in: each is loaded
+    resident = engine_for_study(study, settings=settings, examples_per_task=3)
+    loads = []
+    original = experts_module.loaded
+    monkeypatch.setattr(experts_module, "loaded", lambda *a: (loads.append(a[2]), original(*a))[1])
+    names = list(study.experts)
+    resident.measure_experts()
+    assert loads == []
+    separate.measure_experts()
+    assert len(loads) == len(names)
+    for name in names:
+        assert_same(resident.experts.quality(name), separate.experts.quality(name))
+        assert_same(resident.experts.collapse(name), separate.experts.collapse(name))
+        assert resident.experts.norms(name) == pytest.approx(separate.experts.norms(name), rel=1e-12)
+    # after a merge is written into the model, a new expert visit must not touch it
+    tensors = resident.merged_tensors()
+    before = {k: v.clone() for k, v in tensors.items()}
+    resident.experts._visits.clear()
+    loads.clear()
+    resident.experts.quality(names[0])
+    assert loads == [f"expert {names[0]!r}"]
+    assert all(torch.equal(tensors[k], v) for k, v in before.items())

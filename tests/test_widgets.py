@@ -150,19 +150,19 @@ def test_errors_are_shown_in_the_panel_not_raised(explorer):
 
 
 def test_any_exception_is_shown_in_the_panel(explorer, monkeypatch):
-    def broken(state):
+    def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(explorer, "load_state", broken)
+    monkeypatch.setattr(explorer.merger, "merge", broken)
     assert explorer.update() is False
     assert explorer.error == "RuntimeError: disk on fire" and not explorer.busy
 
 
 def test_busy_indicator_shows_while_work_runs_on_one_thread(explorer, monkeypatch):
     seen = []
-    original = explorer.load_state
-    monkeypatch.setattr(explorer, "load_state",
-                        lambda state: (seen.append((explorer.busy, torch.get_num_threads())), original(state)))
+    original = explorer.merger.merge
+    monkeypatch.setattr(explorer.merger, "merge",
+                        lambda *a, **k: (seen.append((explorer.busy, torch.get_num_threads())), original(*a, **k))[1])
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

@@ -187,8 +187,18 @@ def weight_metrics(
     return _frame(rows)
 
 
+NORM_CHUNK = 1 << 22
+"""Elements widened to float64 at a time by :func:`_norm` (a float64 copy of a whole embedding would
+double its memory)."""
+
+
 def _norm(tensor: torch.Tensor) -> float:
-    return float(torch.linalg.vector_norm(tensor, dtype=torch.float64))
+    """‖x‖₂ accumulated in float64, over chunks of :data:`NORM_CHUNK` elements (√Σ_c ‖x_c‖²)."""
+    flat = tensor.reshape(-1)
+    if flat.numel() <= NORM_CHUNK:
+        return float(torch.linalg.vector_norm(flat, dtype=torch.float64))
+    return math.sqrt(math.fsum(float(torch.linalg.vector_norm(flat[i:i + NORM_CHUNK], dtype=torch.float64)) ** 2
+                               for i in range(0, flat.numel(), NORM_CHUNK)))
 
 
 def tensor_norms(state: Mapping[str, torch.Tensor]) -> dict[str, float]:

@@ -433,7 +433,8 @@ def combine(
     output is built chunk by chunk (``COMBINE_CHUNK_BYTES``): each output chunk stays in cache while
     the N inputs are multiplied and added into it; on the CPU the chunks are spread over
     ``torch.get_num_threads()`` worker threads. Computed and returned in ``out_dtype`` (default: the
-    inputs' dtype promoted to at least float32).
+    inputs' dtype promoted to at least float32). An input whose coefficient is 0 in every block is not
+    read (a zero-weight expert: its term is exactly 0).
     """
     _check_same_shape(tensors)
     layout = block_layout(tensors[0].shape, block)
@@ -442,6 +443,11 @@ def combine(
         raise ParameterError(f"got coefficients for {coeffs.shape[0]} blocks, the layout has {layout.blocks}")
     dtype = out_dtype or torch.promote_types(tensors[0].dtype, torch.float32)
     out = torch.empty(tensors[0].shape, dtype=dtype, device=tensors[0].device)
+    used = (coeffs != 0).any(dim=0).tolist()
+    if not any(used):
+        return out.zero_()
+    tensors = [t for t, keep in zip(tensors, used) if keep]
+    coeffs = coeffs[:, torch.tensor(used)]
     out_view = layout.view(out)
     views = [layout.view(t) for t in tensors]
     chunks = list(layout.chunks(max(1, COMBINE_CHUNK_BYTES // out.element_size())))

@@ -47,6 +47,10 @@ class Source(Protocol):
 
     def load(self, name: str) -> torch.Tensor: ...
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (along axis 0) of tensor ``name``, reading no more of it than they need."""
+        ...
+
 
 @dataclass
 class Layout:

@@ -150,6 +150,17 @@ class Checkpoint:
         with safe_open(info.file, framework="pt", device="cpu") as f:
             return f.get_tensor(name)
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one tensor (CPU, stored dtype); from a safetensors file only those bytes
+        are read."""
+        info = self.tensors[name]
+        if info.file.suffix != ".safetensors":
+            return self._pickled_state(info.file)[name][start:stop]
+        from safetensors import safe_open
+
+        with safe_open(info.file, framework="pt", device="cpu") as f:
+            return f.get_slice(name)[start:stop]
+
 
 class StateDictSource:
     """An in-memory model with the :class:`Checkpoint` interface: a ``{name: tensor}`` mapping, or any
@@ -174,3 +185,6 @@ class StateDictSource:
 
     def load(self, name: str) -> torch.Tensor:
         return self._state[name].detach()
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self._state[name].detach()[start:stop]

@@ -403,3 +403,8 @@ class AdapterOnBase(Checkpoint):
     def load(self, name: str) -> torch.Tensor:
         tensor = super().load(name)
         return fold_into_tensor(tensor, self._factors[name], self._fan_in_fan_out) if name in self._factors else tensor
+
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows of a tensor; an adapted weight is folded whole first (LoRA targets are linear layers, small
+        beside an embedding)."""
+        return self.load(name)[start:stop] if name in self._factors else super().load_rows(name, start, stop)

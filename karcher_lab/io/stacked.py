@@ -34,6 +34,10 @@ class RemappedSource:
         src, stored = self._reads[name]
         return src.load(stored)
 
+    def load_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        src, stored = self._reads[name]
+        return src.load_rows(stored, start, stop)
+
 
 def single_tower(source: Source) -> str:
     """The one layer stack of ``source``; slicing a model with several (a vision tower beside the text

@@ -48,6 +48,7 @@ from karcher_lab.io import Source
 from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.measurement.data import Probes, evaluation_data
 from karcher_lab.measurement.experts import ExpertMeasurements, ModelOrLoader, check_model_or_loader, loaded
+from karcher_lab.measurement.resident import check_names, resident_tensors, write_tensor
 from karcher_lab.measurement.results import FunctionMetrics, LayerMetrics, Measurement
 from karcher_lab.measurement.settings import MeasurementSettings
 
@@ -112,10 +113,12 @@ class MeasurementEngine:
         self.data = evaluation_data(tokenizer, examples, probes, scoring)
         """Tokenizer, evaluation examples, their scoring options and encoded probe batch."""
         tasks = {name: name for name in experts} if expert_tasks is None else expert_tasks
-        self.experts = ExpertMeasurements(experts, tasks, self.data, settings, sources=sources, cache=cache)
+        self.experts = ExpertMeasurements(experts, tasks, self.data, settings, sources=sources, cache=cache,
+                                          host=self._host)
         """The experts' own measurements, each computed once."""
         self._model_source = model
         self._model: torch.nn.Module | None = None
+        self._holds_merge = False
 
     @property
     def model(self) -> torch.nn.Module:
@@ -132,14 +135,28 @@ class MeasurementEngine:
         CheckpointError
             The state lacks a tensor of the model (other than a tied output head) or has one it lacks.
         """
-        model = self.model
-        result = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if getattr(getattr(model, "config", None), "tie_word_embeddings", False) else set()
-        missing = set(result.missing_keys) - tied
-        if missing or result.unexpected_keys:
-            raise CheckpointError(f"the merged state does not fit the model: missing {sorted(missing)[:5]}, "
-                                  f"unexpected {sorted(result.unexpected_keys)[:5]}")
-        return model
+        check_names(self.model, state, "the merged state")
+        tensors = self.merged_tensors()
+        for name, value in state.items():
+            write_tensor(tensors, name, value)
+        return self.model
+
+    def merged_tensors(self) -> dict[str, torch.Tensor]:
+        """:attr:`model`'s tensors by name, to write a merged model into in place
+        (:func:`~karcher_lab.measurement.resident.resident_tensors`; the caller writes every one of them).
+        From now on the model holds a merge: experts not yet measured are loaded on their own."""
+        self._holds_merge = True
+        return resident_tensors(self.model)
+
+    def measure_experts(self) -> None:
+        """Measure every expert now (or read it from the disk cache), before any merge is loaded: an expert
+        whose checkpoint fits :attr:`model` exactly is written into it and measured there, so no second
+        model is held (:meth:`ExpertMeasurements.visit_all`)."""
+        self.experts.visit_all()
+
+    def _host(self) -> torch.nn.Module | None:
+        """The model experts may be measured in: :attr:`model` until a merge is written into it."""
+        return None if self._holds_merge else self.model
 
     def _checked(self, members: Sequence[str], weights: Sequence[float] | None) -> tuple[list[str], list[float] | None]:
         """The members as a list of experts' names and their weights normalized to α (None: equal)."""

@@ -30,6 +30,7 @@ from karcher_lab.diagnostics.function import QUALITY_COLUMNS, AnswerLogProbs, an
 from karcher_lab.errors import EmptyInputError, InputError, NotSupportedError, ParameterError
 from karcher_lab.io import Source
 from karcher_lab.io.fingerprint import DigestMemo, fingerprint, source_files
+from karcher_lab.measurement.resident import fits_exactly, write_source
 from karcher_lab.measurement.cache import MeasurementCache, code_identity, entry_key, tokenizer_identity
 from karcher_lab.measurement.data import EvaluationData
 from karcher_lab.measurement.settings import MeasurementSettings
@@ -95,6 +96,10 @@ class ExpertMeasurements:
         The disk cache of visits, keyed by each expert's content fingerprint
         (:mod:`karcher_lab.io.fingerprint`); used for the experts whose source is a checkpoint on disk
         that the expert is loaded from.
+    host : callable, optional
+        Returns a model the experts may be measured in, or None: an expert whose source fits it exactly
+        (:func:`~karcher_lab.measurement.resident.fits_exactly`: the same tensors, shapes and dtypes) is
+        written into it instead of being loaded as a second model.
 
     Raises
     ------
@@ -108,7 +113,7 @@ class ExpertMeasurements:
 
     def __init__(self, experts: Mapping[str, ModelOrLoader], expert_tasks: Mapping[str, str | None],
                  data: EvaluationData, settings: MeasurementSettings, *, sources: Mapping[str, Source] | None = None,
-                 cache: MeasurementCache | None = None):
+                 cache: MeasurementCache | None = None, host: Callable[[], torch.nn.Module | None] | None = None):
         if not experts:
             raise EmptyInputError("no experts given")
         for name, value in experts.items():
@@ -128,6 +133,7 @@ class ExpertMeasurements:
         """The task each expert is judged on (None: it owns none)."""
         self.data, self.settings = data, settings
         self.cache = cache
+        self._host = host
         self._visits: dict[str, dict[str, Any]] = {}
         self._states: dict[str, Mapping[str, torch.Tensor]] = {}
         self.loads = 0
@@ -159,9 +165,19 @@ class ExpertMeasurements:
         return {task for task in self.tasks.values() if task is not None}
 
     def model(self, name: str) -> torch.nn.Module:
-        """The expert's model, loaded now and moved to the settings' device (not kept)."""
+        """The expert's model on the settings' device (not kept): the host model with the expert's tensors
+        written into it where they fit it exactly, else loaded now."""
         self.loads += 1
+        host = self._host() if self._host is not None and name in self._tensor_sources else None
+        if host is not None and fits_exactly(host, self._source(name)):
+            write_source(host, self._source(name))
+            return host
         return loaded(self._sources[name], self.settings.device, f"expert {name!r}")
+
+    def visit_all(self) -> None:
+        """Every expert's measurements, from the disk cache or measured now (each expert once)."""
+        for name in self.names:
+            self._visit(name)
 
     def state(self, name: str) -> Mapping[str, torch.Tensor]:
         """The expert's tensors by name, on the CPU: read one at a time from its source when it has one,

@@ -3,7 +3,7 @@ phase or, with a :class:`~karcher_lab.methods.prepared.PreparedStates`, from a c
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import torch
 
@@ -12,6 +12,7 @@ from karcher_lab.errors import (
     InputError,
     MissingBaseError,
     NonFiniteError,
+    NotSupportedError,
     ParameterError,
     ShapeMismatchError,
 )
@@ -19,6 +20,30 @@ from karcher_lab import checks
 from karcher_lab.checks import where
 from karcher_lab.methods.prepared import PreparedStates
 from karcher_lab.methods.registry import REQUIRED, MergeMethod, get_method
+
+
+@dataclass(frozen=True)
+class RowSlices:
+    """Inputs of one tensor's merge given as row slices instead of whole tensors: ``read(start, stop)``
+    returns (the N inputs' rows ``start:stop`` along axis 0, the base's rows or None); ``rows`` is the
+    tensor's length along axis 0 and ``step`` the rows read at a time (≥ 1)."""
+
+    read: Callable[[int, int], tuple[list[torch.Tensor], torch.Tensor | None]]
+    rows: int
+    step: int
+
+
+def row_separable(method: str | MergeMethod, n: int, params: dict[str, Any]) -> bool:
+    """Whether ``method`` with ``params`` (for ``n`` inputs) can merge :class:`RowSlices`
+    (:attr:`TwoPhase.row_separable <karcher_lab.methods.registry.TwoPhase>`); False for bad parameters,
+    which the merge itself then reports."""
+    m = method if isinstance(method, MergeMethod) else get_method(method)
+    if m.two_phase is None or m.two_phase.row_separable is None:
+        return False
+    try:
+        return bool(m.two_phase.row_separable(resolve_params(m, n, dict(params))))
+    except ParameterError:
+        return False
 
 
 @dataclass
@@ -177,8 +202,11 @@ def merge_tensors(
     ----------
     method : str
         A registered method's name (:func:`~karcher_lab.methods.list_methods`).
-    tensors : list of N tensors, all of one shape
-        Floating-point inputs; computation runs in float32 (float64 if any input is float64).
+    tensors : list of N tensors, all of one shape, or RowSlices
+        Floating-point inputs; computation runs in float32 (float64 if any input is float64). A
+        :class:`RowSlices` reader (the base comes from it, not from ``base``) merges a
+        :func:`row_separable` method slice by slice, never holding whole inputs: the same result up to
+        the order in which the Gram's float64 partial sums are added.
     weights : N floats, optional
         The per-model ``weight`` of mergekit's YAML (1.0 each by default).
     base : tensor, optional
@@ -207,6 +235,10 @@ def merge_tensors(
     writing any output. A result that is not finite in ``out_dtype`` (an overflow) raises
     NonFiniteError (:func:`check_finite_result`; one reduction over the output).
     """
+    if isinstance(tensors, RowSlices):
+        tensor, trace = _merge_rows(method, tensors, states, key, weights=weights, seed=seed, out_dtype=out_dtype,
+                                    name=name, params=params)
+        return MergeResult(tensor, trace) if return_trace else tensor
     call = validate(method, tensors, weights=weights, base=base, seed=seed, out_dtype=out_dtype, name=name,
                     params=params)
     if states is not None and call.method.two_phase is not None:
@@ -217,6 +249,43 @@ def merge_tensors(
     tensor = tensor.to(call.out_dtype)
     check_finite_result(tensor, call.method.name, name)
     return MergeResult(tensor, trace) if return_trace else tensor
+
+
+def _merge_rows(method: str, inputs: RowSlices, states: PreparedStates | None, key: Hashable, *,
+                params: dict[str, Any], **arguments: Any) -> tuple[torch.Tensor, Any]:
+    """:func:`merge_tensors` of a row-separable two-phase method on :class:`RowSlices`: the state is the
+    sum of the slices' prepared states (one pass over the slices, skipped when ``states`` holds it),
+    then each slice is solved into its rows of the output (a second pass); at most ``step`` rows of
+    each input are held at a time. Every slice is validated as a whole tensor would be."""
+    def call_of(start: int) -> MergeCall:
+        tensors, base = inputs.read(start, min(inputs.rows, start + inputs.step))
+        return validate(method, tensors, base=base, params=params, **arguments)
+
+    starts = range(0, inputs.rows, inputs.step)
+    first = call_of(0)
+    phases = first.method.two_phase
+    if phases is None or phases.row_separable is None or not phases.row_separable(first.params):
+        raise NotSupportedError(f"{where(arguments.get('name'))}{first.method.name} with these parameters cannot "
+                                "merge a tensor by row slices")
+
+    def prepare(call: MergeCall) -> Any:
+        total = phases.prepare(call)
+        for start in starts[1:]:
+            total = total + phases.prepare(call_of(start))
+        return total
+
+    state = prepare(first) if states is None else states.state(key, first, prepare)
+    out, trace = None, None
+    for start in starts:
+        call = first if start == 0 else call_of(start)
+        result = phases.solve(state, call)
+        part, trace = result if isinstance(result, tuple) else (result, None)
+        part = part.to(call.out_dtype)
+        check_finite_result(part, call.method.name, arguments.get("name"))
+        if out is None:
+            out = torch.empty((inputs.rows, *part.shape[1:]), dtype=part.dtype, device=part.device)
+        out[start:start + part.shape[0]] = part
+    return out, trace
 
 
 def check_finite_result(tensor: torch.Tensor, method: str, name: str | None = None) -> None:

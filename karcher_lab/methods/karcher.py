@@ -15,7 +15,9 @@ With a base and ``task_vectors: true`` steps 1–3 apply to δ_i and θ_0 is add
 
 All of it runs in coefficient space (:mod:`karcher_lab.geometry.karcher_mean`): one float64 Gram pass
 over the data, the iteration on N×N matrices, one combining pass; iterations are therefore free, and
-the default runs to convergence.
+the default runs to convergence. For ``block`` 'tensor' or 'column' without ``fisher`` the Gram of a
+tensor is the sum of its row slices' Grams and the combination is row-wise, so a large tensor can be
+merged a slice of rows at a time (:class:`~karcher_lab.methods.api.RowSlices`).
 
 Parameters: ``max_iter`` (1000) and ``tol`` (1e-7) end step 2 (at most max_iter steps, or once
 ‖v‖ < tol; ``tol`` is only this stopping rule), ``eta`` is its step size η ∈ (0, 1] and ``init`` its
@@ -119,6 +121,7 @@ def solve_from_gram(gram: torch.Tensor, call: MergeCall) -> tuple[torch.Tensor, 
     reads_narrow=True,
     two_phase=TwoPhase(
         prepare=prepare_gram, solve=solve_from_gram, prepared_by=("block", "task_vectors", "fisher", "fisher_floor"),
+        row_separable=lambda p: p["block"] != "row" and p["fisher"] is None,
     ),
     paper="Functionality-Oriented LLM Merging on the Fisher–Rao Manifold (arXiv:2603.04972), §3",
 )

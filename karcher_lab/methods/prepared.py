@@ -7,7 +7,7 @@ per tensor, so a re-weighted merge (a widget's slider, the sweep's next m) runs 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Hashable
+from typing import TYPE_CHECKING, Any, Callable, Hashable
 
 import torch
 
@@ -42,6 +42,11 @@ class PreparedStates:
 
     def merge(self, key: Hashable, call: MergeCall) -> Any:
         """``solve(prepare(call), call)`` with the prepared state of ``key`` reused when still valid."""
+        return call.method.two_phase.solve(self.state(key, call), call)
+
+    def state(self, key: Hashable, call: MergeCall, prepare: Callable[[MergeCall], Any] | None = None) -> Any:
+        """The prepared state of ``key`` for ``call``: the cached one while still valid, else
+        ``prepare(call)`` (default: the method's ``prepare``), kept for next time."""
         phases = call.method.two_phase
         values = [call.params[p] for p in phases.prepared_by]
         identity = tensor_identity(values)
@@ -53,9 +58,9 @@ class PreparedStates:
             state = cached[2]
         else:
             self.misses += 1
-            state = phases.prepare(call)
+            state = (prepare or phases.prepare)(call)
             self.states[full_key] = (identity, values, state)
-        return phases.solve(state, call)
+        return state
 
     def clear(self) -> None:
         self.states.clear()

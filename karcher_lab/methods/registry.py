@@ -117,11 +117,17 @@ class TwoPhase:
     the Gram matrices, one read of the data); ``solve(state, tensors, *, weights, base, name, **params)``
     finishes the merge for any weights. ``prepared_by`` names the parameters the state depends on; a
     cached state is reused only while they (and the inputs) are unchanged.
+
+    ``row_separable(params) -> bool`` (optional) says, for resolved parameters, that the merge can run
+    on row slices (axis 0) of the inputs: the states ``prepare`` makes of the slices add up to the
+    whole's, and ``solve`` given the whole's state and one slice returns that slice of the result
+    (:func:`karcher_lab.methods.api.merge_tensors` with :class:`~karcher_lab.methods.api.RowSlices`).
     """
 
     prepare: Callable[..., Any]
     solve: Callable[..., Any]
     prepared_by: tuple[str, ...] = ()
+    row_separable: Callable[[dict[str, Any]], bool] | None = None
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """Executing a merge plan: tensor by tensor, load the N inputs (and the base), merge them on the chosen
-device, hand each result to a sink (the streaming writer, or a dict). Peak memory is about
-(N inputs + 1 output) × the largest tensor, independent of the model's total size.
+device, hand each result to a sink (the streaming writer, a dict, or a resident model). Peak memory is
+about (N inputs + 1 output) × the largest tensor, independent of the model's total size; a tensor whose
+N inputs together exceed :data:`SLICE_INPUT_BYTES` is merged by row slices when its method allows it
+(:class:`~karcher_lab.methods.api.RowSlices`: karcher), which bounds that term by
+:data:`SLICE_INPUT_BYTES` + 1 output whatever N (a large vocabulary's embedding).
 """
 from __future__ import annotations
 
@@ -15,8 +18,13 @@ import torch
 from karcher_lab.errors import InputError
 from karcher_lab.io.architecture import Source
 from karcher_lab.io.writer import TensorSpec
-from karcher_lab.methods.api import merge_tensors
+from karcher_lab.methods.api import RowSlices, merge_tensors, row_separable
 from karcher_lab.pipeline.plan import MergePlan
+
+
+SLICE_INPUT_BYTES = 128 << 20
+"""Above this many bytes of one tensor's inputs together (N models and the base), a row-separable merge
+reads them this many bytes of rows at a time."""
 
 
 @dataclass
@@ -90,6 +98,14 @@ def execute_plan(
 
     try:
         for i, task in enumerate(plan.tasks):
+            rows = _row_slices(plan, task, cache, device, stats)
+            if rows is not None:
+                merged = merge_one(plan.method.name, rows, key=(task.name, input_refs), weights=task.weights, seed=task.seed,
+                                   out_dtype=task.out_dtype, name=task.name, **task.params)
+                sink(task.name, merged.to("cpu"))
+                stats.tensors += 1
+                bar.update(TensorSpec(task.name, task.shape, task.out_dtype).nbytes)
+                continue
             tensors = [load(s, plan.stored_name(k, task.name)) for k, s in enumerate(sources)]
             if plan.alignment is not None and task.name in vocabulary_names:
                 tensors = plan.alignment.apply(tensors)
@@ -111,6 +127,37 @@ def execute_plan(
             bar.set_postfix_str(f"{i + 1}/{len(plan.tasks)} tensors", refresh=False)
     finally:
         bar.close()
+
+
+def _row_slices(plan: MergePlan, task: Any, cache: TensorCache | None, device: torch.device,
+                stats: MergeStats) -> RowSlices | None:
+    """The task's inputs as :class:`RowSlices` of about :data:`SLICE_INPUT_BYTES` in all, or None where the
+    whole tensors are read: a small tensor, kept inputs (``cache``), a vocabulary alignment, tensor-valued
+    parameters, or a method that cannot merge by rows."""
+    spec = TensorSpec(task.name, task.shape, task.out_dtype)
+    sources = plan.sources
+    stored = [plan.stored_name(k, task.name) for k in range(len(sources))]
+    total = sum(s.tensors[n].nbytes for s, n in zip(sources, stored))
+    if (total <= SLICE_INPUT_BYTES or cache is not None or not task.floating or task.tensor_params or len(spec.shape) < 2
+            or task.name in set(plan.layout.vocabulary_names) and plan.alignment is not None
+            or not row_separable(plan.method, len(plan.inputs), dict(task.params))):
+        return None
+    rows = spec.shape[0]
+    step = max(1, rows * SLICE_INPUT_BYTES // total)
+    with_base = plan.base is not None
+
+    def read(start: int, stop: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        tensors = []
+        for source, name in zip(sources, stored):
+            t = source.load_rows(name, start, stop)
+            stats.bytes_read += t.numel() * t.element_size()
+            if plan.load_dtype is not None and t.is_floating_point():
+                t = t.to(plan.load_dtype)
+            tensors.append(t.to(device))
+        base = tensors.pop() if with_base else None
+        return tensors, base
+
+    return RowSlices(read, rows, step)
 
 
 def _passthrough(name: str, tensors: list[torch.Tensor]) -> torch.Tensor:

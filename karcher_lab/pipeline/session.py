@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -184,16 +184,22 @@ class MergeSession:
         overwrite: bool = False,
         out_shard_size: int = parse_size(DEFAULT_SHARD_SIZE),
         progress: bool = False,
-    ) -> dict[str, torch.Tensor] | MergeStats:
-        """Execute a plan of this session (see :meth:`run`; the output path is checked there)."""
+        sink: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> dict[str, torch.Tensor] | MergeStats | None:
+        """Execute a plan of this session (see :meth:`run`; the output path is checked there). In memory
+        (``out`` None) each merged tensor goes to ``sink(name, tensor)`` when given (None is returned; e.g.
+        a resident model's tensors written in place), else into the returned state dict."""
         start = time.perf_counter()
         stats = MergeStats()
         shard_bytes = out_shard_size
         stats.warnings = list(plan.warnings)
         self.traces = {}
+        result: dict[str, torch.Tensor] | None = None
         if out is None:
-            result: dict[str, torch.Tensor] = {}
-            execute_plan(plan, result.__setitem__, device=self.device, stats=stats, cache=self.cache, merge_one=self._merge_one, progress=progress)
+            if sink is None:
+                result = {}
+                sink = result.__setitem__
+            execute_plan(plan, sink, device=self.device, stats=stats, cache=self.cache, merge_one=self._merge_one, progress=progress)
         else:
             write_output(
                 plan, self.sources, Path(out), device=self.device, stats=stats, seed=seed, out_shard_size=shard_bytes,
@@ -220,8 +226,10 @@ class MergeSession:
         out_shard_size: str | int = DEFAULT_SHARD_SIZE,
         progress: bool = False,
         allow_crimes: bool = False,
-    ) -> dict[str, torch.Tensor] | MergeStats:
-        """Merge the session's models with ``method`` (arguments as in :func:`merge_models`).
+        sink: Callable[[str, torch.Tensor], None] | None = None,
+    ) -> dict[str, torch.Tensor] | MergeStats | None:
+        """Merge the session's models with ``method`` (arguments as in :func:`merge_models`; ``sink`` as
+        for :meth:`execute`, in memory only).
 
         In memory (``out`` None), the plan of each (method, params, model_params, out_dtype, seed) is
         kept: a merge that changes only ``weights`` re-weights that plan (:func:`reweighted`) instead of
@@ -239,7 +247,7 @@ class MergeSession:
             plan = self._plans[key]
             if weights is not None:
                 plan = reweighted(plan, self._input_weights(plan, weights))
-            result = self.execute(plan, progress=progress)
+            result = self.execute(plan, progress=progress, sink=sink)
         for message in self.last_stats.warnings:
             warnings.warn(message, UserWarning, stacklevel=2)
         return result

@@ -16,7 +16,7 @@ never from its name:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
@@ -41,10 +41,11 @@ class MergeRoles:
 
 @dataclass
 class MergedState:
-    """A merged model's tensors by name (on the CPU) and the per-tensor solver traces (karcher's
-    :class:`~karcher_lab.geometry.karcher_mean.KarcherTrace`; empty for closed-form methods)."""
+    """A merged model's tensors by name (on the CPU; None when they went to a ``sink``) and the
+    per-tensor solver traces (karcher's :class:`~karcher_lab.geometry.karcher_mean.KarcherTrace`; empty
+    for closed-form methods)."""
 
-    state: dict[str, torch.Tensor]
+    state: dict[str, torch.Tensor] | None
     traces: dict[str, Any]
 
 
@@ -79,9 +80,12 @@ class SubsetMerger:
         seed: int | None = 0,
         use_base: bool = True,
         first_as_base: bool = False,
+        sink: Callable[[str, torch.Tensor], None] | None = None,
     ) -> MergedState:
         """Merge the experts at indices ``members`` with their ``weights`` (one per member; the first
-        member's is dropped when it serves as the base) under the rules of the module docstring."""
+        member's is dropped when it serves as the base) under the rules of the module docstring. With
+        ``sink``, each merged tensor is handed to ``sink(name, tensor)`` as soon as it exists (e.g. written
+        into a resident model) instead of being collected into ``state``."""
         spec = get_method(method)
         roles = self.roles(method, members, weights, params=params, use_base=use_base, first_as_base=first_as_base)
         weights = roles.weights
@@ -93,7 +97,7 @@ class SubsetMerger:
         else:
             inputs = tuple(roles.members)
         session = self._session(inputs, roles.base_index, roles.has_base)
-        state = session.merge(method, weights=weights, params=params, seed=seed)
+        state = session.merge(method, weights=weights, params=params, seed=seed, sink=sink)
         return MergedState(state, dict(session.traces))
 
     def roles(

@@ -23,7 +23,10 @@ merges are :class:`karcher_lab.pipeline.SubsetMerger`'s, every number comes from
    N×N problem from the cached Gram matrices and runs one combine pass per tensor; other methods merge
    the checked experts. The base model reaches a method only when the checkbox is on and the method
    uses one.
-3. load: the merged state dict is copied into ONE preallocated model (nothing is re-instantiated).
+3. load: each merged tensor is written into ONE preallocated model as soon as it exists (nothing is
+   re-instantiated, and no merged state dict is held next to it); this stage checks that every tensor
+   of the model was written. Experts are measured before the first merge, each written into that same
+   model where its checkpoint fits it (:meth:`MeasurementEngine.measure_experts`).
 4. measure and draw, each figure as soon as its numbers exist (the engine's three stages):
    weights (convergence trace and norm ratios per tensor against the experts' cached norms), function
    (one teacher-forced pass over the checked tasks' ``quality_examples`` examples each: exact match,
@@ -66,6 +69,7 @@ from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.geometry import numerics
 from karcher_lab.measurement import MeasurementSettings, engine_for_study
 from karcher_lab.measurement.cache import MeasurementCache
+from karcher_lab.measurement.resident import check_names, write_tensor
 from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
@@ -242,7 +246,7 @@ class MergeExplorer(widgets.VBox):
         self.tables: dict[str, Any] = {}
         """The last update's tables: quality, distance, collapse, weights (DataFrames) and traces."""
         self.state: dict[str, torch.Tensor] | None = None
-        """The last merged state dict."""
+        """The last merge's tensors by name: the resident model's own (they change with the next update)."""
 
         self.controls = MergeControls(self.tasks, selected=selected, method=method,
                                       has_base=self.has_base, use_base=use_base,
@@ -351,17 +355,24 @@ class MergeExplorer(widgets.VBox):
         request = self.request()
         names = [self.tasks[i] for i in request["members"]]
 
+        self.engine.measure_experts()  # before a merge is written into the model (see MeasurementEngine)
         t = time.perf_counter()
+        tensors, written = self.engine.merged_tensors(), {}
+
+        def write(name: str, value: torch.Tensor) -> None:
+            write_tensor(tensors, name, value)
+            written[name] = tensors[name]
+
         merged = self.merger.merge(request["method"], request["members"], request["alpha"], params=request["params"],
-                                   seed=self.engine.settings.seed, use_base=request["use_base"])
+                                   seed=self.engine.settings.seed, use_base=request["use_base"], sink=write)
         timings["merge"] = time.perf_counter() - t
         t = time.perf_counter()
-        self.load_state(merged.state)
+        check_names(self.model, written, "the merged model")
         timings["load"] = time.perf_counter() - t
-        self.state = merged.state
+        self.state = written
 
         t = time.perf_counter()
-        weights = self.engine.weight_metrics(merged.state, names, request["alpha"], norm_only=True)
+        weights = self.engine.weight_metrics(written, names, request["alpha"], norm_only=True)
         self.figure_panel.show_weights(merged.traces, weights)
         timings["weights"] = time.perf_counter() - t
 
