@@ -285,7 +285,7 @@ def test_experts_are_measured_in_the_resident_model_with_the_numbers_of_their_ow
         assert_same(resident.experts.collapse(name), separate.experts.collapse(name))
         assert resident.experts.norms(name) == pytest.approx(separate.experts.norms(name), rel=1e-12)
     # after a merge is written into the model, a new expert visit must not touch it
-    tensors = resident.merged_tensors()
+    tensors = resident.merge_writer().tensors
     before = {k: v.clone() for k, v in tensors.items()}
     resident.experts._visits.clear()
     loads.clear()

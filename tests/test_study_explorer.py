@@ -8,7 +8,7 @@ import torch
 
 from conftest import write_micro_study
 from karcher_lab import Study
-from karcher_lab.errors import DeviceError
+from karcher_lab.errors import DeviceError, ParameterError
 from karcher_lab.widgets import MergeExplorer
 
 FAST = dict(quality_examples=4, activation_examples=2, draws=4, exact_match=True, debounce=0.05)
@@ -132,6 +132,26 @@ def test_the_explorer_on_cuda_without_cuda_is_a_clear_error(study_files, monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(DeviceError, match="CUDA is not available"):
         MergeExplorer(study_files / "study.yml", device="cuda", initial_update=False)
+
+
+def test_a_studys_device_is_the_sessions_default_and_an_argument_overrides_it(study_files, tmp_path, monkeypatch):
+    from karcher_lab import load_study
+    from karcher_lab.experiment.sweep import run_sweep
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    text = (study_files / "study.yml").read_text()
+    (study_files / "on_gpu.yml").write_text(text + "device: cuda\n")
+    study = load_study(study_files / "on_gpu.yml")
+    assert study.device == "cuda"
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        MergeExplorer(study, initial_update=False)
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        run_sweep(study, methods=["linear"], m_values=[2], orders=["pool"], out=tmp_path / "run", log=None)
+    assert not (tmp_path / "run").exists()
+    explorer = MergeExplorer(study, device="cpu", initial_update=False)
+    assert explorer.engine.settings.device.type == "cpu"
+    with pytest.raises(ParameterError, match="device must be a device name"):
+        Study(experts=study.experts, tasks=study.tasks, device="gpu0")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

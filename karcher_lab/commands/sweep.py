@@ -95,7 +95,7 @@ def add_sweep_arguments(p: argparse.ArgumentParser, *, out: str, per_task: int |
     p.add_argument("--param", action="append", default=[], metavar="METHOD.NAME=VALUE",
                    help="override a method parameter (repeatable), e.g. ties.density=0.3")
     p.add_argument("--seed", type=int, default=0, help="seed of the task examples, bootstrap and randomized methods")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--device", help="cpu or cuda (default: a study's device, else cpu)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (default 1: the zoo's small models run fastest on one thread, and "
                         "multithreaded BLAS stalls on shared cores; raise it for SmolLM2-sized pools)")

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
+import torch
 
 from karcher_lab.checks import check_count
 from karcher_lab.diagnostics.activations import SITES
@@ -50,8 +51,8 @@ from karcher_lab.experiment.results import RESULT_COLUMNS, ResultStore, cell_key
 from karcher_lab.experiment.subject import StudySubject, SweepSubject
 from karcher_lab.measurement import MeasurementEngine, MeasurementSettings
 from karcher_lab.methods.registry import get_method
-from karcher_lab.pipeline.subsets import MergedState, SubsetMerger
-from karcher_lab.study import Study
+from karcher_lab.pipeline.subsets import SubsetMerger
+from karcher_lab.study import Study, as_study
 from karcher_lab.zoo import Pool
 
 DEFAULT_OUT = "runs/sweep"
@@ -142,14 +143,18 @@ class CellRunner:
                                                 device=self.job.settings.device)
         return self._mergers[order]
 
-    def merge(self, cell: Cell) -> tuple[MergedState, float]:
-        """The cell's merged state (equal weights 1/m) and the seconds the merge took."""
+    def merge(self, cell: Cell) -> tuple[dict[str, torch.Tensor], float]:
+        """The cell's merge (equal weights 1/m), written into the engine's model: its tensors by name (the
+        model's own), and the seconds the merge took."""
         method, merger = get_method(cell.method), self.merger(cell.order)  # the experts are opened before timing
+        writer = self.engine.merge_writer()
         start = time.perf_counter()
-        merged = merger.merge(cell.method, range(cell.m), [1.0 / cell.m] * cell.m,
-                              params=self.job.grid.params.get(cell.method, {}), seed=self.job.settings.seed,
-                              use_base=method.base == "required", first_as_base=method.pair)
-        return merged, time.perf_counter() - start
+        merger.merge(cell.method, range(cell.m), [1.0 / cell.m] * cell.m,
+                     params=self.job.grid.params.get(cell.method, {}), seed=self.job.settings.seed,
+                     use_base=method.base == "required", first_as_base=method.pair, sink=writer)
+        seconds = time.perf_counter() - start
+        writer.check_complete()
+        return writer.written, seconds
 
     def rows(self, unit: Unit) -> pd.DataFrame:
         """Every result row of a unit (the expert's own rows, or the merge's)."""
@@ -160,8 +165,8 @@ class CellRunner:
             if _lm_eval_tasks(subject):
                 engine.load_state(dict(engine.experts.state(unit)))
         else:
-            merged, seconds = self.merge(unit)
-            rows = measure_merge(engine, merged.state, identity, unit.tasks, seconds)  # leaves the merge in engine.model
+            state, seconds = self.merge(unit)
+            rows = measure_merge(engine, state, identity, unit.tasks, seconds)  # the merge stays in engine.model
         if _lm_eval_tasks(subject):
             rows = pd.concat([rows, lm_eval_rows(subject.study, engine, identity)], ignore_index=True)
         return rows
@@ -215,7 +220,7 @@ def run_sweep(
     sites: Sequence[str] = SITES,
     params: Mapping[str, Mapping[str, Any]] | None = None,
     seed: int = 0,
-    device: str = "cpu",
+    device: str | None = None,
     executor: str = "local",
     ray_address: str | None = None,
     resources: Mapping[str, Any] | None = None,
@@ -250,7 +255,8 @@ def run_sweep(
     draws : int
         Bootstrap draws (≥ 2).
     sites, seed, device
-        Activation sites; seed of the examples, bootstrap and randomized methods; cpu or cuda.
+        Activation sites; seed of the examples, bootstrap and randomized methods; cpu or cuda (default:
+        a study's ``device``, else cpu).
     executor : {"local", "ray"}
         Where the cells run: one after the other in this process (default), or each as a Ray task on a
         Ray cluster (:func:`karcher_lab.experiment.executors.run_on_ray`; needs ``pip install
@@ -287,12 +293,14 @@ def run_sweep(
     from karcher_lab.experiment import executors
 
     check_choice("executor", executor, EXECUTORS)
+    study = as_study(source)
+    device = device or (study.device if study is not None else None) or "cpu"
     settings = MeasurementSettings(sites=sites, draws=draws, seed=seed, exact_match_mode="greedy",
                                    eval_batch_size=MEASURE_BATCH, probe_batch_size=MEASURE_BATCH, device=device)
     if per_task is not None:
         check_count("per_task", per_task)
     check_count("probes_per_task", probes_per_task)
-    grid = make_grid(source, methods=methods, m_values=m_values, orders=orders, params=params, distance=distance)
+    grid = make_grid(study or source, methods=methods, m_values=m_values, orders=orders, params=params, distance=distance)
     subject = grid.subject
     store = ResultStore(out)
     config = dict(subject.identity(per_task, probes_per_task), draws=draws, sites=list(settings.sites), seed=seed,

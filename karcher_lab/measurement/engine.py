@@ -48,7 +48,7 @@ from karcher_lab.io import Source
 from karcher_lab.measurement.cache import MeasurementCache
 from karcher_lab.measurement.data import Probes, evaluation_data
 from karcher_lab.measurement.experts import ExpertMeasurements, ModelOrLoader, check_model_or_loader, loaded
-from karcher_lab.measurement.resident import check_names, resident_tensors, write_tensor
+from karcher_lab.measurement.resident import ResidentWriter, check_names
 from karcher_lab.measurement.results import FunctionMetrics, LayerMetrics, Measurement
 from karcher_lab.measurement.settings import MeasurementSettings
 
@@ -136,17 +136,17 @@ class MeasurementEngine:
             The state lacks a tensor of the model (other than a tied output head) or has one it lacks.
         """
         check_names(self.model, state, "the merged state")
-        tensors = self.merged_tensors()
+        writer = self.merge_writer()
         for name, value in state.items():
-            write_tensor(tensors, name, value)
+            writer(name, value)
         return self.model
 
-    def merged_tensors(self) -> dict[str, torch.Tensor]:
-        """:attr:`model`'s tensors by name, to write a merged model into in place
-        (:func:`~karcher_lab.measurement.resident.resident_tensors`; the caller writes every one of them).
-        From now on the model holds a merge: experts not yet measured are loaded on their own."""
+    def merge_writer(self) -> ResidentWriter:
+        """A merge's sink writing each merged tensor into :attr:`model` in place
+        (:class:`~karcher_lab.measurement.resident.ResidentWriter`; check it with ``check_complete`` after
+        the merge). From now on the model holds a merge: experts not yet measured are loaded on their own."""
         self._holds_merge = True
-        return resident_tensors(self.model)
+        return ResidentWriter(self.model)
 
     def measure_experts(self) -> None:
         """Measure every expert now (or read it from the disk cache), before any merge is loaded: an expert

@@ -57,7 +57,26 @@ def write_tensor(tensors: Mapping[str, torch.Tensor], name: str, value: torch.Te
         raise CheckpointError(f"tensor {name!r} is not a tensor of the model")
     if target.shape != value.shape:
         raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, the model's {tuple(target.shape)}")
-    target.copy_(value)
+    if value.data_ptr() != target.data_ptr() or value.device != target.device:  # not the model's own tensor
+        target.copy_(value)
+
+
+class ResidentWriter:
+    """A merge's sink that writes each tensor into ``model`` in place (:func:`write_tensor`); ``written``
+    maps every name written to the model's own tensor (they change when the model is written again)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.tensors = resident_tensors(model)
+        self.written: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, value: torch.Tensor) -> None:
+        write_tensor(self.tensors, name, value)
+        self.written[name] = self.tensors[name]
+
+    def check_complete(self) -> None:
+        """CheckpointError unless every tensor of the model was written (a tied output head aside)."""
+        check_names(self.model, self.written, "the merged model")
 
 
 def write_source(model: torch.nn.Module, source: Source) -> None:

@@ -13,6 +13,9 @@ checked when the Study is made, before any model or file is loaded:
 - ``probes``: the texts of the layer metrics: a text file (one probe per line), a list of strings, or
   None for the tasks' prompts.
 - ``layers_path``: the dotted path of the decoder blocks, where they are not found by themselves.
+- ``device``: where the explorer and the sweep merge and measure this study (``cpu``, ``cuda``,
+  ``cuda:1``; default cpu); a ``device`` given to them overrides it. Checked to be a device name here,
+  and to exist when a session opens.
 - A task whose source is ``"lm_eval:TASK"`` (or a mapping with that ``source`` and optionally ``limit``)
   is an lm-evaluation-harness task (:class:`LmEvalTask`): the sweep scores every expert and merge on it
   through lm-eval (:mod:`karcher_lab.diagnostics.lm_eval_bridge`). It is kept apart from the example
@@ -24,6 +27,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+import torch
 
 from karcher_lab.checks import check_count
 from karcher_lab.errors import DataError, EmptyInputError, ParameterError
@@ -149,6 +154,8 @@ class Study:
     """Local lm-eval task folders (relative paths against :attr:`relative_to`)."""
     relative_to: Path | None = None
     """Folder that relative paths are resolved against (the YAML's folder for :func:`load_study`)."""
+    device: str | None = None
+    """Where sessions over this study run by default (None: cpu)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.experts, Mapping) or not self.experts:
@@ -179,6 +186,12 @@ class Study:
         self.lm_eval_include = [folder.resolve() for folder in folders]
         if isinstance(self.probes, (list, tuple)) and not self.probes:
             raise EmptyInputError("probes: an empty list; give probe texts, a probe file, or leave probes out")
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError):
+                raise ParameterError(f"device must be a device name such as 'cpu' or 'cuda', got {self.device!r}") from None
+            self.device = str(self.device)
         if self.layers_path is not None and (not isinstance(self.layers_path, str) or not self.layers_path):
             raise ParameterError(f"layers_path must be a dotted module path such as 'transformer.h', got {self.layers_path!r}")
 

@@ -10,6 +10,7 @@
       general: {source: data/mixed.csv, prompt_field: question, limit: 200}
     probes: data/probes.txt        # optional: one probe per line (default: the tasks' prompts)
     layers_path: transformer.h     # optional
+    device: cuda                   # optional: where the explorer and the sweep run (default cpu)
     lm_eval_include: [lm_eval_tasks]   # optional: local lm-eval task folders (tasks: {x: lm_eval:TASK})
 
 Relative paths resolve against the YAML's folder. Unknown keys, and a key given twice in one mapping (a
@@ -25,7 +26,7 @@ import yaml
 from karcher_lab.errors import DataError, ParameterError
 from karcher_lab.study.spec import Study
 
-STUDY_KEYS = ("name", "base", "experts", "tasks", "probes", "layers_path", "lm_eval_include")
+STUDY_KEYS = ("name", "base", "experts", "tasks", "probes", "layers_path", "lm_eval_include", "device")
 """The top-level keys of a study YAML."""
 STUDY_SUFFIXES = (".yml", ".yaml")
 """A path with one of these suffixes is a study YAML wherever a study or a pool may be given."""
@@ -70,7 +71,7 @@ def load_study(path: str | Path) -> Study:
     return Study(experts=data.get("experts") or {}, base=data.get("base"), tasks=data.get("tasks") or {},
                  probes=data.get("probes"), layers_path=data.get("layers_path"),
                  name=data.get("name") or path.stem, relative_to=path.parent.resolve(),
-                 lm_eval_include=data.get("lm_eval_include") or ())
+                 lm_eval_include=data.get("lm_eval_include") or (), device=data.get("device"))
 
 
 def as_study(source: object) -> Study | None:

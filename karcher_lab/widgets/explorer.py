@@ -69,7 +69,6 @@ from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.geometry import numerics
 from karcher_lab.measurement import MeasurementSettings, engine_for_study
 from karcher_lab.measurement.cache import MeasurementCache
-from karcher_lab.measurement.resident import check_names, write_tensor
 from karcher_lab.methods.registry import get_method
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
@@ -163,8 +162,9 @@ class MergeExplorer(widgets.VBox):
     single_threaded : bool, optional
         Run updates on one torch thread (restored afterwards); None: when the model has fewer than
         :data:`SINGLE_THREAD_PARAMETERS` parameters.
-    device : str
-        Where merges and every evaluation run (``cpu`` or ``cuda``; DeviceError when unavailable).
+    device : str, optional
+        Where merges and every evaluation run (``cpu`` or ``cuda``; DeviceError when unavailable); default
+        the study's ``device``, else cpu.
     dtype : {"auto", "float32", "bfloat16", "float16"}
         The dtype experts and the merged model are loaded in (``auto``: the checkpoints' own).
     cache_measurements : bool
@@ -191,11 +191,12 @@ class MergeExplorer(widgets.VBox):
         seed: int = 0,
         initial_update: bool = True,
         single_threaded: bool | None = None,
-        device: str = "cpu",
+        device: str | None = None,
         dtype: str = "auto",
         cache_measurements: bool = True,
     ):
         study = as_study(pool)
+        device = device or (study.device if study is not None else None) or "cpu"
         if exact_match_mode is None:
             exact_match_mode = "greedy" if study is not None else "teacher_forced"
         settings = MeasurementSettings(sites=sites, draws=draws, seed=seed, exact_match=exact_match,
@@ -357,22 +358,17 @@ class MergeExplorer(widgets.VBox):
 
         self.engine.measure_experts()  # before a merge is written into the model (see MeasurementEngine)
         t = time.perf_counter()
-        tensors, written = self.engine.merged_tensors(), {}
-
-        def write(name: str, value: torch.Tensor) -> None:
-            write_tensor(tensors, name, value)
-            written[name] = tensors[name]
-
+        writer = self.engine.merge_writer()
         merged = self.merger.merge(request["method"], request["members"], request["alpha"], params=request["params"],
-                                   seed=self.engine.settings.seed, use_base=request["use_base"], sink=write)
+                                   seed=self.engine.settings.seed, use_base=request["use_base"], sink=writer)
         timings["merge"] = time.perf_counter() - t
         t = time.perf_counter()
-        check_names(self.model, written, "the merged model")
+        writer.check_complete()
         timings["load"] = time.perf_counter() - t
-        self.state = written
+        self.state = writer.written
 
         t = time.perf_counter()
-        weights = self.engine.weight_metrics(written, names, request["alpha"], norm_only=True)
+        weights = self.engine.weight_metrics(writer.written, names, request["alpha"], norm_only=True)
         self.figure_panel.show_weights(merged.traces, weights)
         timings["weights"] = time.perf_counter() - t
 
