@@ -173,3 +173,15 @@ def test_norm_only_equals_the_full_metrics_norm_ratio():
         norm_ratios(tensor_norms(merged), [tensor_norms(e) for e in experts[:2]] + [{W: 1.0}])
     with pytest.raises(EmptyInputError):
         norm_ratios(tensor_norms(merged), [])
+
+
+def test_tensor_norms_match_a_float64_reference_in_every_dtype():
+    from karcher_lab.diagnostics.weights import NORM_CHUNK
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(NORM_CHUNK + 4099, generator=g, dtype=torch.float64) * 3.0  # two chunks and a ragged tail
+    for dtype, rel in ((torch.float64, 1e-13), (torch.float32, 1e-7), (torch.bfloat16, 1e-7), (torch.float16, 1e-7)):
+        x = big.to(dtype)
+        exact = float(torch.linalg.vector_norm(x.double()))
+        got = tensor_norms({"x": x, "ids": torch.arange(3)})
+        assert set(got) == {"x"} and got["x"] == pytest.approx(exact, rel=rel), dtype
