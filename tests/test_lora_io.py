@@ -12,6 +12,7 @@ from karcher_lab.errors import (
     AntipodalError,
     ArchitectureMismatchError,
     CheckpointError,
+    DeviceError,
     NotSupportedError,
     OutputError,
     ParameterError,
@@ -198,6 +199,26 @@ def test_bad_input_is_refused_before_anything_is_written(base_dir, adapters, tmp
     with pytest.raises(ArchitectureMismatchError, match="does not fit the base"):
         merge_lora(adapters, "task_arithmetic", out=out, base=small_base)
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+
+
+def test_device_choice(adapters, tmp_path):
+    """device="cpu" gives the default merge; "cuda" without CUDA is a DeviceError before anything is written;
+    a method without a batched form refuses a GPU device."""
+    default = merge_lora(adapters[:2], "geomerge")
+    on_cpu = merge_lora(adapters[:2], "geomerge", device="cpu")
+    for name in default.factors:
+        torch.testing.assert_close(on_cpu.delta(name), default.delta(name), rtol=0, atol=0)
+    if not torch.cuda.is_available():
+        out = tmp_path / "gpu"
+        with pytest.raises(DeviceError, match="CUDA is not available"):
+            merge_lora(adapters[:2], "geomerge", device="cuda", out=out)
+        assert main(["lora-merge", *map(str, adapters[:2]), "--device", "cuda", "--out", str(out)]) == 2
+        assert not out.exists()
+    with pytest.raises(DeviceError, match="unknown device"):
+        merge_lora(adapters[:2], "geomerge", device="tpu0")
+    with pytest.raises(ParameterError, match="batched form"):
+        merge_factor_sets({"w": _random_pairs(2)}, "task_arithmetic", device="cuda:0" if torch.cuda.is_available()
+                          else "meta")
 
 
 def test_cli_round_trip(base_dir, adapters, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     karcher-lab lora-merge A B C --out merged/                         # geomerge, equal weights
     karcher-lab lora-merge A B C --out merged/ --workers 8             # modules merged in 8 processes
+    karcher-lab lora-merge A B C --out merged/ --device cuda           # geomerge's batched solve on the GPU
     karcher-lab lora-merge A B --method knots_ties --param density=0.5 --weights 2 1 --out merged/
     karcher-lab lora-merge A B --fold-into BASE --out model/           # a full checkpoint, W + ΔW
     karcher-lab lora-merge --list                                       # the LoRA methods and parameters
@@ -45,7 +46,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.adapters or args.out is None:
         raise ParameterError("give the adapters to merge and --out DIR (or --list for the methods)")
     result = merge_lora(args.adapters, args.method, weights=args.weights, out=args.out, base=args.fold_into,
-                        overwrite=args.overwrite, workers=args.workers, **_parse_params(args.param))
+                        overwrite=args.overwrite, workers=args.workers, device=args.device,
+                        **_parse_params(args.param))
     ranks = sorted(set(result.ranks.values()))
     what = f"folded into {args.fold_into} as a full checkpoint" if args.fold_into else "as a PEFT adapter"
     print(f"merged {len(result.adapters)} adapters ({len(result.factors)} modules) with {args.method} "
@@ -70,6 +72,8 @@ def add_parser(sub) -> None:
                    help="a method parameter, e.g. density=0.5 (repeatable)")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that merge modules in parallel (default 1; e.g. the number of cores for geomerge)")
+    p.add_argument("--device", help="where geomerge's batched solver runs: cpu (default) or cuda (the whole batch on "
+                   "the GPU); other methods run on the CPU")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the merge succeeded)")
     p.add_argument("--list", action="store_true", help="list the LoRA merge methods and their parameters")
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")

@@ -66,6 +66,38 @@ LOG_TOL = 1e-11
 LOG_MAX_ITER = 200
 """Default iteration cap of :func:`log`."""
 
+ATAN_RATIO_POLYNOMIALS = (
+    (1.0, 0.0, 1.0, (
+        2.0, -0.666666666666614, 0.3999999999929592, -0.28571428533853466, 0.22222221156004165,
+        -0.18181799586434683, 0.15384397994916588, -0.13331529821379445, 0.11753656228974545,
+        -0.10474846943837633, 0.09337490609697058, -0.08162249500635771, 0.0677425340540135,
+        -0.05113724728874348, 0.03343919212701478, -0.01798216108531652, 0.007502276967930282,
+        -0.002250508860446929, 0.00042847621477207893, -3.86846951857846e-05,
+    )),
+    (4.0, 2.0, 2.0, (
+        1.3510217177120798, -0.3421775255227066, 0.14552203303094258, -0.07188564480973182,
+        0.03820858118126601, -0.021218998783932148, 0.012134791061460709, -0.0070874728512102265,
+        0.004205850681209142, -0.0025270655180469693, 0.001533669782633234, -0.0009384468038864684,
+        0.000577894763708526, -0.0003581332990432676, 0.0002249881990868149, -0.00014080179433547332,
+        7.9630341043178e-05, -4.999413707766634e-05, 6.147792335456015e-05, -3.9475924963536574e-05,
+        -5.13197068422493e-05, 3.3743645254168156e-05, 0.0001265935521329077, -8.259052285339347e-05,
+        -0.00016494216269958659, 0.00010773455061958077, 0.00017202307164348985, -0.000112315272316112,
+        -0.00012544677026320866, 8.190939945180086e-05, 6.349587924899821e-05, -4.145218475998012e-05,
+        -1.9632782163084038e-05, 1.281578653478518e-05, 2.9531392032882624e-06, -1.9270599513740733e-06,
+    )),
+)
+"""Polynomials for h(s) = 2 atan(√s)/√s on [0, bound], as (bound, center, scale, coefficients): the
+monomial coefficients in y = (s − center)/scale ∈ [−1, 1] of the interpolant at the Chebyshev points of
+[0, bound] (degree 19 on [0, 1], 35 on [0, 4]; computed in 60-digit arithmetic). Evaluated in float64
+they are within 2.2e-16 and 4.4e-16 of h (h ∈ [0.55, 2]). :func:`_logm_orthogonal_masked` uses the first
+whose bound holds ‖CᵀC‖₂ = tan²(θ_max/2) (rotation angles up to π/2 and 2.21)."""
+
+POLAR_TOL = 1e-14
+"""Newton–Schulz orthonormalization of a warm start (:func:`_orthonormal_frame`) stops at ‖XᵀX − I‖_F < POLAR_TOL."""
+
+POLAR_MAX_ITER = 8
+"""Newton–Schulz steps at most before :func:`_orthonormal_frame` takes the SVD."""
+
 
 @dataclass(frozen=True)
 class LogInfo:
@@ -217,7 +249,9 @@ def logm_orthogonal(v: torch.Tensor) -> torch.Tensor:
     """Principal logarithm of a rotation V ∈ SO(k) (no eigenvalue −1): the skew L with expm(L) = V.
 
     Cayley: C = (V + I)⁻¹(V − I) is skew with eigenvalues i tan(θ/2) for V's eigenvalues e^{iθ}; then
-    logm V = 2 atan(C) = C · h(CᵀC), h(τ²) = 2 atan(τ)/τ (→ 2 at τ = 0), with CᵀC = Z diag(τ²) Zᵀ.
+    logm V = 2 atan(C) = C · h(CᵀC), h(τ²) = 2 atan(τ)/τ (→ 2 at τ = 0). h(CᵀC) is one of the
+    polynomials :data:`ATAN_RATIO_POLYNOMIALS` of CᵀC (matrix products only) where a bound on ‖CᵀC‖₂
+    allows (rotation angles up to about 2.2), and Z diag(h(τ²)) Zᵀ from CᵀC = Z diag(τ²) Zᵀ otherwise.
     Raises AntipodalError where V rotates by (nearly) π, cos θ < −1 + ANTIPODAL_TOL as for the sphere,
     i.e. τ² > 2/ANTIPODAL_TOL − 1: the Stiefel points are (nearly) on each other's cut locus, e.g. a
     column of Y is minus one of U, and the logarithm's direction is dominated by rounding.
@@ -234,8 +268,63 @@ def logm_orthogonal(v: torch.Tensor) -> torch.Tensor:
 def _logm_orthogonal_masked(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(logm V, ok) per batch entry, as :func:`logm_orthogonal`, with ok False (and logm 0) where V rotates by
     (nearly) π instead of raising."""
+    batch, k = v.shape[:-2], v.shape[-1]
+    v = v.reshape(-1, k, k)
+    eye = torch.eye(k, dtype=v.dtype, device=v.device)
+    c = torch.linalg.solve_ex(v + eye, v - eye)[0]
+    s = c.mT @ c
+    s2 = s @ s
+    s4 = s2 @ s2
+    # ‖S‖₂ = τ_max² ≤ (tr S⁸ / 2)^⅛ = (‖S⁴‖²_F / 2)^⅛ (at most 16^⅛ times τ_max² for 2p = 32), the
+    # eigenvalues τ_j² of S = CᵀC coming in pairs; NaN (a failed solve) fails every bound
+    bound = ((s4 * s4).sum(dim=(-2, -1)) / 2) ** 0.125
+    h = torch.empty_like(v)
+    ok = torch.ones(v.shape[0], dtype=torch.bool, device=v.device)
+    left = ok.clone()
+    for tier, (limit, center, scale, coefficients) in enumerate(ATAN_RATIO_POLYNOMIALS):
+        rows = left & (bound <= limit)
+        if not bool(rows.any()):
+            continue
+        left = left & ~rows
+        index = None if bool(rows.all()) else torch.nonzero(rows).flatten()
+        pick = (lambda t: t) if index is None else (lambda t: t[index])  # noqa: E731
+        if tier == 0:  # the variable is S itself, whose powers are at hand
+            powers = [pick(s), pick(s2), pick(s2) @ pick(s), pick(s4)]
+        else:
+            powers = [(pick(s) - center * eye) / scale]
+            for _ in range(5):
+                powers.append(powers[-1] @ powers[0])
+        value = _matrix_polynomial(powers, coefficients)
+        if index is None:
+            h = value
+        else:
+            h[index] = value
+    if bool(left.any()):
+        far = torch.nonzero(left).flatten()
+        h[far], ok[far] = _atan_ratio_eigh(v[far], c[far])
+    gen = torch.where(ok[:, None, None], skew(c @ h), 0.0)
+    return gen.reshape(*batch, k, k), ok.reshape(batch)
+
+
+def _matrix_polynomial(powers: list[torch.Tensor], coefficients: tuple[float, ...]) -> torch.Tensor:
+    """Σ_j c_j Yʲ for Y [E, k, k], given ``powers`` = [Y, Y², …, Yᵐ], by Paterson–Stockmeyer: blocks
+    q_i = Σ_{j<m} c_{mi+j} Yʲ (one product of the coefficient table with the stacked powers), then Horner
+    in Yᵐ (one matrix product per block); ``coefficients`` has a multiple of m entries."""
+    m = len(powers)
+    table = torch.tensor(coefficients, dtype=powers[0].dtype, device=powers[0].device).reshape(-1, m)
+    stacked = torch.stack(powers[:-1])
+    blocks = (table[:, 1:] @ stacked.reshape(m - 1, -1)).reshape(table.shape[0], *powers[0].shape)
+    blocks.diagonal(dim1=-2, dim2=-1).add_(table[:, :1, None])
+    value = blocks[-1]
+    for i in range(table.shape[0] - 2, -1, -1):
+        value = torch.baddbmm(blocks[i], value, powers[-1])
+    return value
+
+
+def _atan_ratio_eigh(v: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h(CᵀC), ok) through CᵀC = Z diag(τ²) Zᵀ for rotations V [E, k, k] with Cayley transforms C (any
+    norm); ok False where V rotates by (nearly) π (τ² > 2/ANTIPODAL_TOL − 1, or the solve for C failed)."""
     eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
-    c = skew(torch.linalg.solve_ex(v + eye, v - eye)[0])
     # an eigenvalue −1 makes V + I singular: the solve then returns rounding noise, which fails (V + I)C = V − I
     finite = torch.isfinite(c).all(dim=-1).all(dim=-1)
     c = torch.where(finite[..., None, None], c, 0.0)
@@ -245,39 +334,62 @@ def _logm_orthogonal_masked(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     tau2 = torch.where(ok[..., None], tau2, 0.0).clamp_min(0)
     tau = tau2.sqrt()
     h = torch.where(tau > 1e-8, 2.0 * torch.atan(tau) / torch.where(tau > 1e-8, tau, 1.0), 2.0 - tau2 * (2.0 / 3.0))
-    gen = skew(c @ ((z * h.unsqueeze(-2)) @ z.mT))
-    return torch.where(ok[..., None, None], gen, 0.0), ok
+    return (z * h.unsqueeze(-2)) @ z.mT, ok
+
+
+def _orthonormal_frame(w: torch.Tensor) -> torch.Tensor:
+    """The closest orthonormal frame to W [E, n, p] (the polar factor P Rᵀ of W = P S Rᵀ).
+
+    Newton–Schulz, X ← X (3I − XᵀX)/2 (quadratic convergence to the polar factor; matrix products only),
+    for the entries with ‖WᵀW − I‖_F < ¼ until ‖XᵀX − I‖_F < POLAR_TOL; the SVD for the others, and for
+    any entry not converged after POLAR_MAX_ITER steps.
+    """
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    x = w
+    err = (x.mT @ x - eye).norm(dim=(-2, -1))
+    near = err < 0.25
+    for _ in range(POLAR_MAX_ITER):
+        if not bool((near & (err >= POLAR_TOL)).any()):
+            break
+        gram = x.mT @ x
+        x = torch.where(near[:, None, None], x @ (1.5 * eye - 0.5 * gram), x)
+        err = (x.mT @ x - eye).norm(dim=(-2, -1))
+    rest = torch.nonzero(~near | (err >= POLAR_TOL)).flatten()
+    if rest.numel():
+        left, _, right = torch.linalg.svd(w[rest], full_matrices=False)
+        x = x.index_copy(0, rest, left @ right)
+    return x
 
 
 def _start_rotation(m: torch.Tensor, n: torch.Tensor, start: torch.Tensor | None = None) -> torch.Tensor:
-    """V₀ ∈ SO(2p) whose first p columns are [M; N].
+    """V₀ ∈ SO(2p) whose first p columns are [M; N] ([E, p, p] each).
 
     Cold (``start`` None): the trailing columns of a full QR of [M; N], rotated so that the trailing
     block is symmetric positive semidefinite. Warm: ``start`` (trailing columns of a previous V for
-    nearby M, N) with [M; N] projected out and re-orthonormalized (closest orthonormal frame). In both
-    cases a trailing column is flipped where needed so that det V₀ = +1.
+    nearby M, N) with [M; N] projected out and re-orthonormalized (closest orthonormal frame,
+    :func:`_orthonormal_frame`). In both cases a trailing column is flipped where needed so that det V₀ = +1.
     """
     p = m.shape[-1]
     mn = torch.cat([m, n], dim=-2)
     if start is None:
         xy = torch.linalg.qr(mn, mode="complete")[0][..., p:]
         left, _, right_t = torch.linalg.svd(xy[..., p:, :])  # Y₀ = P S Rᵀ; rotate by R Pᵀ → Y = P S Pᵀ
-    else:
-        w = start - mn @ (mn.mT @ start)
-        left_w, _, right_w = torch.linalg.svd(w, full_matrices=False)
-        xy = left_w @ right_w  # closest orthonormal frame to w
-        left = right_t = torch.eye(p, dtype=m.dtype, device=m.device).expand(*xy.shape[:-2], p, p)
-    sign = torch.ones(*mn.shape[:-2], p, dtype=m.dtype, device=m.device)
-    v = torch.cat([mn, xy @ right_t.mT @ left.mT], dim=-1)
-    flip = torch.linalg.det(v) < 0  # flip the trailing column along the smallest singular direction
+        v = torch.cat([mn, xy @ right_t.mT @ left.mT], dim=-1)
+        flip = torch.linalg.det(v) < 0  # Y = P S' Pᵀ, S' with its smallest singular value negated
+        if bool(flip.any()):
+            sign = torch.ones(*mn.shape[:-2], p, dtype=m.dtype, device=m.device)
+            sign[..., -1] = torch.where(flip, -1.0, 1.0)
+            v = torch.cat([mn, xy @ (right_t.mT * sign.unsqueeze(-2)) @ left.mT], dim=-1)
+        return v
+    v = torch.cat([mn, _orthonormal_frame(start - mn @ (mn.mT @ start))], dim=-1)
+    flip = torch.linalg.det(v) < 0  # the last trailing column negated
     if bool(flip.any()):
-        sign[..., -1] = torch.where(flip, -1.0, 1.0)
-        v = torch.cat([mn, xy @ (right_t.mT * sign.unsqueeze(-2)) @ left.mT], dim=-1)
+        v[..., -1] = torch.where(flip[:, None], -v[..., -1], v[..., -1])
     return v
 
 
 def _trailing_update(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The skew X of the update V ← V diag(I, expm(X)) that cancels the block C of logm(V) to third order.
+    """The skew X of the update V ← V diag(I, cay(X)) that cancels the block C of logm(V) to third order.
 
     By the Baker–Campbell–Hausdorff series, the trailing block of logm(V diag(I, expm(X))) is
     C + X − (1/12)(BBᵀX + XBBᵀ) + O(‖C‖², ‖X‖²‖L‖). Setting it to zero gives the Sylvester equation
@@ -285,12 +397,20 @@ def _trailing_update(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     propose a Sylvester-corrected update of this kind), solved in the eigenbasis of BBᵀ = W diag(β) Wᵀ:
     X̃_ij = −C̃_ij / (1 − (β_i + β_j)/12). Where a denominator falls below ¼
     (‖B‖₂² > 4.5, very far points) Zimmermann's plain update X = −C is used for that entry.
+    The Cayley transform cay(X) = (I − X/2)⁻¹(I + X/2) = expm(X + X³/12 + …) agrees with expm(X) to third
+    order and is orthogonal, so it serves as the rotation of the update (one solve instead of an expm).
     """
     beta, w = torch.linalg.eigh(b @ b.mT)
     denom = 1.0 - (beta.unsqueeze(-1) + beta.unsqueeze(-2)) / 12.0
     safe = (denom.amin(dim=(-2, -1)) > 0.25)[..., None, None]
     x = w @ ((w.mT @ -c @ w) / torch.where(safe, denom, 1.0)) @ w.mT
     return skew(torch.where(safe, x, -c))
+
+
+def _cayley(x: torch.Tensor) -> torch.Tensor:
+    """cay(X) = (I − X/2)⁻¹(I + X/2), orthogonal for a skew X."""
+    eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device)
+    return torch.linalg.solve_ex(eye - 0.5 * x, eye + 0.5 * x)[0]
 
 
 def coordinates(u: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -335,32 +455,39 @@ def log_coordinates(
     tol = check_tolerance("tol", tol, m.shape[:-2], m.device)
     checks.check_count("max_iter", max_iter, 0)
     p = m.shape[-1]
+    batch = m.shape[:-2]
     with single_threaded():
-        v = _start_rotation(m, n, start)
-        batch = v.shape[:-2]
-        v = v.reshape(-1, 2 * p, 2 * p)
-        tols = tol.expand(batch).reshape(-1) if isinstance(tol, torch.Tensor) else None
+        flat = lambda t: t.reshape(-1, *t.shape[len(batch):])  # noqa: E731
+        v = _start_rotation(flat(m.expand(*batch, p, p)), flat(n.expand(*batch, p, p)),
+                            None if start is None else flat(start.expand(*batch, 2 * p, p)))
         count = v.shape[0]
+        tols = tol.expand(batch).reshape(-1) if isinstance(tol, torch.Tensor) else None
         iterations = torch.zeros(count, dtype=torch.int64, device=v.device)
         failed = torch.zeros(count, dtype=torch.bool, device=v.device)
-        gen = torch.zeros_like(v)
-        residuals = torch.zeros(count, dtype=v.dtype, device=v.device)
+        gen = torch.empty_like(v)
+        residuals = torch.empty(count, dtype=v.dtype, device=v.device)
         rows = torch.arange(count, device=v.device)  # the entries still iterating: only they are computed
+        current, threshold = v, tols  # their rotations and thresholds
         steps = 0
         while True:
-            gen_rows, ok = _logm_orthogonal_masked(v[rows])
+            gen_rows, ok = _logm_orthogonal_masked(current)
             if not bool(ok.all()) and not surrogate:
-                logm_orthogonal(v[rows])  # raises the cut-locus error
-            failed[rows] = failed[rows] | ~ok
+                logm_orthogonal(current)  # raises the cut-locus error
             c = gen_rows[:, p:, p:]
-            res = torch.where(failed[rows], torch.inf, c.norm(dim=(-2, -1)))
-            gen[rows], residuals[rows] = gen_rows, res
-            moving = (res >= (tol if tols is None else tols[rows])) & ~failed[rows]
-            if not bool(moving.any()) or steps >= max_iter:
+            res = torch.where(ok, c.norm(dim=(-2, -1)), torch.inf)
+            moving = (res >= (tol if threshold is None else threshold)) & ok
+            stop = steps >= max_iter or not bool(moving.any())
+            done = torch.ones_like(moving) if stop else ~moving
+            if stop or bool(done.any()):  # record the entries that stop here
+                out = rows[done]
+                gen[out], residuals[out], failed[out], v[out] = gen_rows[done], res[done], ~ok[done], current[done]
+            if stop:
                 break
-            rows, gen_rows, c = rows[moving], gen_rows[moving], c[moving]
-            phi = torch.linalg.matrix_exp(_trailing_update(gen_rows[:, p:, :p], c))
-            v[rows] = torch.cat([v[rows][:, :, :p], v[rows][:, :, p:] @ phi], dim=-1)
+            if bool(done.any()):
+                rows, current, gen_rows, c = rows[moving], current[moving], gen_rows[moving], c[moving]
+                threshold = None if threshold is None else threshold[moving]
+            rotation = _cayley(_trailing_update(gen_rows[:, p:, :p], c))
+            current = torch.cat([current[:, :, :p], current[:, :, p:] @ rotation], dim=-1)
             iterations[rows] += 1
             steps += 1
         v, gen = v.reshape(*batch, 2 * p, 2 * p), gen.reshape(*batch, 2 * p, 2 * p)

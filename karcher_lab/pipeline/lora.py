@@ -29,7 +29,7 @@ from typing import Any, Sequence
 
 import torch
 
-from karcher_lab.checks import check_count
+from karcher_lab.checks import check_count, resolve_device
 from karcher_lab.errors import EmptyInputError, ParameterError
 from karcher_lab.io.lora import Factors, LoraAdapter, check_compatible, fold_into_base, layout_delta, read_adapter
 from karcher_lab.io.lora import write_adapter
@@ -102,6 +102,7 @@ def merge_lora(
     base: str | os.PathLike | None = None,
     overwrite: bool = False,
     workers: int = 1,
+    device: str | torch.device | None = None,
     **params: Any,
 ) -> LoraMergeResult:
     """Merge PEFT LoRA adapters (directories or :class:`~karcher_lab.io.lora.LoraAdapter`) module by module.
@@ -124,6 +125,10 @@ def merge_lora(
         Replace an existing ``out`` (only once the merge succeeded).
     workers : int
         Processes merging the modules in parallel (:func:`module_workers`).
+    device : str or torch.device, optional
+        Where geomerge's batched solver runs (``"cuda"``: every module's solve on the GPU; default the CPU);
+        DeviceError before any work when CUDA is requested but not available. The result is the same.
+        Methods without a batched form accept only the CPU.
     **params
         The method's parameters.
 
@@ -133,6 +138,8 @@ def merge_lora(
         The merged factors per module, whether or not anything was written.
     """
     check_count("workers", workers)
+    if device is not None:
+        resolve_device(device)  # DeviceError before any reading
     if not adapters:
         raise EmptyInputError("no adapters to merge")
     if base is not None and out is None:
@@ -142,7 +149,8 @@ def merge_lora(
     check_compatible(read)
     modules = {name: [a.modules[name].factors() for a in read] for name in read[0].modules}
     with module_workers(workers, len(modules)) as executor:
-        factors = merge_factor_sets(modules, method, weights=weights, executor=executor, chunks=workers, **params)
+        factors = merge_factor_sets(modules, method, weights=weights, executor=executor, chunks=workers,
+                                    device=device, **params)
     result = LoraMergeResult(method, factors, read[0], [a.label for a in read],
                              None if weights is None else [float(w) for w in weights], dict(params))
     if out is not None:

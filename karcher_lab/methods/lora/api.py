@@ -14,13 +14,14 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from karcher_lab.checks import check_count, check_weights
+from karcher_lab.checks import check_count, check_weights, resolve_device
 from karcher_lab.errors import (
     ArchitectureMismatchError,
     EmptyInputError,
     KarcherLabError,
     ModelCountError,
     NonFiniteError,
+    ParameterError,
     ShapeMismatchError,
 )
 from karcher_lab.methods.api import compute_dtype, resolve_params
@@ -57,14 +58,15 @@ def _merge_module(method: str, name: str, pairs: Sequence[tuple[torch.Tensor, to
 
 
 def _merge_modules(method: str, names: list[str], modules: list[Sequence[tuple[torch.Tensor, torch.Tensor]]],
-                   weights: torch.Tensor, params: Mapping[str, Any]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                   weights: torch.Tensor, params: Mapping[str, Any],
+                   device: torch.device | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Many modules' merged factors by the method's ``batch_fn``, each as :func:`_merge_module` returns it."""
     cast = []
     for pairs in modules:
         dtype = compute_dtype([t for pair in pairs for t in pair])
         cast.append([(g.to(dtype), h.to(dtype)) for g, h in pairs])
     try:
-        merged = get_lora_method(method).batch_fn(cast, weights=weights, names=names, **params)
+        merged = get_lora_method(method).batch_fn(cast, weights=weights, names=names, device=device, **params)
     except KarcherLabError as error:  # the message starts with the module's name; keep the type
         raise type(error)(f"{method} failed on {error}") from error
     return [(g.to(pairs[0][0].dtype), h.to(pairs[0][0].dtype)) for (g, h), pairs in zip(merged, modules)]
@@ -77,6 +79,7 @@ def merge_factor_sets(
     weights: Sequence[float] | torch.Tensor | None = None,
     executor: Executor | None = None,
     chunks: int = 1,
+    device: str | torch.device | None = None,
     **params: Any,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Merge every module's factor list [(G_1, H_1), …, (G_N, H_N)] with LoRA method ``method``.
@@ -97,6 +100,10 @@ def merge_factor_sets(
         For a method with a batched form (``batch_fn``, e.g. geomerge: all modules solved together),
         the modules go to ``executor`` in this many interleaved chunks, one batched call each (give the
         number of workers); without an executor, one call merges every module.
+    device : str or torch.device, optional
+        Where a method with a batched form computes (geomerge: ``"cuda"`` solves the whole batch on the
+        GPU); the results come back on the inputs' device. Default: the inputs' device. Methods without
+        a batched form compute on the inputs' device and accept only the CPU here.
     **params
         The method's parameters (defaults filled in, checked).
 
@@ -106,10 +113,16 @@ def merge_factor_sets(
         The merged update ΔW = G Hᵀ per module, in the order of ``modules``; k is the method's merged
         rank. Computed in float32 (float64 if any factor is), returned in the first input's dtype.
 
-    Raises from :mod:`karcher_lab.errors` before any work; an error the method itself raises on a module
-    (e.g. geomerge's AntipodalError) has the same type and names the module.
+    Raises from :mod:`karcher_lab.errors` before any work (DeviceError for an unknown device or CUDA
+    unavailable; ParameterError for a device other than the CPU with a method without a batched form); an
+    error the method itself raises on a module (e.g. geomerge's AntipodalError) has the same type and
+    names the module.
     """
     m = get_lora_method(method)
+    target = None if device is None else resolve_device(device)
+    if target is not None and target.type != "cpu" and m.batch_fn is None:
+        raise ParameterError(f"{method} runs on the inputs' device only; device={str(device)!r} applies to methods "
+                             "with a batched form (geomerge)")
     if not modules:
         raise EmptyInputError("no modules to merge")
     counts = {len(pairs) for pairs in modules.values()}
@@ -127,7 +140,7 @@ def merge_factor_sets(
     if m.batch_fn is not None:
         check_count("chunks", chunks)
         parts = [names[i::chunks] for i in range(min(chunks, len(names)))] if executor is not None else [names]
-        calls = [(method, part, [modules[name] for name in part], w, resolved) for part in parts]
+        calls = [(method, part, [modules[name] for name in part], w, resolved, target) for part in parts]
         merged = executor.map(_merge_modules, *zip(*calls)) if executor is not None else [_merge_modules(*calls[0])]
         out = {name: pair for part, results in zip(parts, merged) for name, pair in zip(part, results)}
         return {name: out[name] for name in names}

@@ -31,9 +31,9 @@ GEOMERGE_PARAMS = (
 )
 
 
-def geomerge_batch(modules, *, weights: torch.Tensor, names=None, **params):
+def geomerge_batch(modules, *, weights: torch.Tensor, names=None, device=None, **params):
     """:func:`karcher_lab.methods.lora.geomerge_batched.geomerge_modules` on many modules' factors."""
-    return geomerge_modules(modules, weights / weights.sum(), names=names, **params)
+    return geomerge_modules(modules, weights / weights.sum(), names=names, device=device, **params)
 
 
 @register_lora("geomerge", summary="GeoMerge: quotient Fréchet mean of the polar factors (U, B, V) / O(r)",

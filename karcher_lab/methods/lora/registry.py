@@ -39,9 +39,10 @@ class LoraMethod:
     min_models: int = 1
     paper: str = ""
     batch_fn: Callable[..., Any] | None = None
-    """Optional: the same merge on many modules at once, ``batch_fn(modules, *, weights, names, **params)``
-    -> [(G, H), …] for ``modules`` = [[(G_1, H_1), …], …] (one entry per module, as ``fn`` returns it); an
-    error about one module starts its message with the module's name ("name: …")."""
+    """Optional: the same merge on many modules at once, ``batch_fn(modules, *, weights, names, device, **params)``
+    -> [(G, H), …] for ``modules`` = [[(G_1, H_1), …], …] (one entry per module, as ``fn`` returns it;
+    ``device``: where to compute, None for the inputs' device); an error about one module starts its message
+    with the module's name ("name: …")."""
 
 
 LORA_METHODS: Registry[LoraMethod] = Registry("LoRA merge method")
