@@ -3,9 +3,10 @@
 
     .venv/bin/python benchmarks/geomerge_factors.py [--d1 576] [--d2 576] [--r 16] [--n 5] [--seed 0]
                                                     [--memory 8 0] [--tol 1e-6]
-    .venv/bin/python benchmarks/geomerge_factors.py --pool tiny-lora      # real adapters, every module
+    .venv/bin/python benchmarks/geomerge_factors.py --pool smollm2 --n 2 3 5 [--sequential-modules 14] \
+                                                    [--workers 2] [--gauge]  # a LoRA pool's adapters
     .venv/bin/python benchmarks/geomerge_factors.py --modules 210 --n 2 3 5 [--sequential-modules 14] \
-                                                    [--workers 2]          # SmolLM2-shaped synthetic set
+                                                    [--workers 2] [--gauge]  # SmolLM2-shaped synthetic set
 
 Inputs: N seeded Gaussian factor pairs G_i [d1, r], H_i [d2, r] (entries N(0, 1/d)), so the column and
 row spaces of the ΔW_i are nearly orthogonal to each other: the hard case for the quotient Fréchet mean
@@ -18,24 +19,20 @@ the merged ΔW from the first memory's. Then the symmetry check of the paper: ad
 the relative change of the factor average (mean G)(mean H)ᵀ. Everything is float64; the load average
 is printed before and after (the machine may be shared).
 
-With ``--pool NAME`` (a built LoRA pool, e.g. ``tiny-lora``; or ``--adapters DIR …``) the inputs are the
-pool's PEFT adapters instead, read with :func:`karcher_lab.io.lora.read_adapter` (G = s·lora_B,
-H = lora_Aᵀ, float64): one line per adapted module with the time, the iterations, whether it converged
-and the relative change of the merged ΔW when the first adapter's factors are replaced by
-(G A⁻¹, H Aᵀ); then the totals, and the same modules merged by the batched solver
-(:func:`karcher_lab.methods.lora.geomerge_batched.geomerge_modules`, all modules in one call): its wall
-time, the speed-up and the largest relative ΔW difference from the sequential solver's.
-
-With ``--modules K`` the inputs are K synthetic modules with the shapes of the SmolLM2-135M LoRA pool
-(per layer q, k, v, o, gate, up, down: ΔW of 576×576, 192×576, 192×576, 576×576, 1536×576, 1536×576,
-576×1536; rank ``--r``; 210 modules = 30 layers), Gaussian factors as above, for each merge size m in
-``--n``: the sequential solver (one module after the other, :func:`geomerge_factors`) on the first
-``--sequential-modules`` modules, its per-module mean scaled to K modules (the sequential time per
-module does not depend on the others); the batched solver on all K modules (``--workers`` processes,
+With ``--pool NAME`` (a built LoRA pool, e.g. ``smollm2`` or ``tiny-lora``; or ``--adapters DIR …``) the
+inputs of merge size m are the first m of the pool's PEFT adapters, every adapted module, read with
+:func:`karcher_lab.io.lora.read_adapter` (G = s·lora_B, H = lora_Aᵀ, float64). With ``--modules K``
+they are K synthetic modules with the shapes of the SmolLM2-135M LoRA pool (per layer q, k, v, o, gate,
+up, down: ΔW of 576×576, 192×576, 192×576, 576×576, 1536×576, 1536×576, 576×1536; rank ``--r``;
+210 modules = 30 layers), Gaussian factors as above. For each merge size m in ``--n``: the sequential
+solver (one module after the other, :func:`geomerge_factors`) on the first ``--sequential-modules``
+modules, its per-module mean scaled to all modules (the sequential time per module does not depend on
+the others); the batched solver on all modules (``--workers`` processes,
 :func:`karcher_lab.methods.lora.merge_factor_sets`, as ``merge_lora`` runs it), its speed-up over the
-scaled sequential time and the largest relative ΔW difference on the modules both merged; and the floor:
-the rank-r truncation of the mean update of every module (the start of the solver; what any merge of
-these updates to rank r costs at least).
+scaled sequential time and the largest relative ΔW difference on the modules both merged; wall and CPU
+times; and the floor: the rank-r truncation of the mean update of every module (the start of the
+solver; what any merge of these updates to rank r costs at least). ``--gauge`` adds the GL(r) check
+above on the sequentially merged modules.
 """
 from __future__ import annotations
 
@@ -66,42 +63,6 @@ def _gauge(r: int, gen: torch.Generator) -> torch.Tensor:
     return torch.randn(r, r, dtype=torch.float64, generator=gen) + 3 * torch.eye(r, dtype=torch.float64)
 
 
-def _real_adapters(directories: list[str], tol: float, memory: int, gen: torch.Generator) -> None:
-    adapters = [read_adapter(d) for d in directories]
-    names = sorted(adapters[0].modules)
-    print(f"{len(adapters)} adapters, {len(names)} modules, tol={tol:g}, memory {memory}")
-    total, total_cpu, iterations, worst, merged = 0.0, 0.0, [], 0.0, {}
-    for name in names:
-        pairs = [a.modules[name].factors(torch.float64) for a in adapters]
-        start, cpu = time.perf_counter(), _cpu_seconds()
-        g, h, trace = geomerge_factors(pairs, tol=tol, memory=memory, return_trace=True)
-        seconds = time.perf_counter() - start
-        total_cpu += _cpu_seconds() - cpu
-        a = _gauge(pairs[0][0].shape[1], gen)
-        g2, h2 = geomerge_factors([(pairs[0][0] @ torch.linalg.inv(a), pairs[0][1] @ a.T)] + pairs[1:], tol=tol)
-        change = _rel(g2 @ h2.T, g @ h.T)
-        total, worst = total + seconds, max(worst, change)
-        merged[name] = g @ h.T
-        iterations.append(trace.iterations)
-        print(
-            f"  {name:45s} {tuple(pairs[0][0].shape)}·{tuple(pairs[0][1].shape)}ᵀ {seconds:6.2f} s, "
-            f"{trace.iterations:3d} iterations (converged {trace.converged}), GL(r) change {change:.1e}"
-        )
-    iterations.sort()
-    print(
-        f"total {total:.1f} s; iterations median {iterations[len(iterations) // 2]}, max {iterations[-1]}; "
-        f"largest GL(r) change {worst:.1e}"
-    )
-    start, cpu = time.perf_counter(), _cpu_seconds()
-    batched = geomerge_modules([[a.modules[name].factors(torch.float64) for a in adapters] for name in names],
-                               tol=tol, memory=memory, names=names)
-    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-    difference = max(_rel(g @ h.T, merged[name]) for name, (g, h) in zip(names, batched))
-    print(f"batched (geomerge_modules, one call): {seconds:.1f} s, speed-up {total / seconds:.1f}x over the "
-          f"sequential {total:.1f} s; largest relative ΔW difference from the sequential solver {difference:.1e}; "
-          f"CPU time {cpu:.1f} s against {total_cpu:.1f} s ({total_cpu / cpu:.1f}x less)")
-
-
 def _cpu_seconds() -> float:
     """CPU time of this process and of its finished children (worker processes), user + system."""
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -118,36 +79,52 @@ def _synthetic_modules(k: int, n: int, r: int, gen: torch.Generator) -> list[lis
     return modules
 
 
-def _synthetic_pool(args: argparse.Namespace, gen: torch.Generator) -> None:
-    print(f"{args.modules} modules of SmolLM2-135M LoRA shapes, r={args.r}, tol={args.tol:g}, memory {args.memory[0]}; "
-          f"sequential on the first {args.sequential_modules}, batched on all with {args.workers} worker(s)")
-    for n in args.n:
-        modules = _synthetic_modules(args.modules, n, args.r, gen)
-        w = torch.full((n,), 1.0 / n, dtype=torch.float64)
-        start = time.perf_counter()
-        for pairs in modules:  # the floor: the solver's start, the truncated mean update of every module
-            g, h = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-            truncated_means(g, h, w, torch.ones((), dtype=torch.float64))
-        floor = time.perf_counter() - start
-        start, cpu = time.perf_counter(), _cpu_seconds()
-        sequential = [geomerge_factors(pairs, tol=args.tol, memory=args.memory[0], max_iter=args.max_iter)
-                      for pairs in modules[: args.sequential_modules]]
-        per_module = (time.perf_counter() - start) / len(sequential)
-        cpu_per_module = (_cpu_seconds() - cpu) / len(sequential)
-        named = {f"module.{k}": pairs for k, pairs in enumerate(modules)}
-        start, cpu = time.perf_counter(), _cpu_seconds()
-        with module_workers(args.workers, len(named)) as executor:
-            batched = merge_factor_sets(named, "geomerge", tol=args.tol, max_iter=args.max_iter, executor=executor,
-                                        chunks=args.workers)
-        seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
-        difference = max(_rel(batched[f"module.{k}"][0] @ batched[f"module.{k}"][1].T, g @ h.T)
-                         for k, (g, h) in enumerate(sequential))
-        print(f"m = {n}: sequential {per_module:.2f} s/module → {per_module * len(modules):.0f} s for "
-              f"{len(modules)} modules; batched {seconds:.1f} s ({seconds / len(modules):.3f} s/module), speed-up "
-              f"{per_module * len(modules) / seconds:.1f}x; largest relative ΔW difference {difference:.1e}; "
-              f"floor (truncated mean of every module) {floor:.2f} s", flush=True)
-        print(f"        CPU time: sequential {cpu_per_module:.2f} s/module → {cpu_per_module * len(modules):.0f} s; "
-              f"batched {cpu:.1f} s (all processes; {cpu_per_module * len(modules) / cpu:.1f}x less)", flush=True)
+def _pool_modules(directories: list[str], n: int) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Every adapted module's factors (float64) of the first ``n`` adapters, by module name."""
+    adapters = [read_adapter(d) for d in directories[:n]]
+    return {name: [a.modules[name].factors(torch.float64) for a in adapters] for name in sorted(adapters[0].modules)}
+
+
+def _compare(modules: dict[str, list[tuple[torch.Tensor, torch.Tensor]]], n: int, args: argparse.Namespace,
+             gen: torch.Generator) -> None:
+    """Floor, sequential solver on the first ``--sequential-modules`` modules (scaled to all), batched solver
+    on all (``--workers`` processes, as merge_lora runs it), their ΔW difference; with ``--gauge`` the
+    GL(r) change of the sequential modules' ΔW."""
+    names = list(modules)
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    start = time.perf_counter()
+    for pairs in modules.values():  # the floor: the solver's start, the truncated mean update of every module
+        g, h = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        truncated_means(g, h, w, torch.ones((), dtype=torch.float64))
+    floor = time.perf_counter() - start
+    head = names[: max(1, args.sequential_modules)]
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    sequential = {name: geomerge_factors(modules[name], tol=args.tol, memory=args.memory[0], max_iter=args.max_iter)
+                  for name in head}
+    per_module = (time.perf_counter() - start) / len(head)
+    cpu_per_module = (_cpu_seconds() - cpu) / len(head)
+    start, cpu = time.perf_counter(), _cpu_seconds()
+    with module_workers(args.workers, len(modules)) as executor:
+        batched = merge_factor_sets(modules, "geomerge", tol=args.tol, max_iter=args.max_iter, executor=executor,
+                                    chunks=args.workers)
+    seconds, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    difference = max(_rel(batched[name][0] @ batched[name][1].T, g @ h.T) for name, (g, h) in sequential.items())
+    print(f"m = {n}: sequential {per_module:.2f} s/module (on {len(head)}) → {per_module * len(names):.0f} s for "
+          f"{len(names)} modules; batched {seconds:.1f} s ({seconds / len(names):.3f} s/module, {args.workers} "
+          f"worker(s)), speed-up {per_module * len(names) / seconds:.1f}x; largest relative ΔW difference on the "
+          f"{len(head)} {difference:.1e}; floor (truncated mean update of every module) {floor:.2f} s", flush=True)
+    print(f"        CPU time: sequential {cpu_per_module:.2f} s/module → {cpu_per_module * len(names):.0f} s; "
+          f"batched {cpu:.1f} s (all processes; {cpu_per_module * len(names) / cpu:.1f}x less)", flush=True)
+    if args.gauge:
+        changes = []
+        for name in head:
+            pairs = modules[name]
+            a = _gauge(pairs[0][0].shape[1], gen)
+            g2, h2 = geomerge_factors([(pairs[0][0] @ torch.linalg.inv(a), pairs[0][1] @ a.T)] + pairs[1:],
+                                      tol=args.tol, memory=args.memory[0], max_iter=args.max_iter)
+            changes.append(_rel(g2 @ h2.T, sequential[name][0] @ sequential[name][1].T))
+        print(f"        GL(r) reparametrization of adapter 0: geomerge ΔW changes by at most {max(changes):.1e} "
+              f"(relative) over the {len(head)} modules", flush=True)
 
 
 def main() -> None:
@@ -164,21 +141,25 @@ def main() -> None:
     ap.add_argument("--adapters", nargs="+", help="PEFT adapter directories to merge instead")
     ap.add_argument("--modules", type=int, help="synthetic modules of SmolLM2-135M LoRA shapes (e.g. 210)")
     ap.add_argument("--sequential-modules", type=int, default=14, help="modules the sequential solver merges")
-    ap.add_argument("--workers", type=int, default=1, help="processes for the batched solver (--modules)")
+    ap.add_argument("--workers", type=int, default=1, help="processes for the batched solver (--modules, --pool)")
+    ap.add_argument("--gauge", action="store_true", help="with --modules / --pool: the GL(r) check on the "
+                    "sequential modules")
     args = ap.parse_args()
 
     gen = torch.Generator().manual_seed(args.seed)
-    if args.pool or args.adapters:
+    if args.pool or args.adapters or args.modules:
         from karcher_lab.zoo import find_pool
 
-        directories = args.adapters or [e["adapter"] for e in find_pool(args.pool).experts]
+        directories = args.adapters or ([e["adapter"] for e in find_pool(args.pool).experts] if args.pool else None)
         print(f"load average before: {os.getloadavg()[0]:.2f}  (torch threads {torch.get_num_threads()})")
-        _real_adapters(directories, args.tol, args.memory[0], gen)
-        print(f"load average after: {os.getloadavg()[0]:.2f}")
-        return
-    if args.modules:
-        print(f"load average before: {os.getloadavg()[0]:.2f}  (torch threads {torch.get_num_threads()})")
-        _synthetic_pool(args, gen)
+        print(f"{'synthetic modules of SmolLM2-135M LoRA shapes' if directories is None else 'adapters ' + str(directories)}"
+              f", tol={args.tol:g}, memory {args.memory[0]}")
+        for n in args.n:
+            if directories is None:
+                modules = {f"module.{k}": pairs for k, pairs in enumerate(_synthetic_modules(args.modules, n, args.r, gen))}
+            else:
+                modules = _pool_modules(directories, n)
+            _compare(modules, n, args, gen)
         print(f"load average after: {os.getloadavg()[0]:.2f}")
         return
     args.n = args.n[0]

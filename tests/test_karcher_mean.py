@@ -397,3 +397,14 @@ def test_block_layouts():
             seen[chunk] += 1
             assert seen[chunk].numel() <= budget
         assert bool((seen == 1).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_all_finite_matches_the_entrywise_check(dtype):
+    """numerics.all_finite against torch.isfinite(x).all(), sums that overflow included."""
+    big = torch.finfo(dtype).max
+    nan, inf = float("nan"), float("inf")
+    cases = [[1.0] * 12, [big, big], [big, -big, big], [], [1.0, nan], [inf, 1.0], [inf, -inf], [big, big, nan]]
+    for values in cases:
+        x = torch.tensor(values, dtype=dtype)
+        assert numerics.all_finite(x) == bool(torch.isfinite(x).all()), x

@@ -57,7 +57,7 @@ import torch
 from karcher_lab import checks
 from karcher_lab.errors import ConvergenceError, ManifoldError, NonFiniteError, ShapeMismatchError
 from karcher_lab.geometry import spd, stiefel
-from karcher_lab.geometry.numerics import single_threaded
+from karcher_lab.geometry.numerics import all_finite, single_threaded
 
 RANK_RTOL = 1e-10
 """A core with σ_r ≤ RANK_RTOL · σ_1 counts as rank-deficient (ΔW has rank < r)."""
@@ -102,7 +102,7 @@ def check_factors(g: torch.Tensor, h: torch.Tensor, name: str = "factors") -> No
     if r > min(d1, d2):
         raise ShapeMismatchError(f"{name}: rank r = {r} exceeds min(d1, d2) = {min(d1, d2)} (G {d1}×{r}, H {d2}×{r})")
     for label, x in (("G", g), ("H", h)):
-        if not bool(torch.isfinite(x).all()):
+        if not all_finite(x):
             raise NonFiniteError(f"{name}: {label} contains NaN or Inf")
 
 
@@ -247,10 +247,7 @@ class Alignment:
     ``aligned`` = other·O, its total-space log from the reference point (``log``, horizontal to
     ``residuals`` = ‖vert part of the log‖), the alignment steps taken (``iterations``, max over the
     batch), ``log_starts``: the Stiefel logs' final completions (U's then V's), a warm start for the
-    next alignment of ``aligned`` to a nearby point, ``history``: every entry's own newest L-BFGS pairs
-    (S, Y [LBFGS_MEMORY, N, r, r], ⟨s, y⟩ [LBFGS_MEMORY, N], oldest slot first; a slot with ⟨s, y⟩ ≤ 0
-    is skipped), for that next alignment too,
-    ``log_fallback`` [2N] (U's then V's): the
+    next alignment of ``aligned`` to a nearby point, ``log_fallback`` [2N] (U's then V's): the
     Stiefel logs of ``log`` that are the projection surrogate (only with ``log_surrogate``), and
     ``surrogates``: how many surrogate Stiefel logs the alignment computed in all (closed-form candidates
     and rejected line-search trials included)."""
@@ -262,7 +259,6 @@ class Alignment:
     residuals: torch.Tensor
     tol: float | torch.Tensor
     log_starts: torch.Tensor
-    history: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     log_fallback: torch.Tensor
     surrogates: int
 
@@ -407,7 +403,6 @@ def align(
     *,
     warm_start: bool = False,
     log_starts: torch.Tensor | None = None,
-    history: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     tol: float | torch.Tensor = ALIGN_TOL,
     max_iter: int = ALIGN_MAX_ITER,
     log_tol: float = stiefel.LOG_TOL,
@@ -426,10 +421,7 @@ def align(
     the better (by the true d) of the two closed-form candidates of the module doc, both equivariant
     under other ↦ other·O'. ``warm_start``: ``other`` is already aligned to a nearby point (e.g. the
     previous Fréchet iterate) and the start is the identity, with the Stiefel logs warm-started from
-    ``log_starts`` (the previous :attr:`Alignment.log_starts`) and the L-BFGS pairs from ``history``
-    (the previous :attr:`Alignment.history`: the steps O ← O expm(Ω) act on the right, so a pair taken
-    at the previous rotation keeps its meaning at the identity of ``other`` = the previous other·O).
-    Then L-BFGS on O(r) (steps
+    ``log_starts`` (the previous :attr:`Alignment.log_starts`). Then L-BFGS on O(r) (steps
     O ← O expm(Ω), Ω skew; initial inverse Hessian the inverse vertical metric c⁻¹, which makes the
     first step the Gauss–Newton step that removes the vertical part of the log in a flat space;
     Armijo backtracking), until ‖vert part of Log_point(other·O)‖ < ``tol`` for every entry or
@@ -472,11 +464,7 @@ def align(
     def dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return (a * b).sum(dim=(-2, -1))
 
-    if warm_start and history is not None:
-        slots_s, slots_y, slots_sy = history
-    else:
-        slots_s = torch.zeros(LBFGS_MEMORY, n, r, r, dtype=F64, device=o.device)
-        slots_y, slots_sy = torch.zeros_like(slots_s), torch.zeros(LBFGS_MEMORY, n, dtype=F64, device=o.device)
+    history: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
     iterations = 0
     while True:
         residual = dot(grad, precondition(grad)).clamp_min(0).sqrt()  # = ‖vert part of the log‖
@@ -486,8 +474,7 @@ def align(
         if not bool(active.any()) or iterations >= max_iter:
             break
         iterations += 1
-        pairs = list(zip(slots_s, slots_y, slots_sy))
-        direction = _lbfgs_direction(grad, pairs, precondition, dot) * active[:, None, None]
+        direction = _lbfgs_direction(grad, history, precondition, dot) * active[:, None, None]
         slope = dot(grad, direction)
         step = torch.ones(n, dtype=F64, device=o.device)
         pending = active.clone()
@@ -515,11 +502,8 @@ def align(
             if not bool(pending.any()):
                 break
             step = torch.where(pending, 0.5 * step, step)
-        # every entry that stepped drops its oldest slot and appends this pair: its slots hold its own steps
-        slots_s, slots_y, slots_sy = (
-            torch.where(active.reshape(1, n, *([1] * (new.ndim - 1))), torch.cat([old[1:], new[None]]), old)
-            for old, new in ((slots_s, s_k), (slots_y, y_k), (slots_sy, dot(s_k, y_k)))
-        )
+        history.append((s_k, y_k, dot(s_k, y_k)))
+        del history[:-LBFGS_MEMORY]
     return Alignment(
         O=o,
         aligned=act(other, o),
@@ -528,7 +512,6 @@ def align(
         residuals=residual,
         tol=tol,
         log_starts=state[-1],
-        history=(slots_s, slots_y, slots_sy),
         log_fallback=state[-2],
         surrogates=objective.surrogates,
     )

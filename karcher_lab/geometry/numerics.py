@@ -2,6 +2,7 @@
 
 - :func:`result_dtype`: the manifold maps compute in float64 and return the inputs' dtype promoted to
   at least float32.
+- :func:`all_finite`: the NaN/Inf check of the maps' inputs, one reduction instead of an entrywise mask.
 - :func:`single_threaded`: the iterative maps (Stiefel log, orbit alignment, GeoMerge) consist of many
   small operations on r×r and 2r×2r matrices, which intra-op threads do not speed up while their
   synchronization costs time (much of it on a loaded machine); they run inside this context, which
@@ -24,6 +25,13 @@ import torch
 
 Item = TypeVar("Item")
 Result = TypeVar("Result")
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite: Σ x is non-finite if an entry is NaN or ±Inf (an Inf entry
+    gives ±Inf or NaN), and the entrywise check runs only where the sum is not finite (an overflow of
+    finite entries)."""
+    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
 
 
 def result_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -25,7 +25,7 @@ import torch
 
 from karcher_lab import checks
 from karcher_lab.errors import ManifoldError, NonFiniteError, ShapeMismatchError
-from karcher_lab.geometry.numerics import result_dtype
+from karcher_lab.geometry.numerics import all_finite, result_dtype
 
 SYMMETRY_RTOL = 1e-6
 """Largest accepted max|B − Bᵀ| / max|B| (float32 round trips of a symmetric matrix stay ~1e-7)."""
@@ -41,7 +41,7 @@ def _check_square(b: torch.Tensor, name: str) -> None:
         raise ManifoldError(f"{name} must be a floating-point tensor, got {type(b).__name__}")
     if b.ndim < 2 or b.shape[-1] != b.shape[-2] or b.shape[-1] == 0:
         raise ShapeMismatchError(f"{name} must be a non-empty square matrix [..., r, r], got shape {tuple(b.shape)}")
-    if not bool(torch.isfinite(b).all()):
+    if not all_finite(b):
         raise NonFiniteError(f"{name} contains NaN or Inf")
 
 
@@ -144,7 +144,7 @@ def _tangent(xi: torch.Tensor, b: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(xi, torch.Tensor) or xi.shape[-2:] != b.shape[-2:]:
         shape = tuple(xi.shape) if isinstance(xi, torch.Tensor) else type(xi).__name__
         raise ShapeMismatchError(f"{name} must have the point's matrix shape {tuple(b.shape[-2:])}, got {shape}")
-    if not bool(torch.isfinite(xi).all()):
+    if not all_finite(xi):
         raise NonFiniteError(f"{name} contains NaN or Inf")
     return sym(xi.to(torch.float64))
 

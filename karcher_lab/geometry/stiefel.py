@@ -54,7 +54,7 @@ from karcher_lab.errors import (
     ParameterError,
     ShapeMismatchError,
 )
-from karcher_lab.geometry.numerics import result_dtype, single_threaded
+from karcher_lab.geometry.numerics import all_finite, result_dtype, single_threaded
 from karcher_lab.geometry.sphere import ANTIPODAL_TOL
 
 ORTHONORMALITY_TOL = 1e-5
@@ -159,7 +159,7 @@ def check_point(u: torch.Tensor, name: str = "U") -> None:
         raise ManifoldError(f"{name} must be a floating-point tensor, got {type(u).__name__}")
     if u.ndim < 2 or u.shape[-1] == 0 or u.shape[-1] > u.shape[-2]:
         raise ShapeMismatchError(f"{name} must be [..., n, p] with 1 ≤ p ≤ n, got shape {tuple(u.shape)}")
-    if not bool(torch.isfinite(u).all()):
+    if not all_finite(u):
         raise NonFiniteError(f"{name} contains NaN or Inf")
     u64 = u.to(torch.float64)
     eye = torch.eye(u.shape[-1], dtype=torch.float64, device=u.device)
@@ -174,7 +174,7 @@ def _check_like(x: torch.Tensor, u: torch.Tensor, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor) or x.shape[-2:] != u.shape[-2:]:
         shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
         raise ShapeMismatchError(f"{name} must have the point's shape {tuple(u.shape[-2:])}, got {shape}")
-    if not bool(torch.isfinite(x).all()):
+    if not all_finite(x):
         raise NonFiniteError(f"{name} contains NaN or Inf")
     return x.to(torch.float64)
 

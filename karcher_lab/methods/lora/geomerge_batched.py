@@ -235,9 +235,6 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
 
     cache = spd.EighCache(size=16)  # the iterates' B eigendecompositions, reused within an iteration
     log_starts = torch.zeros(k, 2, n, 2 * r, r, dtype=torch.float64, device=device)
-    memory_pairs = lowrank.LBFGS_MEMORY  # every input's alignment L-BFGS pairs [k, n, m, ...], for the next alignment
-    pairs_s = torch.zeros(k, n, memory_pairs, r, r, dtype=torch.float64, device=device)
-    pairs_y, pairs_sy = torch.zeros_like(pairs_s), torch.zeros(k, n, memory_pairs, dtype=torch.float64, device=device)
     align_tols = torch.full((k,), float(align_tol), dtype=torch.float64, device=device)
     fallbacks = torch.zeros(k, dtype=torch.int64, device=device)
 
@@ -247,32 +244,25 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
         kk = rows.numel()
         point = Polar(*(t.unsqueeze(1).expand(kk, n, *t.shape[1:]).reshape(kk * n, *t.shape[1:]) for t in mu))
         starts = log_starts[rows].transpose(0, 1).reshape(2 * kk * n, 2 * r, r) if warm_start else None
-        history = (pairs_s[rows].reshape(kk * n, memory_pairs, r, r).transpose(0, 1),
-                   pairs_y[rows].reshape(kk * n, memory_pairs, r, r).transpose(0, 1),
-                   pairs_sy[rows].reshape(kk * n, memory_pairs).T) if warm_start else None
         result = lowrank.align(
             point,
             Polar(*(t.reshape(kk * n, *t.shape[2:]) for t in xs)),
             warm_start=warm_start,
             log_starts=starts,
-            history=history,
             tol=align_tols[rows].repeat_interleave(n),
-            max_iter=align_max_iter if warm_start else 0,
+            max_iter=align_max_iter,
             log_surrogate=True,
         )
         aligned = Polar(*(t.reshape(kk, n, *t.shape[1:]) for t in result.aligned))
         logs = PolarTangent(*(t.reshape(kk, n, *t.shape[1:]) for t in result.log))
         grad_norm = lowrank.norm(mu, PolarTangent(*(torch.tensordot(t, w, dims=([1], [0])) for t in logs)), cache=cache)
         log_starts[rows] = result.log_starts.reshape(2, kk, n, 2 * r, r).transpose(0, 1)
-        pairs_s[rows] = result.history[0].transpose(0, 1).reshape(kk, n, memory_pairs, r, r)
-        pairs_y[rows] = result.history[1].transpose(0, 1).reshape(kk, n, memory_pairs, r, r)
-        pairs_sy[rows] = result.history[2].T.reshape(kk, n, memory_pairs)
         align_tols[rows] = (ALIGN_RELATIVE_TOL * grad_norm).clamp_min(align_tol)
         fallbacks[rows] = result.log_fallback.to(device).reshape(2, kk, n).sum(dim=(0, 2))
         return aligned, logs
 
     all_rows = torch.arange(k, device=device)
-    aligned, _ = align(start, points, all_rows, warm_start=False)  # cold: the O(r)-equivariant candidates only
+    aligned, _ = align(start, points, all_rows, warm_start=False)  # cold: only O(r)-equivariant candidates
     geometry = BatchGeometry(
         exp=lambda mu, xi: lowrank.exp(mu, xi, cache=cache),
         inner=lambda mu, a, b: lowrank.inner(_lift(mu, a), a, b, cache=cache),
