@@ -88,6 +88,20 @@ def check_model_count(
         raise ModelCountError(f"{label} merges {count_rule(min_models, max_models)} {what}, {given} {n}")
 
 
+def check_members(members: Sequence[int], count: int, what: str = "expert") -> list[int]:
+    """``members`` as a list of distinct indices into ``count`` items (the ``what``'s of a merge): EmptyInputError
+    when empty, ParameterError for an index out of range (or no int) or given twice."""
+    members = list(members)
+    if not members:
+        raise EmptyInputError(f"no {what} is selected: select at least one")
+    bad = [i for i in members if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < count]
+    if bad:
+        raise ParameterError(f"member indices {bad} are not in 0..{count - 1}")
+    if len(set(members)) != len(members):
+        raise ParameterError(f"members {members} name an {what} twice")
+    return members
+
+
 def check_step_size(eta: Any, equation: str = "eq. 5 of the Karcher paper") -> None:
     """StepSizeError unless η is a number in (0, 1]."""
     if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and 0.0 < eta <= 1.0):

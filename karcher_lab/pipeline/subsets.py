@@ -22,7 +22,7 @@ import torch
 
 from karcher_lab.errors import EmptyInputError, NotSupportedError, ParameterError
 from karcher_lab.methods.registry import get_method
-from karcher_lab.checks import resolve_device
+from karcher_lab.checks import check_members, resolve_device
 from karcher_lab.pipeline.session import MergeSession
 from karcher_lab.recipe.schema import ModelEntry, ModelRef, Recipe, parse_parameters
 
@@ -113,7 +113,7 @@ class SubsetMerger:
         """Which members are the method's inputs (with which weights) and what serves as its base, by the
         rules of the module docstring; checked before any work."""
         spec = get_method(method)
-        members = self._check_members(members)
+        members = check_members(members, len(self.experts))
         if weights is not None and len(weights) != len(members):
             raise ParameterError(f"{method}: got {len(weights)} weights for {len(members)} members")
         weights = None if weights is None else [float(w) for w in weights]
@@ -154,17 +154,6 @@ class SubsetMerger:
             entries.insert(0, ModelEntry(ModelRef(str(base))))
         return Recipe(merge_method=method, models=entries, base_model=ModelRef(str(base)) if base else None,
                       parameters=parse_parameters(dict(params or {}), "params"))
-
-    def _check_members(self, members: Sequence[int]) -> list[int]:
-        members = list(members)
-        if not members:
-            raise EmptyInputError("no expert is selected: select at least one")
-        bad = [i for i in members if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.experts)]
-        if bad:
-            raise ParameterError(f"member indices {bad} are not in 0..{len(self.experts) - 1}")
-        if len(set(members)) != len(members):
-            raise ParameterError(f"members {members} name an expert twice")
-        return members
 
     def _session(self, inputs: tuple[int, ...], base_index: int | None, has_base: bool) -> MergeSession:
         key = (inputs, base_index, has_base)

@@ -14,6 +14,7 @@ from typing import Any
 
 import ipywidgets as widgets
 
+from karcher_lab.methods.lora.registry import LoraMethod
 from karcher_lab.methods.registry import REQUIRED, MergeMethod, Param
 
 STYLE = {"description_width": "initial"}
@@ -36,7 +37,7 @@ def _initial(param: Param) -> Any:
     return ""
 
 
-def param_control(method: MergeMethod, param: Param) -> widgets.Widget | None:
+def param_control(method: MergeMethod | LoraMethod, param: Param) -> widgets.Widget | None:
     """The control for one parameter (None for ``object`` parameters), with the doc as its tooltip."""
     value = _initial(param)
     common = dict(description=param.name, tooltip=param.doc, style=STYLE)
@@ -63,8 +64,9 @@ def param_control(method: MergeMethod, param: Param) -> widgets.Widget | None:
     return widgets.Text(value=str(value), **common)
 
 
-def method_controls(method: MergeMethod) -> tuple[dict[str, widgets.Widget], list[str]]:
-    """``({name: control}, [names of parameters that cannot be set in a panel])`` for ``method``."""
+def method_controls(method: MergeMethod | LoraMethod) -> tuple[dict[str, widgets.Widget], list[str]]:
+    """``({name: control}, [names of parameters that cannot be set in a panel])`` for ``method``, a tensor
+    or a LoRA method (both declare their ``params`` as :class:`~karcher_lab.methods.registry.Param`)."""
     controls, unsettable = {}, []
     for param in method.params:
         control = param_control(method, param)

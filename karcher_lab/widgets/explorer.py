@@ -22,7 +22,11 @@ merges are :class:`karcher_lab.pipeline.SubsetMerger`'s, every number comes from
    unchecked ones at α_i = 0, so a change of weights, η, max_iter, tol, init or subset re-solves the
    N×N problem from the cached Gram matrices and runs one combine pass per tensor; other methods merge
    the checked experts. The base model reaches a method only when the checkbox is on and the method
-   uses one.
+   uses one. On a study whose experts are all PEFT LoRA adapters on its base, the dropdown also lists
+   the LoRA methods as ``lora:<name>`` (geomerge among them): those merge the checked adapters' factors
+   module by module (:class:`~karcher_lab.pipeline.adapter_subsets.AdapterSubsetMerger`; geomerge by its
+   batched solver, on the explorer's device) and write base + merged ΔW into the model. Their merges are
+   saved with ``karcher-lab lora-merge`` (the keep buttons say the command), not as a mergekit recipe.
 3. load: each merged tensor is written into ONE preallocated model as soon as it exists (nothing is
    re-instantiated, and no merged state dict is held next to it); this stage checks that every tensor
    of the model was written. Experts are measured before the first merge, each written into that same
@@ -65,11 +69,13 @@ import pandas as pd
 import torch
 
 from karcher_lab.checks import check_count
-from karcher_lab.errors import EmptyInputError, ParameterError
+from karcher_lab.errors import EmptyInputError, NotSupportedError, ParameterError
 from karcher_lab.geometry import numerics
 from karcher_lab.measurement import MeasurementSettings, engine_for_study
 from karcher_lab.measurement.cache import MeasurementCache
+from karcher_lab.methods.lora import get_lora_method
 from karcher_lab.methods.registry import get_method
+from karcher_lab.pipeline.adapter_subsets import LORA_PREFIX, AdapterSubsetMerger, lora_method_choices
 from karcher_lab.pipeline.subsets import SubsetMerger
 from karcher_lab.widgets.debounce import DebouncedRunner
 from karcher_lab.widgets.explorer_figures import ExplorerFigures
@@ -134,7 +140,8 @@ class MergeExplorer(widgets.VBox):
     selected : sequence of str, optional
         Experts (a pool's: task names) checked at start (default: the first :data:`DEFAULT_SELECTED` experts).
     method : str
-        The method selected at start.
+        The method selected at start: a tensor method, or on a study whose experts are all PEFT LoRA
+        adapters on its base, a LoRA method as ``lora:<name>`` (e.g. ``lora:geomerge``).
     quality_examples : int
         Held-out examples per checked task for exact match, NLL and KL.
     activation_examples : int
@@ -206,7 +213,10 @@ class MergeExplorer(widgets.VBox):
         check_count("activation_examples", activation_examples)
         self.runner = DebouncedRunner(self._work, debounce)
         """Debounced, shielded updates (its ``busy_indicator`` and ``error_area`` are in the header)."""
-        get_method(method)
+        if method.startswith(LORA_PREFIX):
+            get_lora_method(method.removeprefix(LORA_PREFIX))
+        else:
+            get_method(method)
         kind = "pool" if study is None else "study"
         if study is None:
             study = pool_study(pool if isinstance(pool, Pool) else find_pool(str(pool)),
@@ -222,6 +232,10 @@ class MergeExplorer(widgets.VBox):
         unknown = [t for t in selected if t not in self.tasks]
         if unknown:
             raise ParameterError(f"selected expert(s) {unknown} are not in {self.label}: {self.tasks}")
+        lora_methods = lora_method_choices(self.study)
+        if method.startswith(LORA_PREFIX) and method not in lora_methods:
+            raise ParameterError(f"{method} merges PEFT LoRA adapters: {self.label} has experts that are no adapters "
+                                 "on its base")
 
         with quiet_loading():
             self.engine = engine_for_study(self.study, settings=settings, examples_per_task=quality_examples,
@@ -237,6 +251,8 @@ class MergeExplorer(widgets.VBox):
         self.merger = SubsetMerger(list(sources.values()), base=base, device=settings.device)
         """Every merge of an update, read from the experts' checkpoints one tensor at a time (karcher's
         Gram matrices kept across updates)."""
+        self.adapter_merger = AdapterSubsetMerger.for_study(self.study) if lora_methods else None
+        """Merges with the LoRA methods (``lora:<name>``) where every expert is a PEFT adapter on the base; else None."""
         self.model = self.engine.model
         """The one model every merged state is loaded into."""
         self.tokenizer = self.engine.data.tokenizer
@@ -251,7 +267,7 @@ class MergeExplorer(widgets.VBox):
 
         self.controls = MergeControls(self.tasks, selected=selected, method=method,
                                       has_base=self.has_base, use_base=use_base,
-                                      on_change=self.schedule)
+                                      on_change=self.schedule, extra_methods=lora_methods)
         self.checkboxes, self.sliders, self.alpha_labels = self.controls.checkboxes, self.controls.sliders, self.controls.alpha_labels
         self.method_dropdown, self.use_base_box = self.controls.method_dropdown, self.controls.use_base_box
         self.method_info, self.param_box = self.controls.method_info, self.controls.param_box
@@ -285,6 +301,13 @@ class MergeExplorer(widgets.VBox):
     def recipe(self) -> Recipe:
         """The mergekit recipe of the merge the controls ask for (:meth:`SubsetMerger.recipe`)."""
         request = self.request()
+        if request["method"].startswith(LORA_PREFIX):
+            folders = " ".join(str(model_folder(self.study, self.study.experts[self.tasks[i]])) for i in request["members"])
+            raise NotSupportedError(
+                f"{request['method']} is a LoRA merge, which mergekit's recipes do not describe: save it with "
+                f"karcher-lab lora-merge {folders} --method {request['method'].removeprefix(LORA_PREFIX)} "
+                f"--weights {' '.join(f'{a:g}' for a in request['alpha'])} --out DIR "
+                f"(add --fold-into {model_folder(self.study, self.study.base)} for a full checkpoint)")
         return self.merger.recipe(request["method"], request["members"], request["alpha"], paths=self.expert_paths,
                                   base_path=self.base_path, params=request["params"], use_base=request["use_base"])
 
@@ -359,8 +382,12 @@ class MergeExplorer(widgets.VBox):
         self.engine.measure_experts()  # before a merge is written into the model (see MeasurementEngine)
         t = time.perf_counter()
         writer = self.engine.merge_writer()
-        merged = self.merger.merge(request["method"], request["members"], request["alpha"], params=request["params"],
-                                   seed=self.engine.settings.seed, use_base=request["use_base"], sink=writer)
+        if request["method"].startswith(LORA_PREFIX):
+            merged = self.adapter_merger.merge(request["method"], request["members"], request["alpha"],
+                                               params=request["params"], sink=writer, device=self.engine.settings.device)
+        else:
+            merged = self.merger.merge(request["method"], request["members"], request["alpha"], params=request["params"],
+                                       seed=self.engine.settings.seed, use_base=request["use_base"], sink=writer)
         timings["merge"] = time.perf_counter() - t
         t = time.perf_counter()
         writer.check_complete()
