@@ -137,7 +137,9 @@ def test_which_methods_depend_on_the_factors_chosen(method, invariant):
     pairs = _pairs(seed=9)
     g, h = gauge_transform(*pairs[0], a)
     torch.testing.assert_close(g @ h.T, pairs[0][0] @ pairs[0][1].T)
-    gap = symmetry_gap(pairs, method, index=0)
+    # geomerge's ΔW is fixed only to about its tolerance / the objective's curvature (the gap is ~2 tol at the
+    # default tol 1e-6): solved to 1e-8 here, so that a gap under 1e-6 is the symmetry, not the stopping point
+    gap = symmetry_gap(pairs, method, index=0, **({"tol": 1e-8} if method == "geomerge" else {}))
     assert (gap < 1e-6) if invariant else (gap > 1e-2), gap
 
 
