@@ -88,9 +88,11 @@ def check_model_count(
         raise ModelCountError(f"{label} merges {count_rule(min_models, max_models)} {what}, {given} {n}")
 
 
-def check_members(members: Sequence[int], count: int, what: str = "expert") -> list[int]:
+def check_members(members: Sequence[int], count: int, what: str = "expert", *, weights: Sequence[Any] | None = None,
+                  label: str = "") -> list[int]:
     """``members`` as a list of distinct indices into ``count`` items (the ``what``'s of a merge): EmptyInputError
-    when empty, ParameterError for an index out of range (or no int) or given twice."""
+    when empty, ParameterError for an index out of range (or no int) or given twice, or for ``weights`` (when
+    given) not one per member (``label``: the method, for the message)."""
     members = list(members)
     if not members:
         raise EmptyInputError(f"no {what} is selected: select at least one")
@@ -99,6 +101,8 @@ def check_members(members: Sequence[int], count: int, what: str = "expert") -> l
         raise ParameterError(f"member indices {bad} are not in 0..{count - 1}")
     if len(set(members)) != len(members):
         raise ParameterError(f"members {members} name an {what} twice")
+    if weights is not None and len(weights) != len(members):
+        raise ParameterError(f"{label}: got {len(weights)} weights for {len(members)} members")
     return members
 
 

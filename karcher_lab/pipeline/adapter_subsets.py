@@ -119,8 +119,6 @@ class AdapterSubsetMerger:
         weights: Sequence[float] | None = None,
         *,
         params: Mapping[str, Any] | None = None,
-        seed: int | None = 0,
-        use_base: bool = True,
         sink: Callable[[str, torch.Tensor], None] | None = None,
         device: str | torch.device | None = None,
     ) -> MergedState:
@@ -128,9 +126,8 @@ class AdapterSubsetMerger:
         or as a panel lists it, ``lora:<name>``) and their ``weights`` (one per member, passed as given;
         None: the method's default, 1/N each), folded onto the base.
 
-        ``seed`` and ``use_base`` are those of :meth:`SubsetMerger.merge`; no LoRA method draws random
-        numbers, and every one merges updates of the base, so the merged model is always the base plus
-        the merged update. With ``sink``, each tensor goes to ``sink(name, tensor)`` (``state`` is None).
+        Every LoRA method merges updates of the base, so the merged model is always the base plus the
+        merged update (no seed, no base switch). With ``sink``, each tensor goes to ``sink(name, tensor)`` (``state`` is None).
         ``device``: where a method with a batched form (geomerge) solves (``"cuda"``: the whole batch on
         the GPU); the others, and the folding, run on the CPU.
 
@@ -149,14 +146,11 @@ class AdapterSubsetMerger:
         all before any work.
         """
         name = method.removeprefix(LORA_PREFIX)
-        get_lora_method(name)
-        members = check_members(members, len(self.adapters), "adapter")
-        if weights is not None and len(weights) != len(members):
-            raise ParameterError(f"{method}: got {len(weights)} weights for {len(members)} members")
+        lora = get_lora_method(name)
+        members = check_members(members, len(self.adapters), "adapter", weights=weights, label=method)
         modules = {weight: [self.factors[i][weight] for i in members] for weight in self.factors[0]}
-        batched = get_lora_method(name).batch_fn is not None
         factors = merge_factor_sets(modules, name, weights=None if weights is None else [float(w) for w in weights],
-                                    device=device if batched else None, **dict(params or {}))
+                                    device=device if lora.batch_fn is not None else None, **dict(params or {}))
         state: dict[str, torch.Tensor] | None = None
         if sink is None:
             state = {}

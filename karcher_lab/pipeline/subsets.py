@@ -113,9 +113,7 @@ class SubsetMerger:
         """Which members are the method's inputs (with which weights) and what serves as its base, by the
         rules of the module docstring; checked before any work."""
         spec = get_method(method)
-        members = check_members(members, len(self.experts))
-        if weights is not None and len(weights) != len(members):
-            raise ParameterError(f"{method}: got {len(weights)} weights for {len(members)} members")
+        members = check_members(members, len(self.experts), weights=weights, label=method)
         weights = None if weights is None else [float(w) for w in weights]
         if first_as_base or spec.base == "first":
             return MergeRoles(members[1:], None if weights is None else weights[1:], members[0], True)
