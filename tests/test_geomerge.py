@@ -142,13 +142,15 @@ def _gaussian_adapters(seed, n, d, r):
 
 
 @pytest.mark.parametrize(
-    "seed, n, d, r",
+    "seed, n, d, r, needs_surrogate",
     [
-        (6, 2, 32, 8),  # raised ConvergenceError: Zimmermann's iteration did not converge from the start
-        (4001, 4, 128, 8),  # raised AntipodalError: a cold alignment candidate on the cut locus
+        # raised ConvergenceError: Zimmermann's iteration did not converge from the start (the surrogate
+        # took over there); with the Anderson-accelerated iteration every log converges
+        (6, 2, 32, 8, False),
+        (4001, 4, 128, 8, True),  # raised AntipodalError: a cold alignment candidate on the cut locus
     ],
 )
-def test_nearly_orthogonal_adapters_merge_to_the_exact_mean(seed, n, d, r):
+def test_nearly_orthogonal_adapters_merge_to_the_exact_mean(seed, n, d, r, needs_surrogate):
     """Gaussian rank-8 adapters (principal angles between column spaces up to ~90°, as for real LoRA
     modules) used to raise: logs beyond their domain now use the projection surrogate on the way, and
     the returned mean has exact logs only. It is a local minimum of F (F grows along ± random horizontal
@@ -156,7 +158,7 @@ def test_nearly_orthogonal_adapters_merge_to_the_exact_mean(seed, n, d, r):
     pairs = _gaussian_adapters(seed, n, d, r)
     g, h, trace = geomerge_factors(pairs, return_trace=True)
     assert trace.converged and trace.final_fallbacks == 0
-    assert sum(trace.surrogates_computed) > 0  # the surrogate was needed on the way
+    assert (sum(trace.surrogates_computed) > 0) == needs_surrogate  # the surrogate on the way, where needed
     mu = lowrank.polar_from_factors(g, h)
     batch = lowrank.Polar(*(torch.stack(x) for x in zip(*(lowrank.polar_from_factors(*p) for p in pairs))))
 

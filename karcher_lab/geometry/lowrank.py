@@ -275,6 +275,11 @@ LOG_TOL_FRACTION = 1e-2
 """The Stiefel logs inside :func:`align` stop at max(log_tol, LOG_TOL_FRACTION × the alignment tol): their
 error enters the gradient linearly, so they need be only this much finer than the alignment."""
 
+LOG_TOL_RESIDUAL = 1e-3
+"""Far from the orbit minimum the Stiefel logs of an alignment step stop at LOG_TOL_RESIDUAL × residual²
+where that is above their threshold: their error then moves ½d² by ~1e-3 of the decrease the Armijo test
+looks for, and the gradient by less, while the logs of the far iterates take a few Zimmermann steps fewer."""
+
 LINE_SEARCH_HALVINGS = 30
 """Backtracking halvings tried per alignment step before giving up on that step."""
 
@@ -359,10 +364,12 @@ class _OrbitObjective:
         self.log_params = dict(tol=log_tol, max_iter=log_max_iter, surrogate=log_surrogate)
         self.surrogates = 0  # surrogate Stiefel logs over every evaluation (candidates and rejected trials too)
 
-    def __call__(self, o: torch.Tensor, start: torch.Tensor | None = None, rows: torch.Tensor | None = None):
+    def __call__(self, o: torch.Tensor, start: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                 log_floor: torch.Tensor | None = None):
         """(½ d², gradient R, state) at O; state = (A_U, B_U, A_V, B_V, ξ_B, fallback [2N] (the Stiefel logs, U's
         then V's, that got the projection surrogate), completions [2N, 2r, r]). With ``rows`` (int64 [K]), only
-        those entries: ``o`` [K, r, r], ``start`` [2K, 2r, r] (U's then V's), everything returned for them."""
+        those entries: ``o`` [K, r, r], ``start`` [2K, 2r, r] (U's then V's), everything returned for them.
+        ``log_floor`` [K]: per entry a looser Stiefel log threshold than the objective's, where larger."""
         m, n, lam, p, b_point, b_other, log_params = (
             self.m, self.n, self.lam, self.p, self.point.B, self.other.B, self.log_params
         )
@@ -373,6 +380,8 @@ class _OrbitObjective:
                 lam, p, b_point = lam[rows], p[rows], b_point[rows]
             if isinstance(log_params["tol"], torch.Tensor):
                 log_params = dict(log_params, tol=log_params["tol"][both])
+        if log_floor is not None:
+            log_params = dict(log_params, tol=torch.cat([log_floor, log_floor]).clamp_min(log_params["tol"]))
         o2 = torch.cat([o, o])
         a, b, completion, info = stiefel.log_coordinates(m @ o2, n @ o2, start=start, **log_params)
         if not info.converged:
@@ -484,7 +493,8 @@ def align(
             rows = torch.nonzero(pending).flatten()  # only the entries still searching are evaluated
             both = torch.cat([rows, rows + n])
             trial_o = o[rows] @ torch.linalg.matrix_exp(step[rows, None, None] * direction[rows])
-            trial_f, trial_grad, trial_state = objective(trial_o, state[-1][both], rows)
+            trial_f, trial_grad, trial_state = objective(trial_o, state[-1][both], rows,
+                                                         LOG_TOL_RESIDUAL * residual[rows].square())
             # Armijo on ½d², with slack for the rounding of f once the decrease is below its last digits
             accept = trial_f <= f[rows] + 1e-4 * step[rows] * slope[rows] + 1e-13 * (1.0 + f[rows])
             if bool(accept.any()):

@@ -99,6 +99,16 @@ POLAR_MAX_ITER = 8
 """Newton–Schulz steps at most before :func:`_orthonormal_frame` takes the SVD."""
 
 
+ANDERSON_MEMORY = 2
+"""Previous steps the Anderson acceleration of Zimmermann's iteration combines (:class:`_Anderson`; 0: none)."""
+
+SYLVESTER_DOUBLINGS = 3
+"""Doubling steps of the Stein sum in :func:`_trailing_update` (2³ = 8 terms; relative error ρ¹⁶, ρ < 0.72)."""
+
+SYLVESTER_MAX_NORM = 5.0
+"""The Sylvester-corrected update is used where a bound on ‖BBᵀ‖₂ is below this (:func:`_trailing_update`)."""
+
+
 @dataclass(frozen=True)
 class LogInfo:
     """How :func:`log`'s iteration ended: per batch entry ``iterations`` taken and final ``residuals`` ‖C‖_F."""
@@ -393,18 +403,83 @@ def _trailing_update(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
     By the Baker–Campbell–Hausdorff series, the trailing block of logm(V diag(I, expm(X))) is
     C + X − (1/12)(BBᵀX + XBBᵀ) + O(‖C‖², ‖X‖²‖L‖). Setting it to zero gives the Sylvester equation
-    (½I − BBᵀ/12) X + X (½I − BBᵀ/12) = −C (derived here from the BCH series; Zimmermann & Hüper 2022
-    propose a Sylvester-corrected update of this kind), solved in the eigenbasis of BBᵀ = W diag(β) Wᵀ:
-    X̃_ij = −C̃_ij / (1 − (β_i + β_j)/12). Where a denominator falls below ¼
-    (‖B‖₂² > 4.5, very far points) Zimmermann's plain update X = −C is used for that entry.
+    K X + X K = −2C, K = I − S/6, S = BBᵀ (derived here from the BCH series; Zimmermann & Hüper 2022
+    propose a Sylvester-corrected update of this kind). With T = S/12 and N = (I − T)⁻¹ it is the Stein
+    equation X = U X U − N C N, U = N T (Smith's transformation with shift 1), whose solution
+    X = −Σ_j Uʲ N C N Uʲ is summed to SYLVESTER_TERMS terms by doubling (U X U added, U squared); N is
+    the Neumann product (I + T)(I + T²)(I + T⁴)(I + T⁸). Matrix products only. The eigenvalues of U are
+    (β/12)/(1 − β/12) for the eigenvalues β of S, below 1 for β < 6; the sum is used where
+    ‖S⁸‖_F^⅛ ≥ ‖S‖₂ stays below SYLVESTER_MAX_NORM, Zimmermann's plain update X = −C elsewhere (very far
+    points). X only preconditions the iteration (its fixed point is C = 0 whatever X is), so the truncated
+    sums change the iteration count, not the logarithm.
     The Cayley transform cay(X) = (I − X/2)⁻¹(I + X/2) = expm(X + X³/12 + …) agrees with expm(X) to third
     order and is orthogonal, so it serves as the rotation of the update (one solve instead of an expm).
     """
-    beta, w = torch.linalg.eigh(b @ b.mT)
-    denom = 1.0 - (beta.unsqueeze(-1) + beta.unsqueeze(-2)) / 12.0
-    safe = (denom.amin(dim=(-2, -1)) > 0.25)[..., None, None]
-    x = w @ ((w.mT @ -c @ w) / torch.where(safe, denom, 1.0)) @ w.mT
+    t = (b @ b.mT) / 12.0
+    t2 = t @ t
+    t4 = t2 @ t2
+    t8 = t4 @ t4
+    safe = (12.0 * (t8 * t8).sum(dim=(-2, -1)) ** 0.0625 < SYLVESTER_MAX_NORM)[..., None, None]
+    eye = torch.eye(t.shape[-1], dtype=t.dtype, device=t.device)
+    inverse = (eye + t) @ (eye + t2) @ (eye + t4) @ (eye + t8)  # (I − T)⁻¹ to O(T¹⁶)
+    u = inverse @ t
+    x = -(inverse @ c @ inverse)
+    for _ in range(SYLVESTER_DOUBLINGS):
+        x = x + u @ x @ u
+        u = u @ u
     return skew(torch.where(safe, x, -c))
+
+
+class _Anderson:
+    """Anderson acceleration (type II, ``memory`` previous steps) of a batched fixed-point iteration
+    x ← x + f(x) on skew [E, p, p] steps, in the local coordinates of the accumulated rotation.
+
+    With the last differences Δf_j of the proposed steps f and Δx_j of the steps taken, the step is
+    f − Σ_j γ_j (Δx_j + Δf_j), γ = argmin ‖f − Σ_j γ_j Δf_j‖_F (per entry; a linear iteration then
+    proceeds as GMRES on the preconditioned system). An entry whose residual grew forgets its pairs.
+    Used by :func:`log_coordinates` on Zimmermann's iteration, whose rate stays 0.1–0.3 for far points
+    even with the Sylvester-corrected update; the fixed point, and so the logarithm, is unchanged.
+    """
+
+    def __init__(self, memory: int):
+        self.memory = memory
+        self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (f, step taken, residual)
+        self.pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (Δf, Δx [E, m, p, p], valid [E, m])
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only the entries ``rows`` (a mask or index over the current batch)."""
+        if self.last is not None:
+            self.last = tuple(t[rows] for t in self.last)
+        if self.pairs is not None:
+            self.pairs = tuple(t[rows] for t in self.pairs)
+
+    def step(self, f: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """The step to take, given the iteration's proposed steps ``f`` [E, p, p] and residuals [E]."""
+        if self.memory == 0:
+            return f
+        step = f
+        if self.last is not None:
+            last_f, last_step, last_residual = self.last
+            fresh = (residual < last_residual)[:, None]
+            df, dx = (f - last_f).unsqueeze(1), last_step.unsqueeze(1)
+            if self.pairs is None:
+                self.pairs = (df, dx, fresh)
+            else:
+                old_df, old_dx, old_valid = self.pairs
+                self.pairs = (torch.cat([df, old_df[:, : self.memory - 1]], dim=1),
+                              torch.cat([dx, old_dx[:, : self.memory - 1]], dim=1),
+                              torch.cat([fresh, old_valid[:, : self.memory - 1] & fresh], dim=1))
+            df, dx, valid = self.pairs
+            d = torch.where(valid[..., None], df.flatten(2), 0.0)
+            gram = d @ d.mT
+            scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
+            eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
+            gram = gram + (1e-12 * scale + torch.finfo(gram.dtype).tiny)[:, None, None] * eye + torch.diag_embed((~valid).to(gram.dtype))
+            gamma = torch.linalg.solve_ex(gram, d @ f.flatten(1).unsqueeze(-1))[0].squeeze(-1)
+            gamma = torch.where(valid & torch.isfinite(gamma), gamma, 0.0)
+            step = f - torch.einsum("em,empq->epq", gamma, dx + df)
+        self.last = (f, step, residual)
+        return step
 
 
 def _cayley(x: torch.Tensor) -> torch.Tensor:
@@ -469,6 +544,7 @@ def log_coordinates(
         rows = torch.arange(count, device=v.device)  # the entries still iterating: only they are computed
         current, threshold = v, tols  # their rotations and thresholds
         steps = 0
+        accel = _Anderson(ANDERSON_MEMORY)
         while True:
             gen_rows, ok = _logm_orthogonal_masked(current)
             if not bool(ok.all()) and not surrogate:
@@ -485,8 +561,10 @@ def log_coordinates(
                 break
             if bool(done.any()):
                 rows, current, gen_rows, c = rows[moving], current[moving], gen_rows[moving], c[moving]
+                res = res[moving]
                 threshold = None if threshold is None else threshold[moving]
-            rotation = _cayley(_trailing_update(gen_rows[:, p:, :p], c))
+                accel.keep(moving)
+            rotation = _cayley(accel.step(_trailing_update(gen_rows[:, p:, :p], c), res))
             current = torch.cat([current[:, :, :p], current[:, :, p:] @ rotation], dim=-1)
             iterations[rows] += 1
             steps += 1
