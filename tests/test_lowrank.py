@@ -126,6 +126,20 @@ def test_alignment_minimizes_over_the_orbit_and_makes_the_log_horizontal():
     assert float(lowrank.norm(mu, PolarTangent(*(a[0] - b for a, b in zip(result.log, hor))))) < 1e-9
 
 
+def test_residual_relative_log_threshold_reaches_the_same_alignment(monkeypatch):
+    """Far from the orbit minimum the alignment's Stiefel logs stop at LOG_TOL_RESIDUAL × residual²; the
+    alignment converges to the same rotation as with every log at the final threshold (to the alignment
+    tolerance), for nearly orthogonal inputs whose closed-form start is far from the minimum."""
+    mu = _point(30, d1=40, d2=36, r=6)
+    others = _batch(*(_point(31 + k, d1=40, d2=36, r=6) for k in range(4)))
+    relaxed = lowrank.align(mu, others, tol=1e-10, max_iter=400)
+    monkeypatch.setattr(lowrank, "LOG_TOL_RESIDUAL", 0.0)
+    strict = lowrank.align(mu, others, tol=1e-10, max_iter=400)
+    assert relaxed.converged and strict.converged and strict.iterations > 10
+    assert torch.allclose(relaxed.O, strict.O, rtol=0, atol=1e-8)
+    assert torch.allclose(lowrank.norm(mu, relaxed.log), lowrank.norm(mu, strict.log), rtol=1e-12)
+
+
 def test_a_shared_eigendecomposition_cache_changes_no_result():
     mu = _point(21, d1=10, d2=8, r=3)
     others = _batch(_point(22, d1=10, d2=8, r=3), _point(23, d1=10, d2=8, r=3))

@@ -167,3 +167,49 @@ def test_bad_points_are_rejected():
         stiefel.check_point(torch.zeros(2, 3, dtype=F64))  # p > n
     with pytest.raises(ShapeMismatchError):
         stiefel.log(_point(6, 2, seed=25), _point(7, 2, seed=26))
+
+
+def _sylvester_exact(b, c):
+    """The solution of (I − BBᵀ/6) X + X (I − BBᵀ/6) = −2C in the eigenbasis of BBᵀ (float64 reference)."""
+    beta, w = torch.linalg.eigh(b @ b.mT)
+    denom = 1.0 - (beta.unsqueeze(-1) + beta.unsqueeze(-2)) / 12.0
+    return w @ ((w.mT @ -c @ w) / denom) @ w.mT
+
+
+@pytest.mark.parametrize("norm_s, error", [(0.0, 1e-15), (0.5, 1e-12), (3.0, 1e-6), (4.4, 1e-3)])
+def test_trailing_update_solves_the_sylvester_equation(norm_s, error):
+    """The matrix-product Stein sum equals the eigenbasis solution of the Sylvester-corrected update, to
+    ρ¹⁶ with ρ = (‖S‖/12)/(1 − ‖S‖/12) (8 terms of a series in ρ²), and is skew."""
+    gen = _gen(60)
+    b = torch.randn(5, 8, 8, dtype=F64, generator=gen)
+    b = b * (norm_s / torch.linalg.matrix_norm(b @ b.mT, ord=2)).sqrt()[:, None, None]
+    x = torch.randn(5, 8, 8, dtype=F64, generator=gen)
+    c = 0.5 * (x - x.mT)
+    got, exact = stiefel._trailing_update(b, c), _sylvester_exact(b, c)
+    assert float((got - exact).norm() / exact.norm()) < error
+    assert float((got + got.mT).abs().max()) == 0.0
+
+
+def test_trailing_update_falls_back_to_the_plain_step_for_very_far_points():
+    """Where ‖BBᵀ‖₂ ≥ SYLVESTER_MAX_NORM the update is Zimmermann's X = −C."""
+    gen = _gen(61)
+    b = torch.randn(8, 8, dtype=F64, generator=gen)
+    b = b * (stiefel.SYLVESTER_MAX_NORM * 1.01 / torch.linalg.matrix_norm(b @ b.mT, ord=2)).sqrt()
+    x = torch.randn(8, 8, dtype=F64, generator=gen)
+    c = 0.5 * (x - x.mT)
+    assert torch.equal(stiefel._trailing_update(b, c), -c)
+
+
+def test_anderson_acceleration_reaches_the_same_log_in_fewer_steps(monkeypatch):
+    """Far pairs (d ≈ 2): the accelerated iteration stops at the same threshold in fewer steps and returns
+    the same logarithm (to the threshold); its exp is Y."""
+    u = _point(40, 6, seed=62)
+    ys = torch.stack([stiefel.exp(u, _tangent(u, seed=63 + k, length=2.0)) for k in range(4)])
+    m, q, n = stiefel.coordinates(u.expand(4, 40, 6), ys)
+    a, b, _, info = stiefel.log_coordinates(m, n, tol=1e-12)
+    monkeypatch.setattr(stiefel, "ANDERSON_MEMORY", 0)
+    a0, b0, _, info0 = stiefel.log_coordinates(m, n, tol=1e-12)
+    assert info.converged and info0.converged
+    assert int(info.iterations.sum()) < int(info0.iterations.sum())
+    assert torch.allclose(a, a0, rtol=0, atol=1e-10) and torch.allclose(b, b0, rtol=0, atol=1e-10)
+    assert torch.allclose(stiefel.exp(u.expand(4, 40, 6), u @ a + q @ b), ys, rtol=0, atol=1e-10)
