@@ -17,6 +17,7 @@ from karcher_lab.errors import (
     WeightError,
 )
 from karcher_lab.geometry import lowrank
+from karcher_lab.methods.lora import geomerge
 from karcher_lab.methods.lora.geomerge import geomerge_factors
 
 F64 = torch.float64
@@ -226,3 +227,18 @@ def test_non_convergence_warns():
 def test_bad_input_raises_a_specific_error(pairs, kwargs, error):
     with pytest.raises(error):
         geomerge_factors(pairs, **kwargs)
+
+
+def test_the_cold_alignment_stops_at_its_own_threshold_and_reaches_the_same_mean(monkeypatch):
+    """The cold alignment to the start stops at COLD_ALIGN_TOL (trace: its residual below it, later ones
+    finer); the mean equals the one reached with the cold alignment run to align_tol, to the solver's
+    tolerance, on nearly orthogonal adapters (the hard case)."""
+    pairs = _gaussian_adapters(7, 3, 48, 6)
+    g, h, trace = geomerge_factors(pairs, return_trace=True)
+    assert trace.converged and trace.align_residuals[0] < geomerge.COLD_ALIGN_TOL
+    assert trace.align_residuals[-1] < 1e-6
+    monkeypatch.setattr(geomerge, "COLD_ALIGN_TOL", 1e-9)
+    g_strict, h_strict, strict = geomerge_factors(pairs, return_trace=True)
+    assert strict.align_iterations[0] > trace.align_iterations[0]
+    dw, dw_strict = g @ h.T, g_strict @ h_strict.T
+    assert float((dw - dw_strict).norm() / dw_strict.norm()) < 1e-5

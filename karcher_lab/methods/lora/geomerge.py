@@ -28,11 +28,11 @@ additions that leave its fixed point and stopping rule unchanged:
 - each alignment stops at max(``align_tol``, ``ALIGN_RELATIVE_TOL`` × the current gradient norm), since
   an inexact alignment perturbs the gradient by about its residual; alignments are warm-started from
   the previous iterate's (the rotations' Stiefel logs; each alignment's L-BFGS starts afresh). The cold
-  alignment to the start runs to ``align_tol`` itself. Both choices select the local minimum: the
-  quotient Fréchet objective of far-apart adapters has several, and which one the solver reaches is
-  decided by where each input's alignment settles (a cold alignment stopped early, or L-BFGS pairs carried
-  from one alignment to the next, reach other local minima on many real adapters' modules;
-  benchmarks/README.md).
+  alignment to the start runs to max(``align_tol``, ``COLD_ALIGN_TOL``). These choices select the local
+  minimum: the quotient Fréchet objective of far-apart adapters has several, and which one the solver
+  reaches is decided by where each input's alignment settles (a cold alignment stopped at its
+  closed-form candidate or at residual 1e-2, or L-BFGS pairs carried from one alignment to the next,
+  reach other local minima on real adapters' modules; benchmarks/README.md).
 
 Start (``init``). ``"mean"`` (default): the rank-r truncated SVD of the weighted Euclidean mean
 Σ w_i ΔW_i, computed from the stacked factors (thin QRs and an (N r)×(N r) SVD, no d1×d2 matrix); it
@@ -80,6 +80,12 @@ from karcher_lab.geometry.numerics import single_threaded
 ALIGN_RELATIVE_TOL = 1e-1
 """Each alignment stops at max(align_tol, ALIGN_RELATIVE_TOL × the previous gradient norm): an inexact
 alignment perturbs the gradient by about its residual, so early iterates need no finer one."""
+
+COLD_ALIGN_TOL = 1e-4
+"""The cold alignment of the inputs to the start stops at max(align_tol, COLD_ALIGN_TOL): its residual
+perturbs the first gradient (norm ~1 for far-apart adapters) by ~1e-4, where every later alignment may
+perturb it by ALIGN_RELATIVE_TOL; from its closed-form candidates the cold alignment converges linearly,
+and the last decades to align_tol took half of a merge's time."""
 
 START_RTOL = 1e-8
 """The 'mean' start falls back to 'first' when the mean update's σ_r is below this fraction of the inputs'
@@ -209,8 +215,9 @@ def geomerge_factors(
     ``pairs``: [(G_1, H_1), …] with G_i [d1, r], H_i [d2, r] (for a PEFT adapter, G = lora_B · scaling
     and H = lora_Aᵀ); ``weights``: w_i ≥ 0 (default equal; renormalized; zero-weight adapters are left
     out). ``eta`` ∈ (0, 1] is the step size of eq. 9/11, ``max_iter`` and ``tol`` the outer iteration's
-    cap and its stopping threshold on the horizontal gradient norm; ``align_tol`` / ``align_max_iter``
-    are the orbit alignment's (:func:`karcher_lab.geometry.lowrank.align`); ``init`` the start and
+    cap and its stopping threshold on the horizontal gradient norm; ``align_tol`` (the floor of every
+    alignment's threshold, module doc) / ``align_max_iter`` are the orbit alignment's
+    (:func:`karcher_lab.geometry.lowrank.align`); ``init`` the start and
     ``memory`` the L-BFGS memory of the outer iteration (0: the paper's plain gradient step; module doc).
     Returns balanced (G, H) with ΔW = G Hᵀ of rank r, plus a :class:`GeoMergeTrace` with
     ``return_trace``. Warns (RuntimeWarning) if the iteration stops at ``max_iter`` without converging.
@@ -247,7 +254,7 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
     log_fallbacks: list[int] = []
     surrogates_computed: list[int] = []
 
-    state = {"log_starts": None, "tol": align_tol}
+    state = {"log_starts": None, "tol": max(align_tol, COLD_ALIGN_TOL)}
     cache = spd.EighCache()  # the eigendecompositions of the iterates' B, reused across the solver's calls
 
     def align(mu: Polar, xs: Polar, *, warm_start: bool = True) -> tuple[Polar, lowrank.PolarTangent]:

@@ -57,7 +57,13 @@ from karcher_lab.geometry import lowrank, spd
 from karcher_lab.geometry.frechet import BatchGeometry, check_weights, frechet_mean_batched
 from karcher_lab.geometry.lowrank import Polar, PolarTangent
 from karcher_lab.geometry.numerics import single_threaded
-from karcher_lab.methods.lora.geomerge import ALIGN_RELATIVE_TOL, check_pairs, check_params, truncated_means
+from karcher_lab.methods.lora.geomerge import (
+    ALIGN_RELATIVE_TOL,
+    COLD_ALIGN_TOL,
+    check_pairs,
+    check_params,
+    truncated_means,
+)
 
 BATCH_SIZE = 256
 """Modules solved together at most (bounds the memory of the L-BFGS pairs, ~2·memory tangents per module)."""
@@ -235,7 +241,7 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
 
     cache = spd.EighCache(size=16)  # the iterates' B eigendecompositions, reused within an iteration
     log_starts = torch.zeros(k, 2, n, 2 * r, r, dtype=torch.float64, device=device)
-    align_tols = torch.full((k,), float(align_tol), dtype=torch.float64, device=device)
+    align_tols = torch.full((k,), max(float(align_tol), COLD_ALIGN_TOL), dtype=torch.float64, device=device)
     fallbacks = torch.zeros(k, dtype=torch.int64, device=device)
 
     def align(mu: Polar, xs: Polar, rows: torch.Tensor, *, warm_start: bool = True) -> tuple[Polar, PolarTangent]:
