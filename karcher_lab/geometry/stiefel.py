@@ -15,7 +15,8 @@ Tangent vectors at U are Δ with UᵀΔ + ΔᵀU = 0.
   iterate L_k = logm(V_k) = [[A, −Bᵀ], [B, C]], stop when ‖C‖_F < tol, else
   V_{k+1} = V_k diag(I, expm(X)) with X = −C (Zimmermann) or, as here, a Sylvester-corrected X that
   cancels C to third order (:func:`_trailing_update`; Zimmermann & Hüper 2022 accelerate the iteration
-  in this way); then
+  in this way), combined with the previous ``ANDERSON_MEMORY`` steps by Anderson acceleration
+  (:class:`_Anderson`); then
   Log_U(Y) = U A + Q B. Locally linear convergence; the stopping test does not depend on the update,
   so the result is the same.
   The completion [X₀; Y₀] (trailing columns of a full QR of [M; N]) is rotated so that Y₀ is
@@ -406,7 +407,7 @@ def _trailing_update(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     K X + X K = −2C, K = I − S/6, S = BBᵀ (derived here from the BCH series; Zimmermann & Hüper 2022
     propose a Sylvester-corrected update of this kind). With T = S/12 and N = (I − T)⁻¹ it is the Stein
     equation X = U X U − N C N, U = N T (Smith's transformation with shift 1), whose solution
-    X = −Σ_j Uʲ N C N Uʲ is summed to SYLVESTER_TERMS terms by doubling (U X U added, U squared); N is
+    X = −Σ_j Uʲ N C N Uʲ is summed to 2^SYLVESTER_DOUBLINGS terms by doubling (U X U added, U squared); N is
     the Neumann product (I + T)(I + T²)(I + T⁴)(I + T⁸). Matrix products only. The eigenvalues of U are
     (β/12)/(1 − β/12) for the eigenvalues β of S, below 1 for β < 6; the sum is used where
     ‖S⁸‖_F^⅛ ≥ ‖S‖₂ stays below SYLVESTER_MAX_NORM, Zimmermann's plain update X = −C elsewhere (very far
@@ -437,14 +438,15 @@ class _Anderson:
     With the last differences Δf_j of the proposed steps f and Δx_j of the steps taken, the step is
     f − Σ_j γ_j (Δx_j + Δf_j), γ = argmin ‖f − Σ_j γ_j Δf_j‖_F (per entry; a linear iteration then
     proceeds as GMRES on the preconditioned system). An entry whose residual grew forgets its pairs.
-    Used by :func:`log_coordinates` on Zimmermann's iteration, whose rate stays 0.1–0.3 for far points
-    even with the Sylvester-corrected update; the fixed point, and so the logarithm, is unchanged.
+    Used by :func:`log_coordinates` on Zimmermann's iteration, which converges only linearly for far
+    points even with the Sylvester-corrected update; the fixed point, and so the logarithm, is unchanged.
     """
 
     def __init__(self, memory: int):
         self.memory = memory
         self.last: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (f, step taken, residual)
-        self.pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (Δf, Δx [E, m, p, p], valid [E, m])
+        # (Δf, Δx [E, m, p, p], valid [E, m]), newest first
+        self.pairs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def keep(self, rows: torch.Tensor) -> None:
         """Keep only the entries ``rows`` (a mask or index over the current batch)."""
@@ -474,7 +476,9 @@ class _Anderson:
             gram = d @ d.mT
             scale = gram.diagonal(dim1=-2, dim2=-1).sum(-1)
             eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
-            gram = gram + (1e-12 * scale + torch.finfo(gram.dtype).tiny)[:, None, None] * eye + torch.diag_embed((~valid).to(gram.dtype))
+            # a relative ridge against nearly parallel Δf; invalid slots decoupled (their γ is zeroed below)
+            ridge = (1e-12 * scale + torch.finfo(gram.dtype).tiny)[:, None, None] * eye
+            gram = gram + ridge + torch.diag_embed((~valid).to(gram.dtype))
             gamma = torch.linalg.solve_ex(gram, d @ f.flatten(1).unsqueeze(-1))[0].squeeze(-1)
             gamma = torch.where(valid & torch.isfinite(gamma), gamma, 0.0)
             step = f - torch.einsum("em,empq->epq", gamma, dx + df)

@@ -84,8 +84,8 @@ alignment perturbs the gradient by about its residual, so early iterates need no
 COLD_ALIGN_TOL = 1e-4
 """The cold alignment of the inputs to the start stops at max(align_tol, COLD_ALIGN_TOL): its residual
 perturbs the first gradient (norm ~1 for far-apart adapters) by ~1e-4, where every later alignment may
-perturb it by ALIGN_RELATIVE_TOL; from its closed-form candidates the cold alignment converges linearly,
-and the last decades to align_tol took half of a merge's time."""
+perturb it by ALIGN_RELATIVE_TOL; from its closed-form candidates the cold alignment converges only
+linearly, so its last decades to align_tol are costly (benchmarks/README.md)."""
 
 START_RTOL = 1e-8
 """The 'mean' start falls back to 'first' when the mean update's σ_r is below this fraction of the inputs'
