@@ -124,7 +124,7 @@ def test_surrogate_replaces_only_the_logs_beyond_reach():
     m, q, n = stiefel.coordinates(u.expand(3, 20, 3), ys)
     with pytest.raises(AntipodalError, match="cut locus"):
         stiefel.log_coordinates(m, n)
-    # entry 0 (d = 0.8) converges in 3 steps, entry 2 (d = 2.4) needs 11
+    # entry 0 (d = 0.8) converges in 3 steps, entry 2 (d = 2.4) needs 8
     a, b, _, info = stiefel.log_coordinates(m, n, surrogate=True, max_iter=5)
     assert info.fallback.tolist() == [False, True, True] and info.fallbacks == 2 and info.converged
     delta = u @ a + q @ b
