@@ -242,3 +242,47 @@ def test_the_cold_alignment_stops_at_its_own_threshold_and_reaches_the_same_mean
     assert strict.align_iterations[0] > trace.align_iterations[0]
     dw, dw_strict = g @ h.T, g_strict @ h_strict.T
     assert float((dw - dw_strict).norm() / dw_strict.norm()) < 1e-5
+
+
+def _nearby_pairs(seed, spread):
+    """Two adapters, the second a perturbation of the first: far enough apart for curvature to matter, close
+    enough for every orbit alignment to have one minimum."""
+    g, h = _pair(seed)
+    gen = _gen(seed + 1)
+    return [(g, h), (g + spread * torch.randn(g.shape, dtype=F64, generator=gen),
+                     h + spread * torch.randn(h.shape, dtype=F64, generator=gen))]
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5], [0.3, 0.7]])
+def test_two_adapters_merge_to_the_weighted_point_of_the_quotient_geodesic(weights):
+    """For N = 2 the mean is the point at t = w_2 of the quotient geodesic: d([μ], [θ_1]) = w_2 D and
+    d([μ], [θ_2]) = w_1 D with D = d([θ_1], [θ_2]); the outer iteration has nothing left to do."""
+    pairs = _nearby_pairs(91, 0.6)
+    g, h, trace = geomerge_factors(pairs, weights, return_trace=True)
+    assert trace.geodesic_iterations is not None and trace.iterations == 0 and trace.converged
+    points = lowrank.Polar(*(torch.stack(x) for x in zip(*(lowrank.polar_from_factors(*p) for p in pairs))))
+    first = lowrank.Polar(*(t[0] for t in points))
+    span = float(lowrank.quotient_dist(first, lowrank.Polar(*(t[1:] for t in points)), tol=1e-12, max_iter=500)[0])
+    to_inputs = lowrank.quotient_dist(lowrank.polar_from_factors(g, h), points, tol=1e-12, max_iter=500)
+    assert span > 0.5
+    assert float(to_inputs[0]) == pytest.approx(weights[1] * span, abs=1e-6)
+    assert float(to_inputs[1]) == pytest.approx(weights[0] * span, abs=1e-6)
+
+
+def test_the_geodesic_start_and_the_outer_iteration_reach_the_same_mean(monkeypatch):
+    """Without the two-input geodesic (as where its alignment meets a log beyond reach) the outer iteration
+    runs from the truncated mean and reaches the same mean, to the solver's tolerance."""
+    pairs = _nearby_pairs(92, 0.6)
+    g, h, trace = geomerge_factors(pairs, [0.4, 0.6], return_trace=True)
+
+    original = geomerge.geodesic_start
+
+    def no_geodesic(aligned, w, *, tol, max_iter):
+        mean, reps, ok, steps = original(aligned, w, tol=tol, max_iter=max_iter)
+        return mean, reps, torch.zeros_like(ok), steps
+
+    monkeypatch.setattr(geomerge, "geodesic_start", no_geodesic)
+    g_it, h_it, iterated = geomerge_factors(pairs, [0.4, 0.6], return_trace=True)
+    assert iterated.geodesic_iterations is None and iterated.iterations > 5 and iterated.converged
+    assert _rel(_dw(g, h), _dw(g_it, h_it)) < 1e-5
+    assert float(trace.frechet.objectives[-1]) == pytest.approx(float(iterated.frechet.objectives[-1]), rel=1e-9)

@@ -40,6 +40,19 @@ depends only on the ΔW_i, so it keeps the invariance. If that mean has (numeric
 (updates that cancel; ``START_RTOL``), the start falls back to ``"first"``: the input with the largest
 weight (first among ties). The trace records which start was used.
 
+Two inputs. For N = 2 the quotient Fréchet mean lies on a quotient geodesic: for any [μ],
+d([μ], [θ_1]) + d([μ], [θ_2]) ≥ d([θ_1], [θ_2]) = D, and w_1 a² + w_2 b² with a + b = D is smallest at
+a = w_2 D, so the minimizer is the point at t = w_2 of a minimizing geodesic from [θ_1] to [θ_2], whose
+horizontal lift is the geodesic from θ_1 to θ_2·O* with O* = argmin_O d(θ_1, θ_2·O) (the SLERP of the
+quotient). The solver uses this (:func:`geodesic_start`): after the cold alignment of both inputs to the
+start (which selects the basin, as for N > 2), θ_2 is aligned to θ_1 (warm, from the identity, to
+max(``align_tol``, ``GEODESIC_ALIGN_FRACTION`` × ``tol``)), and the outer iteration starts at
+μ_0 = Exp_{θ_1}(w_2 Log_{θ_1}(θ_2·O*)), where its gradient is a fraction of that alignment's residual; the
+iteration's own test (‖v‖ < ``tol``) then ends it at once or it continues from there. One alignment on
+O(r) replaces the outer iterations, whose count on far-apart adapters is set by the curvature the
+quotient's realignment removes (condition numbers 35–57 on the SmolLM2 pool; benchmarks/README.md). Where
+that alignment meets a log beyond its reach (the surrogate), the start stays the one above.
+
 Logs beyond their domain. Inputs with nearly orthogonal column spaces (common for real LoRA adapters)
 put the start, a cold alignment candidate or a line-search trial as far from an input as the Stiefel cut
 locus, where Zimmermann's log iteration meets a rotation by π (AntipodalError) or does not converge
@@ -87,6 +100,11 @@ perturbs the first gradient (norm ~1 for far-apart adapters) by ~1e-4, where eve
 perturb it by ALIGN_RELATIVE_TOL; from its closed-form candidates the cold alignment converges only
 linearly, so its last decades to align_tol are costly (benchmarks/README.md)."""
 
+GEODESIC_ALIGN_FRACTION = 1e-1
+"""For two inputs, the alignment of the second to the first (the quotient geodesic, module doc) stops at
+max(align_tol, GEODESIC_ALIGN_FRACTION × tol): the gradient at the geodesic point is then a fraction of its
+residual, below the solver's ``tol``."""
+
 START_RTOL = 1e-8
 """The 'mean' start falls back to 'first' when the mean update's σ_r is below this fraction of the inputs'
 weighted mean σ_1 (its rank-r part would be rounding noise)."""
@@ -105,7 +123,9 @@ class GeoMergeTrace:
     surrogate (``log_fallbacks``; module doc) and how many surrogate logs it computed in all
     (``surrogates_computed``: closed-form candidates and rejected alignment trials included). Entries are
     per evaluation of the objective, rejected Fréchet line-search trials included; the last is the
-    returned mean's."""
+    returned mean's. ``geodesic_iterations``: for two inputs, the steps of the alignment of the second to
+    the first whose geodesic gave the solver its start (module doc, "Two inputs"); None where that start
+    was not used."""
 
     frechet: FrechetTrace
     align_iterations: list[int]
@@ -114,6 +134,7 @@ class GeoMergeTrace:
     kept: list[int]
     log_fallbacks: list[int]
     surrogates_computed: list[int]
+    geodesic_iterations: int | None = None
 
     @property
     def converged(self) -> bool:
@@ -195,6 +216,26 @@ def truncated_means(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: to
     p, sigma, zt = torch.linalg.svd(rg @ rh.mT)
     ok = sigma[..., r - 1] > START_RTOL * scale
     return Polar(qg @ p[..., :r], torch.diag_embed(sigma[..., :r]), qh @ zt[..., :r, :].mT), ok
+
+
+def geodesic_start(aligned: Polar, w: torch.Tensor, *, tol: float, max_iter: int) -> tuple[Polar, Polar, torch.Tensor, int]:
+    """For two inputs: the point at t = w_2 of the quotient geodesic from [θ_1] to [θ_2] (module doc, "Two inputs").
+
+    ``aligned``: the two inputs of K modules [K, 2, ...], aligned to a common start; ``w`` [2] (Σ w = 1).
+    θ_2 is aligned to θ_1 (warm, from the identity: O* a local minimum of d(θ_1, θ_2·O), L-BFGS to
+    ``tol``), then μ_0 = Exp_{θ_1}(w_2 Log_{θ_1}(θ_2·O*)).
+
+    Returns μ_0 [K, ...], the representatives (θ_1, θ_2·O*) [K, 2, ...], ok [K]: False where a Stiefel log
+    of the alignment is the projection surrogate (cut locus or beyond Zimmermann's iteration: no geodesic
+    to follow; μ_0 and the representatives of those modules are placeholders), and the alignment steps
+    taken (max over the modules).
+    """
+    first = Polar(*(t[:, 0] for t in aligned))
+    second = Polar(*(t[:, 1] for t in aligned))
+    result = lowrank.align(first, second, warm_start=True, tol=tol, max_iter=max_iter, log_surrogate=True)
+    ok = ~result.log_fallback.to(first.U.device).reshape(2, -1).any(dim=0)
+    mean = lowrank.exp(first, lowrank.PolarTangent(*(w[1] * t for t in result.log)))
+    return mean, Polar(*(torch.stack([a, b], dim=1) for a, b in zip(first, result.aligned))), ok, result.iterations
 
 
 def geomerge_factors(
@@ -280,6 +321,15 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
         return result.aligned, result.log
 
     aligned, _ = align(start, points, warm_start=False)  # cold: only O(r)-equivariant candidates
+    geodesic_iterations = None
+    if len(kept) == 2:  # the mean lies on the quotient geodesic (module doc, "Two inputs")
+        geodesic_tol = max(align_tol, GEODESIC_ALIGN_FRACTION * tol)
+        mean0, reps, ok, steps = geodesic_start(Polar(*(t[None] for t in aligned)), w, tol=geodesic_tol,
+                                                max_iter=align_max_iter)
+        if bool(ok[0]):
+            start, geodesic_iterations = Polar(*(t[0] for t in mean0)), steps
+            state["log_starts"], state["tol"] = None, geodesic_tol  # the logs from the new start: fresh
+            aligned, _ = align(start, Polar(*(t[0] for t in reps)))
     geometry = Geometry(
         exp=partial(lowrank.exp, cache=cache),
         log=partial(lowrank.log, cache=cache),
@@ -314,5 +364,6 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
         kept=kept,
         log_fallbacks=log_fallbacks,
         surrogates_computed=surrogates_computed,
+        geodesic_iterations=geodesic_iterations,
     )
     return g_out, h_out, trace

@@ -60,8 +60,10 @@ from karcher_lab.geometry.numerics import single_threaded
 from karcher_lab.methods.lora.geomerge import (
     ALIGN_RELATIVE_TOL,
     COLD_ALIGN_TOL,
+    GEODESIC_ALIGN_FRACTION,
     check_pairs,
     check_params,
+    geodesic_start,
     truncated_means,
 )
 
@@ -244,12 +246,14 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
     align_tols = torch.full((k,), max(float(align_tol), COLD_ALIGN_TOL), dtype=torch.float64, device=device)
     fallbacks = torch.zeros(k, dtype=torch.int64, device=device)
 
-    def align(mu: Polar, xs: Polar, rows: torch.Tensor, *, warm_start: bool = True) -> tuple[Polar, PolarTangent]:
+    def align(mu: Polar, xs: Polar, rows: torch.Tensor, *, warm_start: bool = True,
+              fresh_logs: bool = False) -> tuple[Polar, PolarTangent]:
         """Eq. 10 for the modules ``rows``: every input of module j aligned to mu[j], with module j's warm
-        starts and tolerance (max(align_tol, ALIGN_RELATIVE_TOL × its gradient norm), as the sequential solver)."""
+        starts and tolerance (max(align_tol, ALIGN_RELATIVE_TOL × its gradient norm), as the sequential solver);
+        ``fresh_logs``: warm from the identity, the Stiefel logs from their own start (a new reference point)."""
         kk = rows.numel()
         point = Polar(*(t.unsqueeze(1).expand(kk, n, *t.shape[1:]).reshape(kk * n, *t.shape[1:]) for t in mu))
-        starts = log_starts[rows].transpose(0, 1).reshape(2 * kk * n, 2 * r, r) if warm_start else None
+        starts = None if fresh_logs or not warm_start else log_starts[rows].transpose(0, 1).reshape(2 * kk * n, 2 * r, r)
         result = lowrank.align(
             point,
             Polar(*(t.reshape(kk * n, *t.shape[2:]) for t in xs)),
@@ -269,6 +273,16 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
 
     all_rows = torch.arange(k, device=device)
     aligned, _ = align(start, points, all_rows, warm_start=False)  # cold: only O(r)-equivariant candidates
+    if n == 2:  # the mean lies on the quotient geodesic (geomerge module doc, "Two inputs")
+        geodesic_tol = max(float(align_tol), GEODESIC_ALIGN_FRACTION * tol)
+        mean0, reps, ok, _ = geodesic_start(aligned, w, tol=geodesic_tol, max_iter=align_max_iter)
+        if bool(ok.any()):
+            rows = torch.nonzero(ok).flatten()
+            start = Polar(*(torch.where(ok.reshape(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(mean0, start)))
+            aligned = Polar(*(torch.where(ok.reshape(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(reps, aligned)))
+            align_tols[rows] = geodesic_tol
+            part, _ = align(Polar(*(t[rows] for t in start)), Polar(*(t[rows] for t in aligned)), rows, fresh_logs=True)
+            aligned = Polar(*(t.index_copy(0, rows, p) for t, p in zip(aligned, part)))
     geometry = BatchGeometry(
         exp=lambda mu, xi: lowrank.exp(mu, xi, cache=cache),
         inner=lambda mu, a, b: lowrank.inner(_lift(mu, a), a, b, cache=cache),
