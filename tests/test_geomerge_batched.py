@@ -101,6 +101,29 @@ def test_float32_inputs_give_float32_factors_of_the_float64_merge():
         assert _rel(_dw(out), _dw(ref)) < 1e-5
 
 
+def test_a_batch_where_one_module_has_no_geodesic_start_gets_the_sequential_means(monkeypatch):
+    """Two inputs: modules whose geodesic start is refused (as where the alignment of the second input to the
+    first meets a log beyond reach) run the outer iteration from the truncated mean inside the same batch
+    as modules that start on the geodesic, each as the sequential solver runs it."""
+    from karcher_lab.methods.lora import geomerge, geomerge_batched
+
+    modules = [_adapters(800 + k, 2, 12, 10, 3) for k in range(3)]
+    refused = float(torch.linalg.svdvals(_dw(modules[1][0]))[0])  # module 1, told apart by its σ_1
+    original = geomerge.geodesic_start
+
+    def refuse_module_1(aligned, w, *, tol, max_iter):
+        mean, reps, ok, steps = original(aligned, w, tol=tol, max_iter=max_iter)
+        first_sigma = torch.linalg.eigvalsh(aligned.B[:, 0])[:, -1]
+        return mean, reps, ok & ((first_sigma - refused).abs() > 1e-9), steps
+
+    monkeypatch.setattr(geomerge, "geodesic_start", refuse_module_1)
+    monkeypatch.setattr(geomerge_batched, "geodesic_start", refuse_module_1)
+    traces = [geomerge_factors(pairs, return_trace=True)[2] for pairs in modules]
+    assert [t.geodesic_iterations is None for t in traces] == [False, True, False]
+    assert traces[1].iterations > 0 and traces[0].iterations == traces[2].iterations == 0
+    _assert_same_as_sequential(modules, 1e-9)
+
+
 def test_non_convergence_warns_with_the_module_names():
     modules = [_adapters(600 + k, 3, 12, 10, 3, scale=False) for k in range(2)]
     with pytest.warns(RuntimeWarning, match="on 2 module"):

@@ -29,7 +29,9 @@ projections and the O(r) action, so the solver runs on (E_Uᵀ U, B, E_Vᵀ V), 
 maps the mean back (where N ≥ 2 and N r < d).
 
 Every module follows the iteration the sequential solver runs on it alone (its own start, alignment
-tolerances, warm starts, L-BFGS pairs and step lengths), so it reaches the same mean, up to rounding
+tolerances, warm starts, L-BFGS pairs and step lengths; for two inputs, the start on the quotient geodesic,
+:func:`karcher_lab.methods.lora.geomerge.geodesic_start`, all modules' alignments of the second input to
+the first solved together), so it reaches the same mean, up to rounding
 (batched kernels, the span coordinates), within the solver tolerance ``tol``. The errors are the
 sequential solver's, raised before any work for bad input, and naming the module.
 
