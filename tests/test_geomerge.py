@@ -221,6 +221,7 @@ def test_non_convergence_warns():
         ([_pair(1), _pair(2)], {"init": "median"}, ParameterError),
         ([_pair(1), _pair(2)], {"align_tol": 0.0}, ParameterError),
         ([_pair(1), _pair(2)], {"memory": -2}, ParameterError),
+        ([_pair(1), _pair(2)], {"geodesic": "yes"}, ParameterError),
         ([_pair(1, d1=5, d2=8, r=3)], {}, NotSupportedError),  # 2r > min(d1, d2)
     ],
 )
@@ -269,20 +270,13 @@ def test_two_adapters_merge_to_the_weighted_point_of_the_quotient_geodesic(weigh
     assert float(to_inputs[1]) == pytest.approx(weights[0] * span, abs=1e-6)
 
 
-def test_the_geodesic_start_and_the_outer_iteration_reach_the_same_mean(monkeypatch):
-    """Without the two-input geodesic (as where its alignment meets a log beyond reach) the outer iteration
-    runs from the truncated mean and reaches the same mean, to the solver's tolerance."""
+def test_the_geodesic_start_and_the_outer_iteration_reach_the_same_mean():
+    """Without the two-input geodesic (geodesic=False, as where its alignment meets a log beyond reach) the
+    outer iteration runs from the truncated mean and reaches the same mean, to the solver's tolerance."""
     pairs = _nearby_pairs(92, 0.6)
     g, h, trace = geomerge_factors(pairs, [0.4, 0.6], return_trace=True)
-
-    original = geomerge.geodesic_start
-
-    def no_geodesic(aligned, w, *, tol, max_iter):
-        mean, reps, ok, steps = original(aligned, w, tol=tol, max_iter=max_iter)
-        return mean, reps, torch.zeros_like(ok), steps
-
-    monkeypatch.setattr(geomerge, "geodesic_start", no_geodesic)
-    g_it, h_it, iterated = geomerge_factors(pairs, [0.4, 0.6], return_trace=True)
+    g_it, h_it, iterated = geomerge_factors(pairs, [0.4, 0.6], geodesic=False, return_trace=True)
     assert iterated.geodesic_iterations is None and iterated.iterations > 5 and iterated.converged
+    assert trace.geodesic_iterations is not None and trace.iterations == 0
     assert _rel(_dw(g, h), _dw(g_it, h_it)) < 1e-5
     assert float(trace.frechet.objectives[-1]) == pytest.approx(float(iterated.frechet.objectives[-1]), rel=1e-9)

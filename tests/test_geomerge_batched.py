@@ -124,6 +124,10 @@ def test_a_batch_where_one_module_has_no_geodesic_start_gets_the_sequential_mean
     _assert_same_as_sequential(modules, 1e-9)
 
 
+def test_two_inputs_without_the_geodesic_start_get_the_sequential_mean():
+    _assert_same_as_sequential([_adapters(820 + k, 2, 12, 10, 3) for k in range(3)], 1e-9, geodesic=False)
+
+
 def test_non_convergence_warns_with_the_module_names():
     modules = [_adapters(600 + k, 3, 12, 10, 3, scale=False) for k in range(2)]
     with pytest.warns(RuntimeWarning, match="on 2 module"):

@@ -48,10 +48,11 @@ quotient). The solver uses this (:func:`geodesic_start`): after the cold alignme
 start (which selects the basin, as for N > 2), θ_2 is aligned to θ_1 (warm, from the identity, to
 max(``align_tol``, ``GEODESIC_ALIGN_FRACTION`` × ``tol``)), and the outer iteration starts at
 μ_0 = Exp_{θ_1}(w_2 Log_{θ_1}(θ_2·O*)), where its gradient is a fraction of that alignment's residual; the
-iteration's own test (‖v‖ < ``tol``) then ends it at once or it continues from there. One alignment on
-O(r) replaces the outer iterations, whose count on far-apart adapters is set by the curvature the
-quotient's realignment removes (condition numbers 35–57 on the SmolLM2 pool; benchmarks/README.md). Where
-that alignment meets a log beyond its reach (the surrogate), the start stays the one above.
+iteration's own test (‖v‖ < ``tol``) then ends it at once or it continues from there (``geodesic=False``
+leaves this out: the outer iteration from the start, as for N > 2). One alignment on
+O(r) replaces the outer iterations, whose count on far-apart adapters is set by the curvature that the
+quotient's realignment removes (benchmarks/README.md). Where that alignment meets a log beyond its reach
+(the surrogate), the start stays the one above.
 
 Logs beyond their domain. Inputs with nearly orthogonal column spaces (common for real LoRA adapters)
 put the start, a cold alignment candidate or a line-search trial as far from an input as the Stiefel cut
@@ -187,7 +188,7 @@ def check_pairs(pairs) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([g.to(torch.float64) for g in gs]), torch.stack([h.to(torch.float64) for h in hs])
 
 
-def check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter, memory) -> None:
+def check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter, memory, geodesic) -> None:
     """ParameterError / StepSizeError for bad solver parameters of :func:`geomerge_factors`."""
     check_solver_params(eta=eta, max_iter=max_iter, tol=tol)
     if init not in GEOMERGE_INITS:
@@ -198,6 +199,8 @@ def check_params(*, eta, max_iter, tol, init, align_tol, align_max_iter, memory)
         raise ParameterError(f"align_max_iter must be a non-negative int, got {align_max_iter!r}")
     if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
         raise ParameterError(f"memory must be a non-negative int, got {memory!r}")
+    if not isinstance(geodesic, bool):
+        raise ParameterError(f"geodesic must be True or False, got {geodesic!r}")
 
 
 def truncated_means(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> tuple[Polar, torch.Tensor]:
@@ -218,7 +221,9 @@ def truncated_means(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: to
     return Polar(qg @ p[..., :r], torch.diag_embed(sigma[..., :r]), qh @ zt[..., :r, :].mT), ok
 
 
-def geodesic_start(aligned: Polar, w: torch.Tensor, *, tol: float, max_iter: int) -> tuple[Polar, Polar, torch.Tensor, int]:
+def geodesic_start(
+    aligned: Polar, w: torch.Tensor, *, tol: float, max_iter: int
+) -> tuple[Polar, Polar, torch.Tensor, int]:
     """For two inputs: the point at t = w_2 of the quotient geodesic from [θ_1] to [θ_2] (module doc, "Two inputs").
 
     ``aligned``: the two inputs of K modules [K, 2, ...], aligned to a common start; ``w`` [2] (Σ w = 1).
@@ -249,6 +254,7 @@ def geomerge_factors(
     align_tol: float = 1e-9,
     align_max_iter: int = lowrank.ALIGN_MAX_ITER,
     memory: int = 8,
+    geodesic: bool = True,
     return_trace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, GeoMergeTrace]:
     """Merge LoRA updates ΔW_i = G_i H_iᵀ into one rank-r update ΔW = G Hᵀ by the quotient Fréchet mean.
@@ -259,7 +265,9 @@ def geomerge_factors(
     cap and its stopping threshold on the horizontal gradient norm; ``align_tol`` (the floor of every
     alignment's threshold, module doc) / ``align_max_iter`` are the orbit alignment's
     (:func:`karcher_lab.geometry.lowrank.align`); ``init`` the start and
-    ``memory`` the L-BFGS memory of the outer iteration (0: the paper's plain gradient step; module doc).
+    ``memory`` the L-BFGS memory of the outer iteration (0: the paper's plain gradient step; module doc);
+    ``geodesic``: for two adapters, start the outer iteration on the quotient geodesic, where their mean
+    lies (module doc, "Two inputs"; False: from ``init`` as for more adapters, the paper's iteration as such).
     Returns balanced (G, H) with ΔW = G Hᵀ of rank r, plus a :class:`GeoMergeTrace` with
     ``return_trace``. Warns (RuntimeWarning) if the iteration stops at ``max_iter`` without converging.
 
@@ -268,14 +276,15 @@ def geomerge_factors(
     length, negative, non-finite, all zero), StepSizeError / ParameterError (bad solver parameters); ManifoldError if some ΔW_i has rank < r.
     """
     check_params(eta=eta, max_iter=max_iter, tol=tol, init=init, align_tol=align_tol, align_max_iter=align_max_iter,
-                 memory=memory)
+                 memory=memory, geodesic=geodesic)
     g, h = check_pairs(pairs)
     w_all = check_weights(weights, g.shape[0]).to(g.device)
     with single_threaded():  # r×r work: see karcher_lab.geometry.numerics
-        return _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max_iter, memory, return_trace)
+        return _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max_iter, memory, geodesic,
+                         return_trace)
 
 
-def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max_iter, memory, return_trace):
+def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max_iter, memory, geodesic, return_trace):
     """The work of :func:`geomerge_factors` after its checks."""
     kept = [i for i in range(g.shape[0]) if float(w_all[i]) > 0]
     points = [lowrank.polar_from_factors(g[i], h[i], name=f"adapter {i}") for i in kept]
@@ -322,7 +331,7 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
 
     aligned, _ = align(start, points, warm_start=False)  # cold: only O(r)-equivariant candidates
     geodesic_iterations = None
-    if len(kept) == 2:  # the mean lies on the quotient geodesic (module doc, "Two inputs")
+    if geodesic and len(kept) == 2:  # the mean lies on the quotient geodesic (module doc, "Two inputs")
         geodesic_tol = max(align_tol, GEODESIC_ALIGN_FRACTION * tol)
         mean0, reps, ok, steps = geodesic_start(Polar(*(t[None] for t in aligned)), w, tol=geodesic_tol,
                                                 max_iter=align_max_iter)

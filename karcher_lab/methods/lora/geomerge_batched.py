@@ -86,6 +86,7 @@ def geomerge_modules(
     align_tol: float = 1e-9,
     align_max_iter: int = lowrank.ALIGN_MAX_ITER,
     memory: int = 8,
+    geodesic: bool = True,
     device: str | torch.device | None = None,
     batch_size: int = BATCH_SIZE,
     names: Sequence[str] | None = None,
@@ -98,7 +99,7 @@ def geomerge_modules(
         Per module, the N adapters' factors (N the same for every module; d1, d2, r per module).
     weights : sequence of float or tensor [N], optional
         w_i ≥ 0, the same for every module (default equal; renormalized; zero-weight adapters left out).
-    eta, max_iter, tol, init, align_tol, align_max_iter, memory
+    eta, max_iter, tol, init, align_tol, align_max_iter, memory, geodesic
         As for :func:`~karcher_lab.methods.lora.geomerge.geomerge_factors`, applied to every module.
     device : str or torch.device, optional
         Where the solver runs (default: the inputs' device); results come back on the inputs' device.
@@ -119,7 +120,7 @@ def geomerge_modules(
     device, or CUDA unavailable); AntipodalError after the solve for a module without a unique mean.
     """
     check_params(eta=eta, max_iter=max_iter, tol=tol, init=init, align_tol=align_tol, align_max_iter=align_max_iter,
-                 memory=memory)
+                 memory=memory, geodesic=geodesic)
     check_count("batch_size", batch_size)
     if isinstance(modules, (str, bytes)) or not isinstance(modules, Sequence):
         raise ShapeMismatchError(f"modules must be a sequence of lists of (G, H) pairs, got {type(modules).__name__}")
@@ -168,7 +169,8 @@ def geomerge_modules(
                 points = Polar(*(torch.stack(parts) for parts in zip(*(entry[1] for entry in chunk))))
                 start = Polar(*(torch.stack(parts) for parts in zip(*(entry[2] for entry in chunk))))
                 means = _solve(points, start, w, [names[entry[0]] for entry in chunk], eta=eta, max_iter=max_iter,
-                               tol=tol, align_tol=align_tol, align_max_iter=align_max_iter, memory=memory)
+                               tol=tol, align_tol=align_tol, align_max_iter=align_max_iter, memory=memory,
+                               geodesic=geodesic)
                 for j, (k, _, _, basis_u, basis_v) in enumerate(chunk):
                     g_out, h_out = lowrank.factors_from_polar(_expand(Polar(*(t[j] for t in means)), basis_u, basis_v))
                     first_pair = modules[k][0]
@@ -238,7 +240,7 @@ def _prepare(g, h, w, names, kept, init):
     return _reduce(points, basis_u, basis_v), _reduce(start, basis_u, basis_v), basis_u, basis_v
 
 
-def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_iter, memory) -> Polar:
+def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_iter, memory, geodesic) -> Polar:
     """The quotient Fréchet means [K] of K modules' inputs ``points`` [K, N] (one shape), from ``start`` [K]."""
     k, n, r = points.U.shape[0], points.U.shape[1], points.U.shape[-1]
     device = points.U.device
@@ -255,7 +257,9 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
         ``fresh_logs``: warm from the identity, the Stiefel logs from their own start (a new reference point)."""
         kk = rows.numel()
         point = Polar(*(t.unsqueeze(1).expand(kk, n, *t.shape[1:]).reshape(kk * n, *t.shape[1:]) for t in mu))
-        starts = None if fresh_logs or not warm_start else log_starts[rows].transpose(0, 1).reshape(2 * kk * n, 2 * r, r)
+        starts = None
+        if warm_start and not fresh_logs:
+            starts = log_starts[rows].transpose(0, 1).reshape(2 * kk * n, 2 * r, r)
         result = lowrank.align(
             point,
             Polar(*(t.reshape(kk * n, *t.shape[2:]) for t in xs)),
@@ -275,7 +279,7 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
 
     all_rows = torch.arange(k, device=device)
     aligned, _ = align(start, points, all_rows, warm_start=False)  # cold: only O(r)-equivariant candidates
-    if n == 2:  # the mean lies on the quotient geodesic (geomerge module doc, "Two inputs")
+    if geodesic and n == 2:  # the mean lies on the quotient geodesic (geomerge module doc, "Two inputs")
         geodesic_tol = max(float(align_tol), GEODESIC_ALIGN_FRACTION * tol)
         mean0, reps, ok, _ = geodesic_start(aligned, w, tol=geodesic_tol, max_iter=align_max_iter)
         if bool(ok.any()):

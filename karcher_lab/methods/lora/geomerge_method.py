@@ -28,6 +28,8 @@ GEOMERGE_PARAMS = (
     Param("tol", float, _DEFAULTS["tol"], low=0.0, doc="stop when the horizontal gradient norm falls below tol"),
     Param("init", str, _DEFAULTS["init"], choices=("mean", "first"),
           doc="start: rank-r SVD of the weighted mean ΔW, or the heaviest input"),
+    Param("geodesic", bool, _DEFAULTS["geodesic"],
+          doc="two adapters: start on the quotient geodesic, where their mean lies (False: iterate from init)"),
 )
 
 
