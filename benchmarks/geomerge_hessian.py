@@ -22,8 +22,9 @@ Printed, side by side: the spectrum (min, max, condition number κ, percentiles)
 and N_V, and the SPD part), per band of eigenvalues; the iterations of the outer iteration alone
 (``geodesic=False``, from the truncated mean; tol 1e-6, L-BFGS memory 8) against what any method driven by
 gradients alone needs on a quadratic with this κ (conjugate gradients: ln(‖g_0‖/tol) / ln((√κ + 1)/(√κ − 1))
-iterations) and the floor (Newton: a few iterations); and what geomerge does today (for N = 2 it starts on the quotient geodesic and has no outer
-iterations left). Takes ~3 min for N = 2 (2 (D + 32) gradients with tight alignments) on one core.
+iterations) and the floor (Newton: a few iterations); and what geomerge does today (for N = 2 it starts
+on the quotient geodesic and has no outer iterations left). Its cost is 2 (D + 32) gradients, each with
+tight alignments.
 """
 from __future__ import annotations
 

@@ -221,6 +221,11 @@ def truncated_means(g: torch.Tensor, h: torch.Tensor, w: torch.Tensor, scale: to
     return Polar(qg @ p[..., :r], torch.diag_embed(sigma[..., :r]), qh @ zt[..., :r, :].mT), ok
 
 
+def geodesic_align_tol(align_tol: float, tol: float) -> float:
+    """The threshold of the alignment behind :func:`geodesic_start`: max(align_tol, GEODESIC_ALIGN_FRACTION × tol)."""
+    return max(float(align_tol), GEODESIC_ALIGN_FRACTION * tol)
+
+
 def geodesic_start(
     aligned: Polar, w: torch.Tensor, *, tol: float, max_iter: int
 ) -> tuple[Polar, Polar, torch.Tensor, int]:
@@ -332,7 +337,7 @@ def _geomerge(pairs, g, h, w_all, eta, max_iter, tol, init, align_tol, align_max
     aligned, _ = align(start, points, warm_start=False)  # cold: only O(r)-equivariant candidates
     geodesic_iterations = None
     if geodesic and len(kept) == 2:  # the mean lies on the quotient geodesic (module doc, "Two inputs")
-        geodesic_tol = max(align_tol, GEODESIC_ALIGN_FRACTION * tol)
+        geodesic_tol = geodesic_align_tol(align_tol, tol)
         mean0, reps, ok, steps = geodesic_start(Polar(*(t[None] for t in aligned)), w, tol=geodesic_tol,
                                                 max_iter=align_max_iter)
         if bool(ok[0]):

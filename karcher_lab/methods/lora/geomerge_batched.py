@@ -62,9 +62,9 @@ from karcher_lab.geometry.numerics import single_threaded
 from karcher_lab.methods.lora.geomerge import (
     ALIGN_RELATIVE_TOL,
     COLD_ALIGN_TOL,
-    GEODESIC_ALIGN_FRACTION,
     check_pairs,
     check_params,
+    geodesic_align_tol,
     geodesic_start,
     truncated_means,
 )
@@ -280,14 +280,13 @@ def _solve(points, start, w, names, *, eta, max_iter, tol, align_tol, align_max_
     all_rows = torch.arange(k, device=device)
     aligned, _ = align(start, points, all_rows, warm_start=False)  # cold: only O(r)-equivariant candidates
     if geodesic and n == 2:  # the mean lies on the quotient geodesic (geomerge module doc, "Two inputs")
-        geodesic_tol = max(float(align_tol), GEODESIC_ALIGN_FRACTION * tol)
+        geodesic_tol = geodesic_align_tol(align_tol, tol)
         mean0, reps, ok, _ = geodesic_start(aligned, w, tol=geodesic_tol, max_iter=align_max_iter)
         if bool(ok.any()):
             rows = torch.nonzero(ok).flatten()
-            start = Polar(*(torch.where(ok.reshape(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(mean0, start)))
-            aligned = Polar(*(torch.where(ok.reshape(-1, *[1] * (a.ndim - 1)), a, b) for a, b in zip(reps, aligned)))
+            start = Polar(*(t.index_copy(0, rows, m[rows]) for t, m in zip(start, mean0)))
             align_tols[rows] = geodesic_tol
-            part, _ = align(Polar(*(t[rows] for t in start)), Polar(*(t[rows] for t in aligned)), rows, fresh_logs=True)
+            part, _ = align(Polar(*(t[rows] for t in mean0)), Polar(*(t[rows] for t in reps)), rows, fresh_logs=True)
             aligned = Polar(*(t.index_copy(0, rows, p) for t, p in zip(aligned, part)))
     geometry = BatchGeometry(
         exp=lambda mu, xi: lowrank.exp(mu, xi, cache=cache),
